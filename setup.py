@@ -1,0 +1,29 @@
+"""vit_jax: Vision Transformers in JAX/Flax (Dosovitskiy et al. 2020, arXiv:2010.11929)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name='vit_jax',
+    version='0.1.0',
+    description='Vision Transformer pre-training, fine-tuning and analysis in JAX/Flax.',
+    packages=find_packages(include=['vit_jax', 'vit_jax.*']),
+    python_requires='>=3.10',
+    install_requires=[
+        'absl-py>=2.1,<3',
+        'clu>=0.0.12,<0.1',
+        'flax>=0.12.8,<0.13',
+        'jax>=0.10.2,<0.11',
+        'ml_collections>=1.1,<2',
+        'numpy>=2.0,<3',
+        'optax>=0.2.8,<0.3',
+        'orbax-checkpoint>=0.12.8,<0.13',
+        'pillow>=11,<14',
+        'scikit-learn>=1.5,<2',  # Only for its bundled digits dataset (the offline demo).
+        'tensorflow-cpu>=2.21,<2.22; platform_machine=="x86_64"',
+        'tensorflow>=2.21,<2.22; platform_machine!="x86_64"',
+        'tensorflow-datasets>=4.9.10,<5',
+    ],
+    extras_require={
+        'test': ['pytest>=8,<10', 'pytest-xdist>=3.6,<4'],
+    },
+)

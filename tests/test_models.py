@@ -1,0 +1,145 @@
+"""The ViT model family: published parameter counts, shapes, dropout, dtypes."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from vit_jax import models
+from vit_jax.models_vit import VisionTransformer
+
+# Published counts at 224x224 with a 1000-class head (official ViT repository, models_test.py).
+PUBLISHED_PARAMETER_COUNTS = {
+    'ViT-Ti_16': 5_717_416,
+    'ViT-S_16': 22_050_664,
+    'ViT-S_32': 22_878_952,
+    'ViT-B_8': 86_576_872,
+    'ViT-B_16': 86_567_656,
+    'ViT-B_32': 88_224_232,
+    'ViT-L_16': 304_326_632,
+    'ViT-L_32': 306_535_400,
+    'ViT-H_14': 632_045_800,
+    'ViT-S_16-gap-norep': 22_049_896,
+    'ViT-S_32-gap-norep': 22_878_184,
+    'ViT-B_16-gap-norep': 86_566_120,
+    'ViT-B_32-gap-norep': 88_222_696,
+    'testing': 21_390,
+    'testing-unpooled': 21_370,
+}
+
+
+def count_parameters(model, image_shape=(1, 224, 224, 3)):
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(image_shape), train=False))
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes))
+
+
+def test_every_registry_entry_has_a_published_count():
+  assert set(models.MODEL_CONFIGS) == set(PUBLISHED_PARAMETER_COUNTS)
+
+
+@pytest.mark.parametrize('name', sorted(PUBLISHED_PARAMETER_COUNTS))
+def test_parameter_count_equals_published(name):
+  model = VisionTransformer(num_classes=1000, **models.MODEL_CONFIGS[name])
+  assert count_parameters(model) == PUBLISHED_PARAMETER_COUNTS[name]
+
+
+def test_get_config_unknown_name_lists_known_models():
+  with pytest.raises(ValueError, match=r"Unknown model 'ViT-X_16'.*ViT-B_16"):
+    models.get_config('ViT-X_16')
+
+
+def tiny_config(**overrides):
+  config = models.get_config('testing')
+  config.hidden_size = 16
+  config.patches.size = (4, 4)
+  config.transformer.update(mlp_dim=32, num_heads=2, num_layers=2)
+  config.update(overrides)
+  return config
+
+
+@pytest.mark.parametrize('classifier, num_classes, representation_size, expected', [
+    ('token', 7, None, (2, 7)),
+    ('gap', 7, None, (2, 7)),
+    ('unpooled', 7, None, (2, 12, 7)),
+    ('token', None, 5, (2, 5)),
+    ('gap', None, None, (2, 16)),
+])
+def test_output_shapes(classifier, num_classes, representation_size, expected):
+  config = tiny_config(classifier=classifier, representation_size=representation_size)
+  model = VisionTransformer(num_classes=num_classes, **config)
+  images = jnp.ones((2, 12, 16, 3))  # Non-square: a 3x4 patch grid.
+  variables = model.init(jax.random.PRNGKey(0), images, train=False)
+  assert model.apply(variables, images, train=False).shape == expected
+  assert ('cls' in variables['params']) == (classifier == 'token')
+  assert ('pre_logits' in variables['params']) == (representation_size is not None)
+
+
+def test_head_is_zero_with_configured_bias():
+  model = VisionTransformer(num_classes=3, head_bias_init=-10.0, **tiny_config())
+  variables = model.init(jax.random.PRNGKey(0), jnp.ones((1, 8, 8, 3)), train=False)
+  np.testing.assert_array_equal(variables['params']['head']['kernel'], 0.0)
+  np.testing.assert_array_equal(variables['params']['head']['bias'], -10.0)
+
+
+def test_dropout_only_in_training():
+  config = tiny_config()
+  config.transformer.update(dropout_rate=0.3, attention_dropout_rate=0.3)
+  model = VisionTransformer(num_classes=None, **config)
+  images = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3))
+  variables = model.init(jax.random.PRNGKey(0), images, train=False)
+
+  def run(train, seed):
+    return model.apply(variables, images, train=train,
+                       rngs={'dropout': jax.random.PRNGKey(seed)})
+
+  np.testing.assert_array_equal(run(False, 0), run(False, 1))
+  assert not np.allclose(run(True, 0), run(True, 1))
+  assert not np.allclose(run(True, 0), run(False, 0))
+  np.testing.assert_array_equal(run(True, 2), run(True, 2))
+
+
+def test_dtype_and_param_dtype_are_honoured():
+  model = VisionTransformer(num_classes=3, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                            **tiny_config(representation_size=8))
+  images = jnp.ones((1, 8, 8, 3))
+  variables = model.init(jax.random.PRNGKey(0), images, train=False)
+  assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.bfloat16)}
+  assert model.apply(variables, images, train=False).dtype == jnp.bfloat16
+
+
+def test_exact_gelu_is_selectable():
+  images = jax.random.normal(jax.random.PRNGKey(1), (1, 8, 8, 3))
+
+  def representation(gelu_approximate):
+    config = tiny_config()
+    config.transformer.gelu_approximate = gelu_approximate
+    model = VisionTransformer(num_classes=None, **config)
+    variables = model.init(jax.random.PRNGKey(0), images, train=False)
+    return model.apply(variables, images, train=False)
+
+  difference = np.abs(representation(True) - representation(False)).max()
+  assert 0 < difference < 1e-2
+
+
+def test_bad_image_size_is_named():
+  model = VisionTransformer(num_classes=3, **tiny_config())
+  with pytest.raises(ValueError, match='Image size 10x8 is not divisible by the patch size 4x4'):
+    model.init(jax.random.PRNGKey(0), jnp.ones((1, 10, 8, 3)), train=False)
+
+
+def test_other_resolution_needs_resampled_position_embeddings():
+  model = VisionTransformer(num_classes=3, **tiny_config())
+  variables = model.init(jax.random.PRNGKey(0), jnp.ones((1, 8, 8, 3)), train=False)
+  with pytest.raises(ValueError, match='hold 5 tokens.*input has 7.*load_pretrained'):
+    model.apply(variables, jnp.ones((1, 12, 8, 3)), train=False)
+
+
+def test_registry_entries_are_independent_copies():
+  config = models.get_config('ViT-B_16')
+  config.transformer.num_layers = 1
+  assert models.MODEL_CONFIGS['ViT-B_16'].transformer.num_layers == 12
+  assert isinstance(config, ml_collections.ConfigDict)

@@ -1,0 +1,60 @@
+"""Registry of model configurations by their official names ('ViT-B_16', 'ViT-L_32', ...).
+
+`VisionTransformer(num_classes=K, **MODEL_CONFIGS[name])` builds a model. The structure of each
+ConfigDict is the one of the official ViT code, so configs written for it work here unchanged.
+"""
+
+import ml_collections
+
+from vit_jax.models_vit import VisionTransformer  # noqa: F401  (re-exported for convenience)
+
+# Paper Table 1 (Ti and S from DeiT / AugReg): width D, MLP size, heads, layers.
+SIZES = {
+    'Ti': dict(hidden_size=192, mlp_dim=768, num_heads=3, num_layers=12),
+    'S': dict(hidden_size=384, mlp_dim=1536, num_heads=6, num_layers=12),
+    'B': dict(hidden_size=768, mlp_dim=3072, num_heads=12, num_layers=12),
+    'L': dict(hidden_size=1024, mlp_dim=4096, num_heads=16, num_layers=24),
+    'H': dict(hidden_size=1280, mlp_dim=5120, num_heads=16, num_layers=32),
+}
+
+
+def vit_config(name: str, *, hidden_size: int, mlp_dim: int, num_heads: int, num_layers: int,
+               patch: int, classifier: str = 'token',
+               representation_size=None) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.model_name = name
+  config.patches = ml_collections.ConfigDict({'size': (patch, patch)})
+  config.hidden_size = hidden_size
+  config.transformer = ml_collections.ConfigDict(dict(
+      mlp_dim=mlp_dim, num_heads=num_heads, num_layers=num_layers,
+      dropout_rate=0.0, attention_dropout_rate=0.0))
+  config.classifier = classifier
+  config.representation_size = representation_size
+  return config
+
+
+def _build_registry():
+  configs = {}
+  for size, patch in [('Ti', 16), ('S', 16), ('S', 32), ('B', 8), ('B', 16), ('B', 32),
+                      ('L', 16), ('L', 32), ('H', 14)]:
+    name = f'ViT-{size}_{patch}'
+    configs[name] = vit_config(name, patch=patch, **SIZES[size])
+  # Global-average-pooled models without a representation layer, as released with AugReg.
+  for size, patch in [('S', 16), ('S', 32), ('B', 16), ('B', 32)]:
+    name = f'ViT-{size}_{patch}-gap-norep'
+    configs[name] = vit_config(name, patch=patch, classifier='gap', **SIZES[size])
+  # Tiny models for tests.
+  tiny = dict(hidden_size=10, mlp_dim=10, num_heads=2, num_layers=1, patch=16)
+  configs['testing'] = vit_config('testing', **tiny)
+  configs['testing-unpooled'] = vit_config('testing-unpooled', classifier='unpooled', **tiny)
+  return configs
+
+
+MODEL_CONFIGS = _build_registry()
+
+
+def get_config(name: str) -> ml_collections.ConfigDict:
+  """A copy of the registry entry `name`, with an error listing the known names."""
+  if name not in MODEL_CONFIGS:
+    raise ValueError(f'Unknown model {name!r}; known models: {", ".join(MODEL_CONFIGS)}.')
+  return MODEL_CONFIGS[name].copy_and_resolve_references()
