@@ -1,0 +1,277 @@
+"""Official .npz checkpoints: layout, spellings, round trips, adaptation for fine-tuning, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit_jax import checkpoint, models
+from vit_jax.models_vit import VisionTransformer
+
+WIDTH, MLP, HEADS, LAYERS, PATCH, CLASSES, REPR = 16, 32, 2, 2, 4, 5, 8
+
+
+def small_config(**overrides):
+  config = models.get_config('testing')
+  config.hidden_size = WIDTH
+  config.patches.size = (PATCH, PATCH)
+  config.transformer.update(mlp_dim=MLP, num_heads=HEADS, num_layers=LAYERS)
+  config.representation_size = REPR
+  config.update(overrides)
+  return config
+
+
+def official_layout_arrays(seed=0, grid=4, newer_spelling=False):
+  """Random parameters written key by key the way the official files spell them."""
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: rng.normal(scale=0.2, size=shape).astype(np.float32)
+  head_dim = WIDTH // HEADS
+  attention, ln2, mlp = 'MultiHeadDotProductAttention_1', 'LayerNorm_2', 'MlpBlock_3'
+  if newer_spelling:
+    attention, ln2, mlp = 'MultiHeadDotProductAttention_0', 'LayerNorm_1', 'MlpBlock_0'
+  arrays = {
+      'embedding/kernel': normal(PATCH, PATCH, 3, WIDTH),
+      'embedding/bias': normal(WIDTH),
+      'cls': normal(1, 1, WIDTH),
+      'Transformer/posembed_input/pos_embedding': normal(1, grid * grid + 1, WIDTH),
+      'Transformer/encoder_norm/scale': 1 + normal(WIDTH),
+      'Transformer/encoder_norm/bias': normal(WIDTH),
+      'pre_logits/kernel': normal(WIDTH, REPR),
+      'pre_logits/bias': normal(REPR),
+      'head/kernel': normal(REPR, CLASSES),
+      'head/bias': normal(CLASSES),
+  }
+  for i in range(LAYERS):
+    block = f'Transformer/encoderblock_{i}'
+    for ln in ('LayerNorm_0', ln2):
+      arrays[f'{block}/{ln}/scale'] = 1 + normal(WIDTH)
+      arrays[f'{block}/{ln}/bias'] = normal(WIDTH)
+    for name in ('query', 'key', 'value'):
+      arrays[f'{block}/{attention}/{name}/kernel'] = normal(WIDTH, HEADS, head_dim)
+      arrays[f'{block}/{attention}/{name}/bias'] = normal(HEADS, head_dim)
+    arrays[f'{block}/{attention}/out/kernel'] = normal(HEADS, head_dim, WIDTH)
+    arrays[f'{block}/{attention}/out/bias'] = normal(WIDTH)
+    arrays[f'{block}/{mlp}/Dense_0/kernel'] = normal(WIDTH, MLP)
+    arrays[f'{block}/{mlp}/Dense_0/bias'] = normal(MLP)
+    arrays[f'{block}/{mlp}/Dense_1/kernel'] = normal(MLP, WIDTH)
+    arrays[f'{block}/{mlp}/Dense_1/bias'] = normal(WIDTH)
+  return arrays
+
+
+def reference_logits(p, images):
+  """The paper's Eq. (1)-(4) in plain jax.numpy over official-layout arrays."""
+
+  def layer_norm(x, prefix):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / jnp.sqrt(var + 1e-6) * p[f'{prefix}/scale'] + p[f'{prefix}/bias']
+
+  def gelu_tanh(x):
+    return 0.5 * x * (1 + jnp.tanh(jnp.sqrt(2 / jnp.pi) * (x + 0.044715 * x ** 3)))
+
+  b, h, w, c = images.shape
+  patches = images.reshape(b, h // PATCH, PATCH, w // PATCH, PATCH, c)
+  patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, PATCH * PATCH * c)
+  x = patches @ p['embedding/kernel'].reshape(-1, WIDTH) + p['embedding/bias']
+  x = jnp.concatenate([jnp.broadcast_to(p['cls'], (b, 1, WIDTH)), x], axis=1)
+  x = x + p['Transformer/posembed_input/pos_embedding']
+  for i in range(LAYERS):
+    block = f'Transformer/encoderblock_{i}'
+    att = f'{block}/MultiHeadDotProductAttention_1'
+    y = layer_norm(x, f'{block}/LayerNorm_0')
+    q, k, v = (jnp.einsum('bnd,dhk->bnhk', y, p[f'{att}/{n}/kernel']) + p[f'{att}/{n}/bias']
+               for n in ('query', 'key', 'value'))
+    weights = jax.nn.softmax(jnp.einsum('bqhk,bshk->bhqs', q, k) / jnp.sqrt(WIDTH // HEADS))
+    y = jnp.einsum('bhqs,bshk->bqhk', weights, v)
+    x = x + jnp.einsum('bqhk,hkd->bqd', y, p[f'{att}/out/kernel']) + p[f'{att}/out/bias']
+    y = layer_norm(x, f'{block}/LayerNorm_2')
+    y = gelu_tanh(y @ p[f'{block}/MlpBlock_3/Dense_0/kernel'] + p[f'{block}/MlpBlock_3/Dense_0/bias'])
+    x = x + y @ p[f'{block}/MlpBlock_3/Dense_1/kernel'] + p[f'{block}/MlpBlock_3/Dense_1/bias']
+  y = layer_norm(x, 'Transformer/encoder_norm')[:, 0]
+  y = jnp.tanh(y @ p['pre_logits/kernel'] + p['pre_logits/bias'])
+  return y @ p['head/kernel'] + p['head/bias']
+
+
+@pytest.fixture(scope='module')
+def model():
+  return VisionTransformer(num_classes=CLASSES, **small_config())
+
+
+@pytest.fixture(scope='module')
+def images():
+  return jax.random.normal(jax.random.PRNGKey(42), (3, 16, 16, 3))
+
+
+@pytest.fixture(scope='module')
+def apply(model):
+  return jax.jit(lambda params, x: model.apply({'params': params}, x, train=False))
+
+
+def init_params(config, num_classes=CLASSES, image_size=16):
+  model = VisionTransformer(num_classes=num_classes, **config)
+  return model.init(jax.random.PRNGKey(0), jnp.zeros((1, image_size, image_size, 3)),
+                    train=False)['params']
+
+
+@pytest.mark.parametrize('newer_spelling', [False, True])
+def test_official_layout_gives_reference_logits(tmp_path, apply, images, newer_spelling):
+  path = str(tmp_path / 'official.npz')
+  np.savez(path, **official_layout_arrays(newer_spelling=newer_spelling))
+  params = checkpoint.load(path)
+  block = params['Transformer']['encoderblock_1']
+  assert sorted(block) == ['LayerNorm_0', 'LayerNorm_2', 'MlpBlock_3',
+                           'MultiHeadDotProductAttention_1']
+  expected = reference_logits(official_layout_arrays(), images)
+  np.testing.assert_allclose(apply(params, images), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_save_load_round_trip_gives_identical_logits(tmp_path, apply, images):
+  params = init_params(small_config())
+  params = jax.tree.map(lambda p: p + 0.1, params)  # A non-zero head, so logits carry signal.
+  path = str(tmp_path / 'model.npz')
+  checkpoint.save(params, path)
+  np.testing.assert_array_equal(apply(checkpoint.load(path), images), apply(params, images))
+  with np.load(path) as npz:  # The official spelling and layout, readable by other tools.
+    assert 'Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel' in npz.files
+    assert npz['Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel'].shape == (WIDTH, MLP)
+
+
+def test_remote_paths_go_through_gfile(tmp_path):
+  """gs:// paths use tf.io.gfile; TensorFlow's in-memory ram:// filesystem stands in for GCS."""
+  params = init_params(small_config())
+  checkpoint.save(params, 'ram://bucket/model.npz')
+  restored = checkpoint.load('ram://bucket/model.npz')
+  jax.tree.map(np.testing.assert_array_equal, restored, jax.device_get(params))
+  with pytest.raises(FileNotFoundError, match='ram://bucket/absent.npz'):
+    checkpoint.load('ram://bucket/absent.npz')
+
+
+def test_load_pretrained_same_model_is_exact(tmp_path):
+  path = str(tmp_path / 'official.npz')
+  np.savez(path, **official_layout_arrays())
+  params = checkpoint.load_pretrained(pretrained_path=path, init_params=init_params(small_config()),
+                                      model_config=small_config())
+  np.testing.assert_array_equal(params['head']['kernel'], official_layout_arrays()['head/kernel'])
+
+
+def test_posemb_resampled_14x14_to_24x24_keeps_class_token_and_corners(tmp_path):
+  config = small_config()
+  path = str(tmp_path / 'official.npz')
+  arrays = official_layout_arrays(grid=14)
+  np.savez(path, **arrays)
+  params = checkpoint.load_pretrained(
+      pretrained_path=path, init_params=init_params(config, image_size=24 * PATCH),
+      model_config=config)
+  old = arrays['Transformer/posembed_input/pos_embedding'][0]
+  new = np.asarray(params['Transformer']['posembed_input']['pos_embedding'][0])
+  assert new.shape == (24 * 24 + 1, WIDTH)
+  np.testing.assert_array_equal(new[0], old[0])
+  old_grid, new_grid = old[1:].reshape(14, 14, WIDTH), new[1:].reshape(24, 24, WIDTH)
+  for i, j in [(0, 0), (0, -1), (-1, 0), (-1, -1)]:
+    np.testing.assert_allclose(new_grid[i, j], old_grid[i, j], atol=1e-6)
+  # Interpolated, not copied: the middle lies between its neighbours in the old grid.
+  assert np.all(new_grid.min(axis=(0, 1)) >= old_grid.min(axis=(0, 1)) - 1e-6)
+  assert np.all(new_grid.max(axis=(0, 1)) <= old_grid.max(axis=(0, 1)) + 1e-6)
+
+
+def test_posemb_resampled_to_non_square_grid(tmp_path):
+  config = small_config()
+  path = str(tmp_path / 'official.npz')
+  np.savez(path, **official_layout_arrays(grid=4))
+  model = VisionTransformer(num_classes=CLASSES, **config)
+  init = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 24, 3)), train=False)['params']
+  with pytest.raises(checkpoint.CheckpointMismatchError, match='not a square grid'):
+    checkpoint.load_pretrained(pretrained_path=path, init_params=init, model_config=config)
+  params = checkpoint.load_pretrained(pretrained_path=path, init_params=init,
+                                      model_config=config, image_size=(8, 24))
+  grid = np.asarray(params['Transformer']['posembed_input']['pos_embedding'][0, 1:])
+  old = official_layout_arrays()['Transformer/posembed_input/pos_embedding'][0, 1:]
+  np.testing.assert_allclose(grid.reshape(2, 6, WIDTH)[-1, -1], old.reshape(4, 4, WIDTH)[-1, -1],
+                             atol=1e-6)
+  assert model.apply({'params': params}, jnp.ones((3, 8, 24, 3)), train=False).shape == (3, CLASSES)
+
+
+def test_new_head_and_no_representation_layer(tmp_path):
+  path = str(tmp_path / 'official.npz')
+  arrays = official_layout_arrays()
+  np.savez(path, **arrays)
+  config = small_config(representation_size=None, head_bias_init=-3.0)
+  init = init_params(config, num_classes=10)
+  params = checkpoint.load_pretrained(pretrained_path=path, init_params=init, model_config=config)
+  assert 'pre_logits' not in params
+  np.testing.assert_array_equal(params['head']['kernel'], np.zeros((WIDTH, 10)))
+  np.testing.assert_array_equal(params['head']['bias'], np.full(10, -3.0))
+  np.testing.assert_array_equal(params['embedding']['kernel'], arrays['embedding/kernel'])
+
+
+def test_reinit_head_on_request(tmp_path):
+  path = str(tmp_path / 'official.npz')
+  np.savez(path, **official_layout_arrays())
+  params = checkpoint.load_pretrained(pretrained_path=path, init_params=init_params(small_config()),
+                                      model_config=small_config(), reinit_head=True)
+  np.testing.assert_array_equal(params['head']['kernel'], 0.0)
+
+
+def test_token_to_gap_and_back(tmp_path):
+  token_path, gap_path = str(tmp_path / 'token.npz'), str(tmp_path / 'gap.npz')
+  arrays = official_layout_arrays()
+  np.savez(token_path, **arrays)
+  gap_config = small_config(classifier='gap')
+  gap = checkpoint.load_pretrained(pretrained_path=token_path,
+                                   init_params=init_params(gap_config), model_config=gap_config)
+  assert 'cls' not in gap
+  posemb = arrays['Transformer/posembed_input/pos_embedding']
+  np.testing.assert_array_equal(gap['Transformer']['posembed_input']['pos_embedding'],
+                                posemb[:, 1:])
+
+  checkpoint.save(gap, gap_path)
+  token_init = init_params(small_config())
+  token = checkpoint.load_pretrained(pretrained_path=gap_path, init_params=token_init,
+                                     model_config=small_config())
+  np.testing.assert_array_equal(token['cls'], 0.0)
+  token_posemb = token['Transformer']['posembed_input']['pos_embedding']
+  np.testing.assert_array_equal(token_posemb[:, 1:], posemb[:, 1:])
+  np.testing.assert_array_equal(token_posemb[:, :1],
+                                token_init['Transformer']['posembed_input']['pos_embedding'][:, :1])
+
+
+def test_mismatch_lists_every_missing_unexpected_and_misshaped_key(tmp_path):
+  arrays = official_layout_arrays()
+  del arrays['Transformer/encoderblock_1/LayerNorm_0/scale']
+  arrays['Transformer/encoderblock_7/LayerNorm_0/scale'] = np.ones(WIDTH, np.float32)
+  arrays['embedding/bias'] = np.ones(WIDTH + 1, np.float32)
+  path = str(tmp_path / 'broken.npz')
+  np.savez(path, **arrays)
+  with pytest.raises(checkpoint.CheckpointMismatchError) as error:
+    checkpoint.load_pretrained(pretrained_path=path, init_params=init_params(small_config()),
+                               model_config=small_config())
+  message = str(error.value)
+  assert path in message
+  assert 'missing (in the model, not in the checkpoint): 1' in message
+  assert 'Transformer/encoderblock_1/LayerNorm_0/scale' in message
+  assert 'unexpected (in the checkpoint, not in the model): 1' in message
+  assert 'Transformer/encoderblock_7/LayerNorm_0/scale' in message
+  assert f'embedding/bias: checkpoint ({WIDTH + 1},), model ({WIDTH},)' in message
+
+
+def test_checkpoint_of_a_wider_model_is_named(tmp_path):
+  path = str(tmp_path / 'wide.npz')
+  checkpoint.save(init_params(small_config(hidden_size=2 * WIDTH)), path)
+  with pytest.raises(checkpoint.CheckpointMismatchError,
+                     match=rf'embedding/kernel: checkpoint \(4, 4, 3, {2 * WIDTH}\)'):
+    checkpoint.load_pretrained(pretrained_path=path, init_params=init_params(small_config()),
+                               model_config=small_config())
+
+
+def test_missing_and_unreadable_files_are_named(tmp_path):
+  with pytest.raises(FileNotFoundError, match='absent.npz'):
+    checkpoint.load(str(tmp_path / 'absent.npz'))
+  not_npz = tmp_path / 'model.npz'
+  not_npz.write_bytes(b'this is not a zip archive')
+  with pytest.raises(ValueError, match=r'model.npz is not a readable .npz checkpoint'):
+    checkpoint.load(str(not_npz))
+  truncated = tmp_path / 'truncated.npz'
+  np.savez(truncated, **official_layout_arrays())
+  truncated.write_bytes(truncated.read_bytes()[:500])
+  with pytest.raises(ValueError, match='truncated.npz is not a readable .npz checkpoint'):
+    checkpoint.load(str(truncated))
