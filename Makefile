@@ -12,6 +12,14 @@ $(INSTALLED): setup.py
 	$(VENV)/bin/pip install --quiet -e '.[test]'
 	touch $(INSTALLED)
 
+# Pre-train a small ViT on the embedded digits, then fine-tune it at a higher resolution.
+demo: $(INSTALLED)
+	$(VENV)/bin/python -m vit_jax.main --config=configs/digits.py:pretrain \
+	    --workdir=$(WORKDIR)/pretrain
+	$(VENV)/bin/python -m vit_jax.main --config=configs/digits.py:finetune \
+	    --workdir=$(WORKDIR)/finetune --config.pretrained_path=$(WORKDIR)/pretrain/model.npz
+	$(VENV)/bin/python -m vit_jax.report $(WORKDIR)/pretrain $(WORKDIR)/finetune
+
 test: $(INSTALLED)
 	$(VENV)/bin/python -m pytest -q -n 2 tests
 

@@ -19,6 +19,7 @@ setup(
         'orbax-checkpoint>=0.12.8,<0.13',
         'pillow>=11,<14',
         'scikit-learn>=1.5,<2',  # Only for its bundled digits dataset (the offline demo).
+        'tensorboard>=2.21,<2.22',  # clu's metric writers need it.
         'tensorflow-cpu>=2.21,<2.22; platform_machine=="x86_64"',
         'tensorflow>=2.21,<2.22; platform_machine!="x86_64"',
         'tensorflow-datasets>=4.9.10,<5',

@@ -167,12 +167,13 @@ def _replace_from_init(restored: dict, init: dict, prefix: str):
 
 
 def load_pretrained(*, pretrained_path: str, init_params: Params, model_config,
-                    reinit_head: bool = False,
+                    reinit_head: Optional[bool] = None,
                     image_size: Optional[Sequence[int]] = None,
                     pretrained_image_size: Optional[Sequence[int]] = None) -> Params:
   """Loads a checkpoint into the structure of `init_params` for fine-tuning.
 
-  - `head` comes from `init_params` when the class count differs or `reinit_head` is set;
+  - `head`: with reinit_head=None, the checkpoint's when its shape fits, else the fresh one from
+    `init_params`; True: always the fresh one; False: the checkpoint's (a mismatch is an error);
   - `pre_logits` is dropped when the target has no representation layer;
   - `cls` is dropped or taken from the initialisation when converting token <-> gap models;
   - position embeddings are resampled to the target grid (2D, corners aligned, class token
@@ -184,8 +185,8 @@ def load_pretrained(*, pretrained_path: str, init_params: Params, model_config,
   init = flax.traverse_util.flatten_dict(init_params)
 
   head = [k for k in init if k[0] == 'head']
-  if head and (reinit_head or any(
-      k not in restored or restored[k].shape != init[k].shape for k in head)):
+  head_fits = all(k in restored and restored[k].shape == init[k].shape for k in head)
+  if head and (reinit_head or (reinit_head is None and not head_fits)):
     logging.info('Keeping the freshly initialised head of %s.', pretrained_path)
     _replace_from_init(restored, init, 'head')
   for prefix in ('head', 'pre_logits'):

@@ -1,0 +1,183 @@
+"""Shared pieces of the recipe files in configs/: the common knobs, the paper's two optimisation
+recipes, the datasets' facts, and the checks that reject a bad config before anything compiles.
+"""
+
+import math
+import os
+
+import ml_collections
+
+from vit_jax import models
+
+# Class count, train-set size and the default splits of the datasets the recipes know by name.
+# Any other TFDS name works too (its class count is then read from the TFDS builder).
+DATASETS = {
+    'digits': dict(num_classes=10, train_size=1438, train='train', test='test'),
+    'cifar10': dict(num_classes=10, train_size=50_000, train='train[:98%]', test='test'),
+    'cifar100': dict(num_classes=100, train_size=50_000, train='train[:98%]', test='test'),
+    'imagenet2012': dict(num_classes=1000, train_size=1_281_167, train='train[:99%]',
+                         test='validation'),
+    'imagenet21k': dict(num_classes=21_843, train_size=13_155_000, train='train[:99%]',
+                        test='train[99%:]', multi_label=True),
+    'oxford_iiit_pet': dict(num_classes=37, train_size=3_680, train='train[:90%]', test='test'),
+    'oxford_flowers102': dict(num_classes=102, train_size=1_020, train='train', test='test'),
+}
+
+TRAINERS = ('train', 'evaluate')
+OPTIMIZERS = ('adam', 'sgd')
+DECAY_TYPES = ('linear', 'cosine')
+LOSSES = ('softmax_xent', 'sigmoid_xent')
+SHARDINGS = ('replicate', 'fsdp')
+DTYPES = ('float32', 'bfloat16')
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every knob a recipe can set, with neutral defaults."""
+  c = ml_collections.ConfigDict()
+  c.trainer = 'train'
+  c.seed = 0
+
+  c.dataset = 'digits'  # 'digits', a TFDS name, or 'folder:<dir>' with <dir>/<split>/<class>/*.jpg
+  c.train_split = 'train'
+  c.test_split = 'test'
+  c.num_classes = ml_collections.FieldReference(None, field_type=int)  # None: from the dataset.
+  c.tfds_data_dir = ml_collections.FieldReference(None, field_type=str)
+  c.tfds_download = False
+  c.shuffle_buffer = 50_000
+  c.pp = ml_collections.ConfigDict(dict(
+      crop=224,            # Training and evaluation resolution (int or (height, width)).
+      resize_eval=0,       # Eval: resize to this, then central crop to `crop`; 0 = resize to crop.
+      crop_min_area=0.05,  # Inception crop: smallest fraction of the image kept.
+      flip=True,
+  ))
+
+  c.model = models.get_config('ViT-B_16')
+  c.model.head_bias_init = 0.0
+  c.dtype = 'float32'  # Activations; parameters are always float32.
+  c.pretrained_path = ml_collections.FieldReference(None, field_type=str)
+  c.reinit_head = ml_collections.FieldReference(None, field_type=bool)  # See load_pretrained.
+  c.loss = 'softmax_xent'
+
+  c.optimizer = 'adam'
+  c.b1, c.b2 = 0.9, 0.999
+  c.momentum = 0.9
+  c.weight_decay = 0.0  # Decoupled (optax.adamw), on kernels only.
+  c.grad_norm_clip = 1.0
+  c.base_lr = 1e-3
+  c.decay_type = 'linear'
+  c.warmup_steps = 0
+  c.total_steps = 1000
+
+  c.batch = 512  # Global: all devices of all processes.
+  c.batch_eval = 512
+  c.accum_steps = 1
+  c.sharding = 'replicate'
+
+  c.eval_every = 1000
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.progress_every = 100
+  return c
+
+
+def pretrain_recipe(c: ml_collections.ConfigDict):
+  """Paper Sec. 4.1 / App. B.1: Adam, batch 4096, weight decay 0.1, 10k linear warm-up, linear decay,
+  clipping at global norm 1, a representation (pre-logits) layer of width D."""
+  c.optimizer = 'adam'
+  c.b1, c.b2 = 0.9, 0.999
+  c.weight_decay = 0.1
+  c.grad_norm_clip = 1.0
+  c.decay_type = 'linear'
+  c.warmup_steps = 10_000
+  c.batch = 4096
+  c.model.representation_size = c.model.hidden_size
+
+
+def finetune_recipe(c: ml_collections.ConfigDict):
+  """Paper App. B.1.1: SGD with momentum 0.9, batch 512, no weight decay, clipping at 1, cosine
+  decay after a short warm-up, higher resolution than pre-training, a fresh zero head."""
+  c.optimizer = 'sgd'
+  c.momentum = 0.9
+  c.weight_decay = 0.0
+  c.grad_norm_clip = 1.0
+  c.decay_type = 'cosine'
+  c.warmup_steps = 500
+  c.batch = 512
+  c.reinit_head = True
+  c.model.representation_size = None
+
+
+def dataset_info(name: str) -> dict:
+  return DATASETS.get(name, {})
+
+
+def image_size(config) -> tuple:
+  crop = config.pp.crop
+  return (crop, crop) if isinstance(crop, int) else tuple(crop)
+
+
+def check(config, *, device_count: int, process_count: int = 1):
+  """Raises ValueError naming the first impossible value; cheap, so it runs before any compile."""
+  def fail(message):
+    raise ValueError(f'Invalid config: {message}')
+
+  def one_of(key, value, allowed):
+    if value not in allowed:
+      fail(f'{key}={value!r}; expected one of {allowed}.')
+
+  one_of('trainer', config.trainer, TRAINERS)
+  one_of('optimizer', config.optimizer, OPTIMIZERS)
+  one_of('decay_type', config.decay_type, DECAY_TYPES)
+  one_of('loss', config.loss, LOSSES)
+  one_of('sharding', config.sharding, SHARDINGS)
+  one_of('dtype', config.dtype, DTYPES)
+  one_of('model.classifier', config.model.classifier, ('token', 'gap'))
+
+  for key in ('batch', 'batch_eval', 'accum_steps', 'total_steps', 'eval_every',
+              'checkpoint_every', 'keep_checkpoints', 'progress_every', 'shuffle_buffer'):
+    if config[key] < 1:
+      fail(f'{key}={config[key]} must be at least 1.')
+  if not 0 <= config.warmup_steps < config.total_steps:
+    fail(f'warmup_steps={config.warmup_steps} must lie in [0, total_steps={config.total_steps}).')
+  if config.base_lr <= 0:
+    fail(f'base_lr={config.base_lr} must be positive.')
+  if config.num_classes is not None and config.num_classes < 1:
+    fail(f'num_classes={config.num_classes} must be at least 1.')
+
+  per_step = device_count * config.accum_steps
+  if config.batch % per_step:
+    fail(f'batch={config.batch} is not divisible by device_count x accum_steps = '
+         f'{device_count} x {config.accum_steps} = {per_step}.')
+  if config.batch_eval % device_count:
+    fail(f'batch_eval={config.batch_eval} is not divisible by device_count={device_count}.')
+  if config.batch % process_count or config.batch_eval % process_count:
+    fail(f'batch={config.batch} and batch_eval={config.batch_eval} must be divisible by the '
+         f'process count {process_count}.')
+
+  size = image_size(config)
+  patch = tuple(config.model.patches.size)
+  for side, p in zip(size, patch):
+    if side < p or side % p:
+      fail(f'pp.crop={config.pp.crop} must be a multiple of the patch size {patch} '
+           '(and at least one patch).')
+  if config.pp.resize_eval and config.pp.resize_eval < max(size):
+    fail(f'pp.resize_eval={config.pp.resize_eval} is smaller than pp.crop={config.pp.crop}.')
+  if not 0 < config.pp.crop_min_area <= 1:
+    fail(f'pp.crop_min_area={config.pp.crop_min_area} must lie in (0, 1].')
+
+  path = config.pretrained_path
+  if path and not _exists(path):
+    fail(f'pretrained_path={path!r} does not exist.')
+  if config.trainer == 'evaluate' and not path:
+    fail('trainer=evaluate needs pretrained_path, the .npz to evaluate.')
+
+
+def _exists(path: str) -> bool:
+  if '://' in path:
+    import tensorflow as tf
+    return tf.io.gfile.exists(path)
+  return os.path.isfile(path)
+
+
+def epochs_to_steps(epochs: float, dataset: str, batch: int) -> int:
+  return math.ceil(epochs * DATASETS[dataset]['train_size'] / batch)

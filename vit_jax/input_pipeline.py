@@ -1,0 +1,205 @@
+"""tf.data input pipelines: a source (TFDS, image folder or the embedded digits) read as this
+process' disjoint shard, preprocessed, and batched into host-local numpy arrays.
+
+Training batches are a pure function of (seed, step): each epoch is shuffled with a seed derived
+from its number, and each example is augmented with a seed derived from its position in the
+stream. Resuming at step s therefore rebuilds exactly the batches s, s+1, ... of the first run.
+"""
+
+import dataclasses
+import math
+import os
+from typing import Callable, Iterator
+
+import numpy as np
+import tensorflow as tf
+
+from vit_jax import config_lib, preprocess
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+DIGITS_TEST_EVERY = 5  # The embedded digits' fixed split: every 5th image is a test image.
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """This process' shard of one split, before decoding."""
+  dataset: tf.data.Dataset  # {'image': encoded bytes or uint8 (h, w, 3), 'label': int}
+  decode: Callable          # dataset['image'] -> uint8 (h, w, 3)
+  num_examples: int         # In the whole split, over all processes.
+  shard_size: int           # In this process' shard.
+  num_classes: int
+  multi_label: bool = False  # 'label' is then a list of class ids.
+
+
+def _digits(split: str, process_index: int, process_count: int) -> Source:
+  from sklearn.datasets import load_digits  # Bundled with scikit-learn: no download.
+  digits = load_digits()
+  is_test = np.arange(len(digits.target)) % DIGITS_TEST_EVERY == DIGITS_TEST_EVERY - 1
+  if split not in ('train', 'test'):
+    raise ValueError(f"Unknown split {split!r} of dataset 'digits'; expected 'train' or 'test'.")
+  keep = is_test if split == 'test' else ~is_test
+  images = np.round(digits.images[keep] * (255 / 16)).astype(np.uint8)  # Values are 0..16.
+  images = np.repeat(images[..., None], 3, axis=-1)
+  labels = digits.target[keep].astype(np.int64)
+  shard = slice(process_index, None, process_count)
+  dataset = tf.data.Dataset.from_tensor_slices({'image': images[shard], 'label': labels[shard]})
+  return Source(dataset, decode=lambda image: image, num_examples=len(labels),
+                shard_size=len(labels[shard]), num_classes=10)
+
+
+def folder_classes(root: str) -> list:
+  """Class names: the sorted union of the class folders of every split under `root`."""
+  if not tf.io.gfile.isdir(root):
+    raise ValueError(f'Image folder {root} does not exist.')
+  names = set()
+  for split in tf.io.gfile.listdir(root):
+    split_dir = os.path.join(root, split.rstrip('/'))
+    if tf.io.gfile.isdir(split_dir):
+      names.update(c.rstrip('/') for c in tf.io.gfile.listdir(split_dir)
+                   if tf.io.gfile.isdir(os.path.join(split_dir, c)))
+  return sorted(names)
+
+
+def _folder(root: str, split: str, process_index: int, process_count: int) -> Source:
+  classes = folder_classes(root)
+  split_dir = os.path.join(root, split)
+  if not tf.io.gfile.isdir(split_dir):
+    raise ValueError(f'Image folder {root} has no split {split!r} (no directory {split_dir}).')
+  paths, labels = [], []
+  for label, name in enumerate(classes):
+    class_dir = os.path.join(split_dir, name)
+    if not tf.io.gfile.isdir(class_dir):
+      continue
+    files = sorted(f for f in tf.io.gfile.listdir(class_dir)
+                   if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+      raise ValueError(f'Class folder {class_dir} holds no {"/".join(IMAGE_EXTENSIONS)} images.')
+    paths += [os.path.join(class_dir, f) for f in files]
+    labels += [label] * len(files)
+  if not paths:
+    raise ValueError(f'Split folder {split_dir} holds no class folders with images.')
+  shard = slice(process_index, None, process_count)
+  dataset = tf.data.Dataset.from_tensor_slices(
+      {'image': np.array(paths[shard]), 'label': np.array(labels[shard], np.int64)})
+  return Source(dataset, decode=lambda path: preprocess.decode(tf.io.read_file(path)),
+                num_examples=len(paths), shard_size=len(paths[shard]), num_classes=len(classes))
+
+
+def _tfds(name: str, split: str, process_index: int, process_count: int, *, data_dir, download,
+          seed) -> Source:
+  import tensorflow_datasets as tfds
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f'Unknown dataset {name!r}: not "digits", not "folder:<dir>", and not a '
+                     f'TFDS dataset ({e}).') from None
+  if not builder.is_prepared():
+    if not download:
+      raise ValueError(f'TFDS dataset {name!r} is not prepared in {builder.data_dir}; set '
+                       'tfds_download=True or tfds_data_dir to where it is.')
+    builder.download_and_prepare()
+  info = builder.info
+  try:
+    num_examples = info.splits[split].num_examples
+  except (KeyError, ValueError) as e:
+    raise ValueError(f'Unknown split {split!r} of TFDS dataset {name!r}; it has '
+                     f'{list(info.splits)} ({e}).') from None
+  process_split = tfds.split_for_jax_process(split, process_index=process_index,
+                                             process_count=process_count)
+  shard_size = info.splits[process_split].num_examples
+  # File order is shuffled once per seed, not per epoch, so every epoch reads the same order
+  # and resuming at any epoch is exact; examples are shuffled per epoch afterwards.
+  read_config = tfds.ReadConfig(shuffle_seed=seed, shuffle_reshuffle_each_iteration=False)
+  dataset = builder.as_dataset(split=process_split, shuffle_files=True, read_config=read_config,
+                               decoders={'image': tfds.decode.SkipDecoding()})
+  multi_label = 'labels' in info.features and 'label' not in info.features
+  label_key = 'labels' if multi_label else 'label'
+  num_classes = info.features[label_key].feature.num_classes if multi_label else \
+      info.features[label_key].num_classes
+  dataset = dataset.map(lambda ex: {'image': ex['image'], 'label': ex[label_key]})
+  return Source(dataset, decode=preprocess.decode, num_examples=num_examples,
+                shard_size=shard_size, num_classes=num_classes, multi_label=multi_label)
+
+
+def get_source(config, split: str, *, process_index: int = 0, process_count: int = 1) -> Source:
+  """This process' shard of `split` of config.dataset."""
+  name = config.dataset
+  if name == 'digits':
+    source = _digits(split, process_index, process_count)
+  elif name.startswith('folder:'):
+    source = _folder(name[len('folder:'):], split, process_index, process_count)
+  else:
+    source = _tfds(name, split, process_index, process_count, data_dir=config.tfds_data_dir,
+                   download=config.tfds_download, seed=config.seed)
+  if source.shard_size == 0:
+    raise ValueError(f'Split {split!r} of {name} has {source.num_examples} examples: too few '
+                     f'for {process_count} processes.')
+  if config.num_classes is not None and config.num_classes != source.num_classes:
+    raise ValueError(f'num_classes={config.num_classes}, but {name} has {source.num_classes}.')
+  return source
+
+
+def _targets(label, num_classes: int, multi_label: bool):
+  """One-hot (single label) or multi-hot (list of labels) float targets."""
+  if multi_label:
+    return tf.reduce_max(tf.one_hot(label, num_classes), axis=0)
+  return tf.one_hot(label, num_classes)
+
+
+def train_batches(config, source: Source, *, batch_size: int, start_step: int = 0) -> Iterator:
+  """Endless host-local training batches {'image', 'labels'} from step `start_step` on."""
+  size = config_lib.image_size(config)
+  seed = config.seed
+  consumed = start_step * batch_size
+  first_epoch, offset = divmod(consumed, source.shard_size)
+  buffer = min(config.shuffle_buffer, source.shard_size)
+
+  def epoch(number):
+    return source.dataset.shuffle(buffer, seed=number * 1_000_003 + seed)
+
+  def augment(position, example):
+    crop_seed, flip_seed = tf.unstack(
+        tf.random.experimental.stateless_split(tf.stack([tf.cast(seed, tf.int64), position]), 2))
+    image = preprocess.inception_crop(source.decode(example['image']), size, crop_seed,
+                                      min_area=config.pp.crop_min_area)
+    if config.pp.flip:
+      image = preprocess.random_flip(image, flip_seed)
+    return {'image': preprocess.to_value_range(image),
+            'labels': _targets(example['label'], source.num_classes, source.multi_label)}
+
+  dataset = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)
+  dataset = dataset.enumerate(start=first_epoch * source.shard_size).skip(offset)
+  dataset = dataset.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+  dataset = dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  return dataset.as_numpy_iterator()
+
+
+def eval_steps(source: Source, *, batch_size: int, process_count: int) -> int:
+  """Steps that cover the largest process shard; all processes run the same number."""
+  return math.ceil(math.ceil(source.num_examples / process_count) / batch_size)
+
+
+def eval_batches(config, source: Source, *, batch_size: int, num_steps: int) -> Iterator:
+  """`num_steps` host-local batches {'image', 'labels', 'mask'}: every example of the shard once,
+  then zero padding with mask 0 (so no example is dropped and none counts twice)."""
+  size = config_lib.image_size(config)
+  resize = (config.pp.resize_eval,) * 2 if config.pp.resize_eval else size
+
+  def prepare(example):
+    image = preprocess.resize_and_central_crop(source.decode(example['image']), resize, size)
+    return {'image': preprocess.to_value_range(image),
+            'labels': _targets(example['label'], source.num_classes, source.multi_label),
+            'mask': tf.constant(1.0)}
+
+  dataset = source.dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+  dataset = dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+  empty = {'image': np.zeros((batch_size,) + size + (3,), np.float32),
+           'labels': np.zeros((batch_size, source.num_classes), np.float32),
+           'mask': np.zeros((batch_size,), np.float32)}
+  produced = 0
+  for batch in dataset.as_numpy_iterator():
+    count = len(batch['mask'])
+    yield {k: np.concatenate([v, empty[k][count:]]) for k, v in batch.items()}
+    produced += 1
+  for _ in range(num_steps - produced):
+    yield empty

@@ -1,0 +1,37 @@
+"""Optimizers and learning-rate schedules of the paper's recipes, built from optax."""
+
+import flax
+import jax.numpy as jnp
+import optax
+
+
+def make_schedule(config) -> optax.Schedule:
+  """Linear warm-up from 0 to base_lr, then linear or cosine decay to 0 at total_steps."""
+  decay_steps = config.total_steps - config.warmup_steps
+  if config.decay_type == 'cosine':
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.base_lr, warmup_steps=config.warmup_steps,
+        decay_steps=config.total_steps, end_value=0.0)
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, config.base_lr, config.warmup_steps),
+       optax.linear_schedule(config.base_lr, 0.0, decay_steps)],
+      boundaries=[config.warmup_steps])
+
+
+def kernels_only(params):
+  """Weight decay mask: True for the weight matrices (`kernel`), False for biases, LayerNorm
+  scales, position embeddings and the class token."""
+  flat = flax.traverse_util.flatten_dict(params)
+  return flax.traverse_util.unflatten_dict({k: k[-1] == 'kernel' for k in flat})
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  schedule = make_schedule(config)
+  clip = optax.clip_by_global_norm(config.grad_norm_clip)
+  if config.optimizer == 'adam':
+    return optax.chain(clip, optax.adamw(schedule, b1=config.b1, b2=config.b2,
+                                         weight_decay=config.weight_decay, mask=kernels_only))
+  # SGD with momentum kept in bfloat16, as in the paper's fine-tuning (halves optimizer memory).
+  decay = optax.add_decayed_weights(config.weight_decay, mask=kernels_only)
+  return optax.chain(clip, decay, optax.sgd(schedule, momentum=config.momentum,
+                                            accumulator_dtype=jnp.bfloat16))

@@ -1,0 +1,297 @@
+"""The training loop, `train_and_evaluate(config, workdir)`, and `evaluate(config, workdir)`.
+
+Flat and in sections: setup, model and state, steps, checkpoints, loop, export. One jitted train
+step runs over a mesh of every device of every process; each process feeds its share of the
+global batch; only process 0 writes logs, results and the exported model.
+"""
+
+import functools
+import json
+import logging
+import os
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from clu import metric_writers, parameter_overview
+
+from vit_jax import checkpoint, config_lib, input_pipeline, optim, sharding
+from vit_jax.models_vit import VisionTransformer
+
+
+# --------------------------------------------------------------------------------------- model
+
+def create_model(config, num_classes: int) -> VisionTransformer:
+  return VisionTransformer(num_classes=num_classes, dtype=jnp.dtype(config.dtype), **config.model)
+
+
+def per_example_loss(config):
+  if config.loss == 'sigmoid_xent':  # Multi-label pre-training (ImageNet-21k).
+    return lambda logits, labels: optax.sigmoid_binary_cross_entropy(logits, labels).sum(-1)
+  return optax.softmax_cross_entropy
+
+
+def init_state(config, model, tx, mesh, image_size):
+  """The train state {params, opt_state, step, rng}, created directly in its shardings."""
+  def init(rng):
+    init_rng, dropout_rng = jax.random.split(rng)
+    params = model.init(init_rng, jnp.zeros((1,) + image_size + (3,)), train=False)['params']
+    return {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0),
+            'rng': dropout_rng}
+
+  rng = jax.random.PRNGKey(config.seed)
+  abstract = jax.eval_shape(init, rng)
+  shardings = sharding.state_shardings(mesh, abstract, config.sharding)
+  return jax.jit(init, out_shardings=shardings)(rng), shardings
+
+
+# --------------------------------------------------------------------------------------- steps
+
+def make_train_step(config, model, tx, schedule, shardings, mesh):
+  loss_of = per_example_loss(config)
+  accum = config.accum_steps
+
+  def loss_fn(params, images, labels, rng):
+    logits = model.apply({'params': params}, images, train=True, rngs={'dropout': rng})
+    return loss_of(logits.astype(jnp.float32), labels).mean()
+
+  grad_fn = jax.value_and_grad(loss_fn)
+
+  def train_step(state, batch):
+    params, rng = state['params'], jax.random.fold_in(state['rng'], state['step'])
+    if accum == 1:
+      loss, grads = grad_fn(params, batch['image'], batch['labels'], rng)
+    else:
+      # Micro-batch i takes examples i, i + accum, ...: every device keeps its own examples.
+      micro = lambda x: x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
+
+      def add_micro_batch(carry, xs):
+        images, labels, i = xs
+        loss, grads = grad_fn(params, images, labels, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+      zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+      xs = (micro(batch['image']), micro(batch['labels']), jnp.arange(accum))
+      total, _ = jax.lax.scan(add_micro_batch, zero, xs)
+      loss, grads = jax.tree.map(lambda x: x / accum, total)
+    updates, opt_state = tx.update(grads, state['opt_state'], params)
+    new_state = {'params': optax.apply_updates(params, updates), 'opt_state': opt_state,
+                 'step': state['step'] + 1, 'rng': state['rng']}
+    metrics = {'train_loss': loss, 'lr': schedule(state['step']),
+               'grad_norm': optax.global_norm(grads)}
+    return new_state, metrics
+
+  batch_sharding = sharding.batch_sharding(mesh)
+  return jax.jit(train_step, in_shardings=(shardings, batch_sharding),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def make_eval_step(config, model, params_shardings, mesh):
+  loss_of = per_example_loss(config)
+
+  def eval_step(params, batch):
+    logits = model.apply({'params': params}, batch['image'], train=False).astype(jnp.float32)
+    labels, mask = batch['labels'], batch['mask']
+    _, top = jax.lax.top_k(logits, min(5, logits.shape[-1]))
+    hits = jnp.take_along_axis(labels, top, axis=-1) > 0  # Correct if a true class is in the top k.
+    return {'correct_top1': jnp.sum(hits[:, 0] * mask), 'correct_top5': jnp.sum(hits.any(-1) * mask),
+            'loss_sum': jnp.sum(loss_of(logits, labels) * mask), 'count': jnp.sum(mask)}
+
+  return jax.jit(eval_step, in_shardings=(params_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.replicated(mesh))
+
+
+def evaluate_split(config, eval_step, params, source, mesh):
+  """Top-1, top-5 and loss over every example of the split, each counted once."""
+  local_batch = config.batch_eval // jax.process_count()
+  num_steps = input_pipeline.eval_steps(source, batch_size=local_batch,
+                                        process_count=jax.process_count())
+  totals = None
+  for batch in input_pipeline.eval_batches(config, source, batch_size=local_batch,
+                                           num_steps=num_steps):
+    sums = eval_step(params, sharding.to_global(batch, mesh))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = int(totals['count'])
+  if count != source.num_examples:
+    raise RuntimeError(f'Evaluation counted {count} examples, the split has {source.num_examples}.')
+  return {'accuracy_test': float(totals['correct_top1']) / count,
+          'accuracy_test_top5': float(totals['correct_top5']) / count,
+          'loss_test': float(totals['loss_sum']) / count}
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+
+def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), 'checkpoints'),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
+
+
+def restore_latest(manager: ocp.CheckpointManager, state):
+  """The latest checkpoint restored into `state`'s structure and shardings (None if none)."""
+  step = manager.latest_step()
+  if step is None:
+    return None
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  logging.info('Resuming from the checkpoint of step %d.', step)
+  return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def load_pretrained_params(config, params, mesh, image_size, **kwargs):
+  restored = checkpoint.load_pretrained(
+      pretrained_path=config.pretrained_path, init_params=jax.device_get(params),
+      model_config=config.model, image_size=image_size, **kwargs)
+  return jax.device_put(restored, jax.tree.map(lambda x: x.sharding, params))
+
+
+def export_params(params, path: str, mesh):
+  """Writes the parameters as an official-layout .npz (gathered to every process first)."""
+  params = jax.jit(lambda p: p, out_shardings=sharding.replicated(mesh))(params)
+  if jax.process_index() == 0:
+    checkpoint.save(params, path)
+
+
+# ----------------------------------------------------------------------------------------- loop
+
+class Progress:
+  """Logs step, %, img/s/core and ETA every `every` steps and writes img_sec_core_train."""
+
+  def __init__(self, total_steps, batch, writer):
+    self.total_steps, self.batch, self.writer = total_steps, batch, writer
+    self.last_step, self.last_time = None, None
+
+  def start(self, step):
+    self.last_step, self.last_time = step, time.perf_counter()
+
+  def report(self, step, train_metrics):
+    now = time.perf_counter()
+    steps, seconds = step - self.last_step, now - self.last_time
+    img_sec_core = self.batch * steps / seconds / jax.device_count()
+    eta = (self.total_steps - step) * seconds / max(steps, 1)
+    summary = {k: float(np.mean([m[k] for m in train_metrics])) for k in train_metrics[0]}
+    self.writer.write_scalars(step, dict(summary, img_sec_core_train=img_sec_core))
+    logging.info('step %d/%d (%.1f%%), train_loss %.4f, lr %.2e, %.1f img/s/core, ETA %s',
+                 step, self.total_steps, 100 * step / self.total_steps, summary['train_loss'],
+                 summary['lr'], img_sec_core, time.strftime('%H:%M:%S', time.gmtime(eta)))
+    self.start(step)
+    return summary
+
+
+def _setup(config, workdir):
+  config_lib.check(config, device_count=jax.device_count(), process_count=jax.process_count())
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    if not os.access(workdir, os.W_OK):
+      raise PermissionError(f'workdir {workdir} is not writable.')
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  return sharding.make_mesh(), writer
+
+
+def _source(config, split):
+  return input_pipeline.get_source(config, split, process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains, evaluates and exports; resumes from the latest checkpoint in workdir if any."""
+  start_time = time.time()
+  mesh, writer = _setup(config, workdir)
+  train_source, test_source = _source(config, config.train_split), _source(config, config.test_split)
+  num_classes = train_source.num_classes
+  image_size = config_lib.image_size(config)
+
+  model = create_model(config, num_classes)
+  schedule = optim.make_schedule(config)
+  tx = optim.make_optimizer(config)
+  state, shardings = init_state(config, model, tx, mesh, image_size)
+
+  manager = checkpoint_manager(workdir, config)
+  restored = restore_latest(manager, state)
+  if restored is not None:
+    state = restored
+  elif config.pretrained_path:
+    params = load_pretrained_params(config, state['params'], mesh, image_size,
+                                    reinit_head=config.reinit_head)
+    state = dict(state, params=params, opt_state=jax.jit(
+        tx.init, out_shardings=shardings['opt_state'])(params))
+  if jax.process_index() == 0:
+    parameter_overview.log_parameter_overview(state['params'])
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                        for k, v in flax.traverse_util.flatten_dict(
+                            config.to_dict(), sep='.').items()})
+
+  train_step = make_train_step(config, model, tx, schedule, shardings, mesh)
+  eval_step = make_eval_step(config, model, shardings['params'], mesh)
+
+  step = int(jax.device_get(state['step']))
+  local_batch = config.batch // jax.process_count()
+  batches = input_pipeline.train_batches(config, train_source, batch_size=local_batch,
+                                         start_step=step)
+  progress = Progress(config.total_steps, config.batch, writer)
+  progress.start(step)
+  train_metrics, summary, eval_metrics = [], {}, {}
+  while step < config.total_steps:
+    state, metrics = train_step(state, sharding.to_global(next(batches), mesh))
+    train_metrics.append(metrics)
+    step += 1
+    if step % config.progress_every == 0 or step == config.total_steps:
+      summary = progress.report(step, jax.device_get(train_metrics))
+      train_metrics = []
+    if step % config.eval_every == 0 or step == config.total_steps:
+      eval_metrics = evaluate_split(config, eval_step, state['params'], test_source, mesh)
+      writer.write_scalars(step, eval_metrics)
+      logging.info('step %d: %s', step, ', '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()))
+      progress.start(step)  # Evaluation time is not training throughput.
+    if step % config.checkpoint_every == 0 or step == config.total_steps:
+      manager.save(step, args=ocp.args.StandardSave(state))
+  manager.wait_until_finished()
+
+  if not eval_metrics:  # Resumed at the end: evaluate what was restored.
+    eval_metrics = evaluate_split(config, eval_step, state['params'], test_source, mesh)
+  export_params(state['params'], os.path.join(workdir, 'model.npz'), mesh)
+  results = dict(eval_metrics, step=step, train_loss=summary.get('train_loss'),
+                 wall_time_sec=time.time() - start_time)
+  _write_results(workdir, 'results.json', results)
+  writer.flush()
+  return results
+
+
+def evaluate(config, workdir: str) -> dict:
+  """Evaluates config.pretrained_path (.npz), or else the latest checkpoint in workdir."""
+  mesh, writer = _setup(config, workdir)
+  source = _source(config, config.test_split)
+  model = create_model(config, source.num_classes)
+  image_size = config_lib.image_size(config)
+  tx = optim.make_optimizer(config)
+  state, shardings = init_state(config, model, tx, mesh, image_size)
+  if config.pretrained_path:
+    params = load_pretrained_params(config, state['params'], mesh, image_size, reinit_head=False)
+    step = 0
+  else:
+    restored = restore_latest(checkpoint_manager(workdir, config), state)
+    if restored is None:
+      raise ValueError(f'Nothing to evaluate: no pretrained_path and no checkpoint in {workdir}.')
+    params, step = restored['params'], int(restored['step'])
+  eval_step = make_eval_step(config, model, shardings['params'], mesh)
+  results = evaluate_split(config, eval_step, params, source, mesh)
+  writer.write_scalars(step, results)
+  logging.info('%s', ', '.join(f'{k} {v:.4f}' for k, v in results.items()))
+  _write_results(workdir, 'eval_results.json', dict(results, split=config.test_split, step=step))
+  writer.flush()
+  return results
+
+
+def _write_results(workdir, name, results):
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, name)
+    with open(path + '.tmp', 'w') as f:
+      json.dump(results, f, indent=2)
+    os.replace(path + '.tmp', path)
+    logging.info('Wrote %s: %s', path, results)
