@@ -5,6 +5,7 @@ type are rejected by ml_collections, impossible values by config_lib.check, befo
 """
 
 import logging as std_logging
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -14,6 +15,17 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Where checkpoints, logs, results.json and model.npz go.')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def parse_flags(argv):
+  """absl's parsing, with a clear error for an override of a key the config does not have."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:  # What ml_collections raises for unknown keys.
+    key = str(e).strip('"\'')
+    culprit = next((a for a in argv if a.startswith('--config.') and key in a), key)
+    sys.stderr.write(f'FATAL Flags parsing error: {culprit}: the config has no key {key!r}.\n')
+    sys.exit(1)
 
 
 def _quiet_orbax(record: std_logging.LogRecord) -> bool:
@@ -38,4 +50,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

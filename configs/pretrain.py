@@ -1,0 +1,51 @@
+r"""Pre-training from scratch, the paper's recipe (Sec. 4.1, App. B.1, Table 3).
+
+python -m vit_jax.main --config=configs/pretrain.py:B_16,imagenet21k --workdir=...
+
+Adam (0.9, 0.999), batch 4096, decoupled weight decay on kernels, 10k steps linear warm-up then
+linear decay (cosine for ImageNet-1k), gradient clipping at global norm 1, a representation layer
+of width D, 224 px. ImageNet-21k is multi-label: sigmoid cross-entropy with the head bias at -10.
+Datasets other than imagenet2012 / imagenet21k get the JFT-300M row of Table 3.
+"""
+
+from vit_jax import config_lib, models
+
+# Table 3, JFT-300M rows: the base learning rate per model (7 epochs, weight decay 0.1).
+JFT_LEARNING_RATES = {'Ti_16': 8e-4, 'S_16': 8e-4, 'S_32': 8e-4, 'B_8': 8e-4, 'B_16': 8e-4,
+                      'B_32': 8e-4, 'L_16': 4e-4, 'L_32': 6e-4, 'H_14': 3e-4}
+
+
+def get_config(arg='B_16,imagenet21k'):
+  model, dataset = arg.split(',')
+  c = config_lib.base_config()
+  c.model = models.get_config(f'ViT-{model}')
+  c.model.head_bias_init = 0.0
+  config_lib.pretrain_recipe(c)
+
+  c.dataset = dataset
+  info = config_lib.dataset_info(dataset)
+  c.train_split = info.get('train', 'train')
+  c.test_split = info.get('test', 'test')
+  c.tfds_download = True
+  c.shuffle_buffer = 250_000
+  c.pp.crop = 224
+
+  if dataset == 'imagenet2012':  # From scratch on ImageNet-1k: stronger regularisation.
+    c.base_lr, c.weight_decay, c.decay_type, epochs = 3e-3, 0.3, 'cosine', 300
+    c.model.transformer.dropout_rate = 0.1
+  elif dataset == 'imagenet21k':
+    c.base_lr, c.weight_decay, epochs = 1e-3, 0.03, 90
+    c.model.transformer.dropout_rate = 0.1
+  else:
+    c.base_lr, c.weight_decay, epochs = JFT_LEARNING_RATES[model], 0.1, 7
+  if info.get('multi_label'):
+    c.loss = 'sigmoid_xent'
+    c.model.head_bias_init = -10.0  # Starts every sigmoid near 0: a stable multi-label start.
+  c.total_steps = (config_lib.epochs_to_steps(epochs, dataset, c.batch) if dataset in
+                   config_lib.DATASETS else 100_000)
+
+  c.batch_eval = 1024
+  c.eval_every = c.checkpoint_every = 5_000
+  c.keep_checkpoints = 3
+  c.progress_every = 500
+  return c

@@ -1,0 +1,142 @@
+"""Recipes, command-line parsing, and the rejection of impossible configs before compiling."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from vit_jax import config_lib, optim
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse(recipe, *overrides):
+  """The config main.py would get for `--config=configs/<recipe> <overrides>`."""
+  argv = ['main', f'--config={ROOT}/configs/{recipe}', *overrides]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', flag_values=flag_values, sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config
+
+
+def test_pretrain_recipe_follows_table_3():
+  c = parse('pretrain.py:B_16,imagenet21k')
+  assert (c.optimizer, c.b1, c.b2, c.batch, c.grad_norm_clip) == ('adam', 0.9, 0.999, 4096, 1.0)
+  assert (c.warmup_steps, c.decay_type, c.base_lr, c.weight_decay) == (10_000, 'linear', 1e-3, 0.03)
+  assert c.model.representation_size == 768 and c.model.transformer.dropout_rate == 0.1
+  assert c.loss == 'sigmoid_xent' and c.model.head_bias_init == -10.0
+  assert c.total_steps == 289_051  # 90 epochs of ImageNet-21k at batch 4096.
+  h = parse('pretrain.py:H_14,jft')
+  assert (h.base_lr, h.weight_decay, h.loss, h.model.representation_size) == (
+      3e-4, 0.1, 'softmax_xent', 1280)
+  i1k = parse('pretrain.py:B_16,imagenet2012')
+  assert (i1k.base_lr, i1k.weight_decay, i1k.decay_type) == (3e-3, 0.3, 'cosine')
+  assert i1k.total_steps == 93_836  # 300 epochs.
+
+
+def test_finetune_recipe_follows_table_4():
+  c = parse('finetune.py:B_16,cifar10')
+  assert (c.optimizer, c.momentum, c.weight_decay, c.batch, c.decay_type) == (
+      'sgd', 0.9, 0.0, 512, 'cosine')
+  assert (c.pp.crop, c.total_steps, c.reinit_head, c.model.representation_size) == (
+      384, 10_000, True, None)
+  assert c.pretrained_path == 'gs://vit_models/imagenet21k/ViT-B_16.npz'
+  assert parse('finetune.py:L_16,oxford_iiit_pet').total_steps == 500
+  assert parse('finetune.py:B_16,imagenet2012').total_steps == 20_000
+
+
+def test_overrides_are_typed():
+  c = parse('digits.py:pretrain', '--config.batch=64', '--config.model.transformer.num_layers=2')
+  assert (c.batch, c.model.transformer.num_layers) == (64, 2)
+  with pytest.raises(flags.IllegalFlagValueError, match='config.batch=abc'):
+    parse('digits.py:pretrain', '--config.batch=abc')
+
+
+def run_main(*args):
+  return subprocess.run([sys.executable, '-m', 'vit_jax.main', *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_cli_rejects_unknown_key_and_wrong_type(tmp_path):
+  result = run_main('--config=configs/digits.py:pretrain', f'--workdir={tmp_path}',
+                    '--config.pp.crop_size=32')
+  assert result.returncode != 0
+  assert "--config.pp.crop_size=32: the config has no key 'crop_size'" in result.stderr
+  result = run_main('--config=configs/digits.py:pretrain', f'--workdir={tmp_path}',
+                    '--config.base_lr=fast')
+  assert result.returncode != 0 and '--config.base_lr=fast' in result.stderr
+  assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(batch=100), r'batch=100 is not divisible by device_count x accum_steps = 1 x 8 = 8'),
+    (dict(batch_eval=9), None),
+    (dict(crop=2), r'pp.crop=2 must be a multiple of the patch size \(4, 4\)'),
+    (dict(crop=18), r'pp.crop=18 must be a multiple of the patch size'),
+    (dict(pretrained_path='/nonexistent/model.npz'),
+     r"pretrained_path='/nonexistent/model.npz' does not exist"),
+    (dict(warmup_steps=2000), r'warmup_steps=2000 must lie in \[0, total_steps=1500\)'),
+    (dict(optimizer='lamb'), r"optimizer='lamb'; expected one of \('adam', 'sgd'\)"),
+    (dict(trainer='fit'), r"trainer='fit'; expected one of"),
+    (dict(accum_steps=0), r'accum_steps=0 must be at least 1'),
+])
+def test_impossible_values_are_rejected(overrides, message):
+  c = parse('digits.py:pretrain')
+  c.accum_steps = 8
+  if 'crop' in overrides:
+    c.pp.crop = overrides.pop('crop')
+  c.update(overrides)
+  if message is None:  # batch_eval=9 is fine on 1 device, not on 8.
+    config_lib.check(c, device_count=1)
+    with pytest.raises(ValueError, match='batch_eval=9 is not divisible by device_count=8'):
+      config_lib.check(c, device_count=8)
+    return
+  with pytest.raises(ValueError, match=message):
+    config_lib.check(c, device_count=1)
+
+
+def test_every_recipe_passes_the_checks(tmp_path):
+  pretrained = tmp_path / 'model.npz'
+  pretrained.write_bytes(b'')
+  for recipe in ['digits.py:pretrain', 'digits.py:finetune', 'pretrain.py:B_16,imagenet21k',
+                 'pretrain.py:Ti_16,imagenet2012', 'finetune.py:B_16,cifar10']:
+    config = parse(recipe)
+    config.pretrained_path = str(pretrained) if config.pretrained_path else None
+    config_lib.check(config, device_count=8)
+
+
+@pytest.mark.parametrize('decay_type, expected', [
+    ('linear', {0: 0.0, 50: 0.5, 100: 1.0, 550: 0.5, 1000: 0.0}),
+    ('cosine', {0: 0.0, 50: 0.5, 100: 1.0, 550: 0.5, 1000: 0.0}),
+])
+def test_schedules(decay_type, expected):
+  c = config_lib.base_config()
+  c.update(decay_type=decay_type, base_lr=1.0, warmup_steps=100, total_steps=1000)
+  schedule = optim.make_schedule(c)
+  for step, value in expected.items():
+    assert float(schedule(step)) == pytest.approx(value, abs=1e-6), step
+  if decay_type == 'cosine':  # A quarter into the decay: (1 + cos(pi / 4)) / 2.
+    assert float(schedule(325)) == pytest.approx((1 + np.cos(np.pi / 4)) / 2, abs=1e-6)
+  else:
+    assert float(schedule(325)) == pytest.approx(0.75, abs=1e-6)
+
+
+def test_weight_decay_touches_kernels_only():
+  c = config_lib.base_config()
+  c.update(optimizer='adam', weight_decay=0.1, base_lr=1.0, warmup_steps=0, total_steps=10)
+  params = {'Dense_0': {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones(2)},
+            'LayerNorm_0': {'scale': jnp.ones(2)}, 'cls': jnp.ones((1, 1, 2))}
+  tx = optim.make_optimizer(c)
+  zero_grads = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zero_grads, tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(new['Dense_0']['kernel'], 1 - 0.1, rtol=1e-6)  # lr x wd x param.
+  for unchanged in (new['Dense_0']['bias'], new['LayerNorm_0']['scale'], new['cls']):
+    np.testing.assert_array_equal(unchanged, 1.0)
