@@ -1,0 +1,177 @@
+"""Data: the embedded digits, image folders, a local TFDS dataset; determinism; shards; eval."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from vit_jax import config_lib, input_pipeline
+
+
+def make_config(dataset='digits', crop=8, **kwargs):
+  c = config_lib.base_config()
+  c.dataset = dataset
+  c.pp.crop = crop
+  c.pp.flip = True
+  c.shuffle_buffer = 500
+  c.update(kwargs)
+  return c
+
+
+def test_digits_fixed_split_and_disjoint_process_shards():
+  config = make_config()
+  train = input_pipeline.get_source(config, 'train')
+  test = input_pipeline.get_source(config, 'test')
+  assert (train.num_examples, test.num_examples, train.num_classes) == (1438, 359, 10)
+  shards = [input_pipeline.get_source(config, 'test', process_index=i, process_count=3)
+            for i in range(3)]
+  images = [np.stack([ex['image'] for ex in s.dataset.as_numpy_iterator()]) for s in shards]
+  assert [len(x) for x in images] == [120, 120, 119]
+  all_images = np.concatenate(images).reshape(359, -1)
+  whole = np.stack([ex['image'] for ex in test.dataset.as_numpy_iterator()]).reshape(359, -1)
+  assert sorted(map(bytes, all_images)) == sorted(map(bytes, whole))
+
+
+def take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def test_train_batches_are_a_function_of_seed_and_step():
+  config = make_config()
+  source = input_pipeline.get_source(config, 'train')
+  first = take(input_pipeline.train_batches(config, source, batch_size=100), 20)
+  again = take(input_pipeline.train_batches(config, source, batch_size=100), 20)
+  resumed = take(input_pipeline.train_batches(config, source, batch_size=100, start_step=17), 3)
+  for a, b in zip(first, again):
+    np.testing.assert_array_equal(a['image'], b['image'])
+  for a, b in zip(first[17:], resumed):  # Step 17 lies in the second epoch (1438 / 100).
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['labels'], b['labels'])
+  other_seed = take(input_pipeline.train_batches(make_config(seed=1), source, batch_size=100), 1)
+  assert not np.array_equal(first[0]['image'], other_seed[0]['image'])
+  batch = first[0]
+  assert batch['image'].shape == (100, 8, 8, 3) and batch['labels'].shape == (100, 10)
+  assert batch['image'].min() >= -1 and batch['image'].max() <= 1
+  np.testing.assert_array_equal(batch['labels'].sum(-1), 1)
+
+
+def test_each_epoch_visits_every_example_once():
+  config = make_config()
+  config.pp.crop_min_area = 1.0
+  config.pp.flip = False
+  source = input_pipeline.get_source(config, 'test')  # 359 examples
+  batches = take(input_pipeline.train_batches(config, source, batch_size=359), 2)
+  for batch in batches:
+    assert len({bytes(x) for x in batch['image']}) == len(
+        {bytes(ex['image']) for ex in source.dataset.as_numpy_iterator()})
+  assert not np.array_equal(batches[0]['labels'], batches[1]['labels'])  # Reshuffled.
+
+
+@pytest.mark.parametrize('process_count', [1, 3])
+def test_eval_counts_every_example_once(process_count):
+  config = make_config()
+  shards = [input_pipeline.get_source(config, 'test', process_index=i, process_count=process_count)
+            for i in range(process_count)]
+  steps = input_pipeline.eval_steps(shards[0], batch_size=64, process_count=process_count)
+  labels, count = np.zeros(10), 0
+  for source in shards:
+    batches = list(input_pipeline.eval_batches(config, source, batch_size=64, num_steps=steps))
+    assert len(batches) == steps  # The same for every process.
+    for batch in batches:
+      assert batch['image'].shape == (64, 8, 8, 3)
+      labels += (batch['labels'] * batch['mask'][:, None]).sum(0)
+      count += batch['mask'].sum()
+  assert count == 359
+  whole = input_pipeline.get_source(config, 'test').dataset.as_numpy_iterator()
+  np.testing.assert_array_equal(labels, np.bincount([ex['label'] for ex in whole], minlength=10))
+
+
+def write_image_folder(root, classes=('cat', 'dog'), per_class=3, size=(20, 30)):
+  rng = np.random.default_rng(0)
+  for split in ('train', 'test'):
+    for name in classes:
+      folder = root / split / name
+      folder.mkdir(parents=True)
+      for i in range(per_class):
+        pixels = rng.integers(0, 255, size + (3,), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f'{i}.{"png" if i % 2 else "jpg"}')
+  return root
+
+
+def test_image_folder(tmp_path):
+  root = write_image_folder(tmp_path / 'pets')
+  config = make_config(f'folder:{root}', crop=16)
+  source = input_pipeline.get_source(config, 'train')
+  assert (source.num_examples, source.num_classes) == (6, 2)
+  batch = next(input_pipeline.train_batches(config, source, batch_size=4))
+  assert batch['image'].shape == (4, 16, 16, 3)
+  eval_batch = next(input_pipeline.eval_batches(config, source, batch_size=8, num_steps=1))
+  np.testing.assert_array_equal(eval_batch['mask'], [1] * 6 + [0] * 2)
+  np.testing.assert_array_equal(eval_batch['labels'][:6].argmax(-1), [0, 0, 0, 1, 1, 1])
+
+
+def test_image_folder_errors_name_the_place(tmp_path):
+  root = write_image_folder(tmp_path / 'pets')
+  with pytest.raises(ValueError, match=r"has no split 'validation'"):
+    input_pipeline.get_source(make_config(f'folder:{root}'), 'validation')
+  (root / 'train' / 'bird').mkdir()
+  with pytest.raises(ValueError, match=r'Class folder .*train/bird holds no'):
+    input_pipeline.get_source(make_config(f'folder:{root}'), 'train')
+  with pytest.raises(ValueError, match=r'Image folder .*nowhere does not exist'):
+    input_pipeline.get_source(make_config(f'folder:{tmp_path}/nowhere'), 'train')
+  with pytest.raises(ValueError, match=r'num_classes=5, but folder:.* has 3'):
+    input_pipeline.get_source(make_config(f'folder:{root}', num_classes=5), 'test')
+
+
+class LocalShapes(tfds.core.GeneratorBasedBuilder):
+  """A TFDS dataset built from generated images: stands in for TFDS downloads in tests."""
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        'image': tfds.features.Image(shape=(12, 12, 3)),
+        'label': tfds.features.ClassLabel(num_classes=3)}))
+
+  def _split_generators(self, dl_manager):
+    return {'train': self._generate_examples(30, 0), 'test': self._generate_examples(11, 1)}
+
+  def _generate_examples(self, count, seed):
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+      yield i, {'image': rng.integers(0, 255, (12, 12, 3), dtype=np.uint8), 'label': i % 3}
+
+
+def test_local_tfds_dataset(tmp_path):
+  LocalShapes(data_dir=str(tmp_path)).download_and_prepare()
+  config = make_config('local_shapes', crop=8, tfds_data_dir=str(tmp_path))
+  source = input_pipeline.get_source(config, 'train[:20]', process_index=1, process_count=2)
+  assert (source.num_examples, source.shard_size, source.num_classes) == (20, 10, 3)
+  batches = take(input_pipeline.train_batches(config, source, batch_size=4), 6)
+  again = take(input_pipeline.train_batches(config, source, batch_size=4, start_step=4), 2)
+  np.testing.assert_array_equal(batches[4]['image'], again[0]['image'])
+  test = input_pipeline.get_source(config, 'test')
+  batch = next(input_pipeline.eval_batches(config, test, batch_size=16, num_steps=1))
+  assert batch['mask'].sum() == 11 and batch['image'].shape == (16, 8, 8, 3)
+
+
+def test_tfds_errors(tmp_path):
+  with pytest.raises(ValueError, match=r"Unknown dataset 'no_such_dataset'"):
+    input_pipeline.get_source(make_config('no_such_dataset', tfds_data_dir=str(tmp_path)), 'train')
+  with pytest.raises(ValueError, match=r"'local_shapes' is not prepared in .*tfds_download"):
+    input_pipeline.get_source(make_config('local_shapes', tfds_data_dir=str(tmp_path / 'empty')),
+                              'train')
+  LocalShapes(data_dir=str(tmp_path)).download_and_prepare()
+  with pytest.raises(ValueError, match=r"Unknown split 'validation' of TFDS dataset 'local_shapes'"):
+    input_pipeline.get_source(make_config('local_shapes', tfds_data_dir=str(tmp_path)),
+                              'validation')
+
+
+def test_decode_handles_grayscale_and_alpha(tmp_path):
+  gray = tmp_path / 'gray.png'
+  Image.fromarray(np.full((5, 7), 200, np.uint8)).save(gray)
+  rgba = tmp_path / 'rgba.png'
+  Image.fromarray(np.full((5, 7, 4), 100, np.uint8)).save(rgba)
+  for path in (gray, rgba):
+    image = input_pipeline.preprocess.decode(tf.io.read_file(str(path))).numpy()
+    assert image.shape == (5, 7, 3)
