@@ -168,8 +168,6 @@ def check(config, *, device_count: int, process_count: int = 1):
   path = config.pretrained_path
   if path and not _exists(path):
     fail(f'pretrained_path={path!r} does not exist.')
-  if config.trainer == 'evaluate' and not path:
-    fail('trainer=evaluate needs pretrained_path, the .npz to evaluate.')
 
 
 def _exists(path: str) -> bool:

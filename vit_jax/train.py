@@ -189,7 +189,10 @@ def _setup(config, workdir):
     if not os.access(workdir, os.W_OK):
       raise PermissionError(f'workdir {workdir} is not writable.')
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  return sharding.make_mesh(), writer
+  mesh = sharding.make_mesh()
+  logging.info('Mesh: %d devices in %d processes, %s.', jax.device_count(), jax.process_count(),
+               dict(mesh.shape))
+  return mesh, writer
 
 
 def _source(config, split):

@@ -1,0 +1,154 @@
+"""The training system end to end on a tiny ViT and the embedded digits: results, export,
+resume, accumulation, and the same run on 1 and on 8 (simulated) devices."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from vit_jax import checkpoint, input_pipeline, optim, sharding, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--config=configs/digits.py:pretrain',
+        '--config.model.hidden_size=16', '--config.model.representation_size=16',
+        '--config.model.transformer.mlp_dim=32', '--config.model.transformer.num_heads=2',
+        '--config.model.transformer.num_layers=1', '--config.pp.crop=8',
+        '--config.batch=32', '--config.batch_eval=64', '--config.total_steps=6',
+        '--config.warmup_steps=2', '--config.eval_every=3', '--config.checkpoint_every=3',
+        '--config.progress_every=2', '--config.keep_checkpoints=3']
+
+
+def tiny_config(*overrides):
+  argv = ['main'] + [a.replace('configs/', f'{ROOT}/configs/') for a in TINY] + list(overrides)
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', flag_values=flag_values, sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('run') / 'workdir')
+  results = train.train_and_evaluate(tiny_config(), workdir)
+  return workdir, results
+
+
+def load_npz(path):
+  with np.load(path) as npz:
+    return {k: npz[k] for k in npz.files}
+
+
+def test_run_writes_results_checkpoints_events_and_export(trained):
+  workdir, results = trained
+  with open(os.path.join(workdir, 'results.json')) as f:
+    written = json.load(f)
+  assert written == pytest.approx(results)
+  assert set(written) >= {'accuracy_test', 'accuracy_test_top5', 'loss_test', 'step',
+                          'wall_time_sec'}
+  assert written['step'] == 6 and 0 <= written['accuracy_test'] <= written['accuracy_test_top5']
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '6']
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
+  assert os.path.exists(os.path.join(workdir, 'config.json'))
+  assert 'Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel' in load_npz(
+      os.path.join(workdir, 'model.npz'))
+
+
+def test_exported_model_loads_and_evaluates_the_same(trained, tmp_path):
+  workdir, results = trained
+  config = tiny_config('--config.trainer=evaluate',
+                       f'--config.pretrained_path={workdir}/model.npz')
+  evaluated = train.evaluate(config, str(tmp_path))
+  for key in ('accuracy_test', 'accuracy_test_top5', 'loss_test'):
+    assert evaluated[key] == pytest.approx(results[key], abs=1e-6)
+  with open(tmp_path / 'eval_results.json') as f:
+    assert json.load(f)['split'] == 'test'
+
+
+def test_evaluate_without_anything_to_evaluate_says_so(tmp_path):
+  with pytest.raises(ValueError, match='Nothing to evaluate'):
+    train.evaluate(tiny_config('--config.trainer=evaluate'), str(tmp_path))
+
+
+def test_resume_continues_at_the_checkpoint_and_ends_identical(trained, tmp_path, monkeypatch):
+  workdir, _ = trained
+  resumed = str(tmp_path / 'resumed')
+  shutil.copytree(workdir, resumed)
+  shutil.rmtree(os.path.join(resumed, 'checkpoints', '6'))
+  for name in ('model.npz', 'results.json'):
+    os.remove(os.path.join(resumed, name))
+  starts = []
+  original = input_pipeline.train_batches
+
+  def recording(*args, start_step, **kwargs):
+    starts.append(start_step)
+    return original(*args, start_step=start_step, **kwargs)
+
+  monkeypatch.setattr(input_pipeline, 'train_batches', recording)
+  train.train_and_evaluate(tiny_config(), resumed)
+  assert starts == [3]
+  expected, actual = load_npz(f'{workdir}/model.npz'), load_npz(f'{resumed}/model.npz')
+  for key in expected:
+    np.testing.assert_array_equal(actual[key], expected[key], err_msg=key)
+
+
+def test_finetune_from_export_at_higher_resolution(trained, tmp_path):
+  workdir, _ = trained
+  config = tiny_config('--config.pp.crop=12', f'--config.pretrained_path={workdir}/model.npz',
+                       '--config.total_steps=2',
+                       '--config.warmup_steps=1', '--config.reinit_head=True')
+  config.model.representation_size = None
+  results = train.train_and_evaluate(config, str(tmp_path))
+  params = load_npz(tmp_path / 'model.npz')
+  assert params['Transformer/posembed_input/pos_embedding'].shape == (1, 10, 16)
+  assert 'pre_logits/kernel' not in params and results['step'] == 2
+
+
+def test_accumulation_equals_full_batch():
+  config = tiny_config('--config.accum_steps=4')
+  mesh = sharding.make_mesh()
+  model = train.create_model(config, 10)
+  tx, schedule = optim.make_optimizer(config), optim.make_schedule(config)
+  state, shardings = train.init_state(config, model, tx, mesh, (8, 8))
+  source = input_pipeline.get_source(config, 'train')
+  batch = sharding.to_global(next(input_pipeline.train_batches(config, source, batch_size=32)),
+                             mesh)
+  copy = jax.tree.map(jnp.copy, state)
+  accumulated, m4 = train.make_train_step(config, model, tx, schedule, shardings, mesh)(state, batch)
+  config.accum_steps = 1
+  full, m1 = train.make_train_step(config, model, tx, schedule, shardings, mesh)(copy, batch)
+  assert float(m4['train_loss']) == pytest.approx(float(m1['train_loss']), rel=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
+               accumulated['params'], full['params'])
+  assert int(accumulated['step']) == 1
+
+
+@pytest.mark.parametrize('strategy', ['replicate', 'fsdp'])
+def test_eight_devices_give_the_same_run_as_one(trained, tmp_path, strategy):
+  workdir, results = trained
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu')
+  run = subprocess.run(
+      [sys.executable, '-m', 'vit_jax.main', *TINY, f'--config.sharding={strategy}',
+       f'--workdir={tmp_path}'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert 'Mesh: 8 devices' in run.stderr
+  with open(tmp_path / 'results.json') as f:
+    eight = json.load(f)
+  assert eight['train_loss'] == pytest.approx(results['train_loss'], rel=1e-5)
+  assert eight['accuracy_test'] == results['accuracy_test']
+  expected, actual = load_npz(f'{workdir}/model.npz'), load_npz(tmp_path / 'model.npz')
+  for key in expected:
+    if key.endswith('key/bias'):
+      # Softmax ignores a shift of every logit, so the key bias has a zero gradient; Adam turns
+      # the rounding noise of that zero into steps of either sign. Both runs keep it ~0.
+      assert np.abs(actual[key]).max() < 1e-5 and np.abs(expected[key]).max() < 1e-5
+    else:
+      np.testing.assert_allclose(actual[key], expected[key], atol=5e-6, rtol=1e-5, err_msg=key)
