@@ -26,5 +26,8 @@ setup(
     ],
     extras_require={
         'test': ['pytest>=8,<10', 'pytest-xdist>=3.6,<4'],
+        # PyTorch timm, for interoperability checks and side-by-side benchmarks. This torch /
+        # torchvision pair imports together on a CPU-only machine.
+        'bench': ['timm>=1.0,<2', 'torch==2.14.1', 'torchvision==0.29.1'],
     },
 )
