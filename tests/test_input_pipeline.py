@@ -26,10 +26,10 @@ def test_digits_fixed_split_and_disjoint_process_shards():
   assert (train.num_examples, test.num_examples, train.num_classes) == (1438, 359, 10)
   shards = [input_pipeline.get_source(config, 'test', process_index=i, process_count=3)
             for i in range(3)]
-  images = [np.stack([ex['image'] for ex in s.dataset.as_numpy_iterator()]) for s in shards]
+  images = [np.stack([ex['image'] for ex in s.shard().as_numpy_iterator()]) for s in shards]
   assert [len(x) for x in images] == [120, 120, 119]
   all_images = np.concatenate(images).reshape(359, -1)
-  whole = np.stack([ex['image'] for ex in test.dataset.as_numpy_iterator()]).reshape(359, -1)
+  whole = test.examples['image'].reshape(359, -1)
   assert sorted(map(bytes, all_images)) == sorted(map(bytes, whole))
 
 
@@ -56,6 +56,19 @@ def test_train_batches_are_a_function_of_seed_and_step():
   np.testing.assert_array_equal(batch['labels'].sum(-1), 1)
 
 
+def test_global_batches_do_not_depend_on_the_process_count():
+  config = make_config()
+  one = take(input_pipeline.train_batches(
+      config, input_pipeline.get_source(config, 'train'), batch_size=96, start_step=14), 2)
+  parts = [take(input_pipeline.train_batches(
+      config, input_pipeline.get_source(config, 'train', process_index=i, process_count=3),
+      batch_size=32, start_step=14), 2) for i in range(3)]
+  for step in range(2):  # Step 14 straddles the end of the first epoch (1438 / 96 = 14.98).
+    for key in ('image', 'labels'):
+      np.testing.assert_array_equal(
+          np.concatenate([part[step][key] for part in parts]), one[step][key])
+
+
 def test_each_epoch_visits_every_example_once():
   config = make_config()
   config.pp.crop_min_area = 1.0
@@ -64,7 +77,7 @@ def test_each_epoch_visits_every_example_once():
   batches = take(input_pipeline.train_batches(config, source, batch_size=359), 2)
   for batch in batches:
     assert len({bytes(x) for x in batch['image']}) == len(
-        {bytes(ex['image']) for ex in source.dataset.as_numpy_iterator()})
+        {bytes(x) for x in source.examples['image']})
   assert not np.array_equal(batches[0]['labels'], batches[1]['labels'])  # Reshuffled.
 
 
@@ -83,8 +96,8 @@ def test_eval_counts_every_example_once(process_count):
       labels += (batch['labels'] * batch['mask'][:, None]).sum(0)
       count += batch['mask'].sum()
   assert count == 359
-  whole = input_pipeline.get_source(config, 'test').dataset.as_numpy_iterator()
-  np.testing.assert_array_equal(labels, np.bincount([ex['label'] for ex in whole], minlength=10))
+  whole = input_pipeline.get_source(config, 'test').examples['label']
+  np.testing.assert_array_equal(labels, np.bincount(whole, minlength=10))
 
 
 def write_image_folder(root, classes=('cat', 'dog'), per_class=3, size=(20, 30)):
@@ -146,7 +159,7 @@ def test_local_tfds_dataset(tmp_path):
   LocalShapes(data_dir=str(tmp_path)).download_and_prepare()
   config = make_config('local_shapes', crop=8, tfds_data_dir=str(tmp_path))
   source = input_pipeline.get_source(config, 'train[:20]', process_index=1, process_count=2)
-  assert (source.num_examples, source.shard_size, source.num_classes) == (20, 10, 3)
+  assert (source.num_examples, source.stream_size, source.num_classes) == (20, 10, 3)
   batches = take(input_pipeline.train_batches(config, source, batch_size=4), 6)
   again = take(input_pipeline.train_batches(config, source, batch_size=4, start_step=4), 2)
   np.testing.assert_array_equal(batches[4]['image'], again[0]['image'])

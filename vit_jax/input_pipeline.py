@@ -9,7 +9,7 @@ stream. Resuming at step s therefore rebuilds exactly the batches s, s+1, ... of
 import dataclasses
 import math
 import os
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -22,13 +22,29 @@ DIGITS_TEST_EVERY = 5  # The embedded digits' fixed split: every 5th image is a 
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-  """This process' shard of one split, before decoding."""
-  dataset: tf.data.Dataset  # {'image': encoded bytes or uint8 (h, w, 3), 'label': int}
-  decode: Callable          # dataset['image'] -> uint8 (h, w, 3)
-  num_examples: int         # In the whole split, over all processes.
-  shard_size: int           # In this process' shard.
+  """One split of a dataset as this process sees it.
+
+  Random-access sources (digits, image folders) hold every example of the split: training then
+  reads one global stream of examples that does not depend on the number of processes, each
+  process taking its slice of every global batch. Streamed sources (TFDS) hold this process'
+  shard of the split, read in order.
+  """
+  decode: Callable              # An example's 'image' -> uint8 (h, w, 3).
+  num_examples: int             # In the whole split, over all processes.
   num_classes: int
-  multi_label: bool = False  # 'label' is then a list of class ids.
+  process_index: int = 0
+  process_count: int = 1
+  examples: Optional[dict] = None            # Random access: {'image', 'label'} arrays.
+  stream: Optional[tf.data.Dataset] = None   # Streamed: this process' shard,
+  stream_size: int = 0                       # of this many examples.
+  multi_label: bool = False                  # 'label' is then a list of class ids.
+
+  def shard(self) -> tf.data.Dataset:
+    """This process' disjoint share of the split, in order (for evaluation)."""
+    if self.stream is not None:
+      return self.stream
+    return tf.data.Dataset.from_tensor_slices(self.examples).shard(
+        self.process_count, self.process_index)
 
 
 def _digits(split: str, process_index: int, process_count: int) -> Source:
@@ -41,10 +57,9 @@ def _digits(split: str, process_index: int, process_count: int) -> Source:
   images = np.round(digits.images[keep] * (255 / 16)).astype(np.uint8)  # Values are 0..16.
   images = np.repeat(images[..., None], 3, axis=-1)
   labels = digits.target[keep].astype(np.int64)
-  shard = slice(process_index, None, process_count)
-  dataset = tf.data.Dataset.from_tensor_slices({'image': images[shard], 'label': labels[shard]})
-  return Source(dataset, decode=lambda image: image, num_examples=len(labels),
-                shard_size=len(labels[shard]), num_classes=10)
+  return Source(decode=lambda image: image, num_examples=len(labels), num_classes=10,
+                process_index=process_index, process_count=process_count,
+                examples={'image': images, 'label': labels})
 
 
 def folder_classes(root: str) -> list:
@@ -78,11 +93,10 @@ def _folder(root: str, split: str, process_index: int, process_count: int) -> So
     labels += [label] * len(files)
   if not paths:
     raise ValueError(f'Split folder {split_dir} holds no class folders with images.')
-  shard = slice(process_index, None, process_count)
-  dataset = tf.data.Dataset.from_tensor_slices(
-      {'image': np.array(paths[shard]), 'label': np.array(labels[shard], np.int64)})
-  return Source(dataset, decode=lambda path: preprocess.decode(tf.io.read_file(path)),
-                num_examples=len(paths), shard_size=len(paths[shard]), num_classes=len(classes))
+  return Source(decode=lambda path: preprocess.decode(tf.io.read_file(path)),
+                num_examples=len(paths), num_classes=len(classes), process_index=process_index,
+                process_count=process_count,
+                examples={'image': np.array(paths), 'label': np.array(labels, np.int64)})
 
 
 def _tfds(name: str, split: str, process_index: int, process_count: int, *, data_dir, download,
@@ -106,7 +120,7 @@ def _tfds(name: str, split: str, process_index: int, process_count: int, *, data
                      f'{list(info.splits)} ({e}).') from None
   process_split = tfds.split_for_jax_process(split, process_index=process_index,
                                              process_count=process_count)
-  shard_size = info.splits[process_split].num_examples
+  stream_size = info.splits[process_split].num_examples
   # File order is shuffled once per seed, not per epoch, so every epoch reads the same order
   # and resuming at any epoch is exact; examples are shuffled per epoch afterwards.
   read_config = tfds.ReadConfig(shuffle_seed=seed, shuffle_reshuffle_each_iteration=False)
@@ -117,8 +131,9 @@ def _tfds(name: str, split: str, process_index: int, process_count: int, *, data
   num_classes = info.features[label_key].feature.num_classes if multi_label else \
       info.features[label_key].num_classes
   dataset = dataset.map(lambda ex: {'image': ex['image'], 'label': ex[label_key]})
-  return Source(dataset, decode=preprocess.decode, num_examples=num_examples,
-                shard_size=shard_size, num_classes=num_classes, multi_label=multi_label)
+  return Source(decode=preprocess.decode, num_examples=num_examples, num_classes=num_classes,
+                process_index=process_index, process_count=process_count, stream=dataset,
+                stream_size=stream_size, multi_label=multi_label)
 
 
 def get_source(config, split: str, *, process_index: int = 0, process_count: int = 1) -> Source:
@@ -131,7 +146,7 @@ def get_source(config, split: str, *, process_index: int = 0, process_count: int
   else:
     source = _tfds(name, split, process_index, process_count, data_dir=config.tfds_data_dir,
                    download=config.tfds_download, seed=config.seed)
-  if source.shard_size == 0:
+  if source.num_examples < process_count:
     raise ValueError(f'Split {split!r} of {name} has {source.num_examples} examples: too few '
                      f'for {process_count} processes.')
   if config.num_classes is not None and config.num_classes != source.num_classes:
@@ -146,16 +161,55 @@ def _targets(label, num_classes: int, multi_label: bool):
   return tf.one_hot(label, num_classes)
 
 
-def train_batches(config, source: Source, *, batch_size: int, start_step: int = 0) -> Iterator:
-  """Endless host-local training batches {'image', 'labels'} from step `start_step` on."""
-  size = config_lib.image_size(config)
-  seed = config.seed
-  consumed = start_step * batch_size
-  first_epoch, offset = divmod(consumed, source.shard_size)
-  buffer = min(config.shuffle_buffer, source.shard_size)
+def _global_stream(source: Source, seed: int, batch_size: int, start_step: int):
+  """(position, example) of this process' slice of each global batch, from `start_step` on.
+
+  The global stream is every epoch's permutation of the split, one after the other; global batch
+  s holds positions [s * B, (s + 1) * B) and process p the p-th of its process_count slices.
+  """
+  n = source.num_examples
+  global_batch = batch_size * source.process_count
+  first_epoch, offset = divmod(start_step * global_batch, n)
+  examples = {k: tf.constant(v) for k, v in source.examples.items()}
 
   def epoch(number):
-    return source.dataset.shuffle(buffer, seed=number * 1_000_003 + seed)
+    order = tf.random.experimental.stateless_shuffle(
+        tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), number]))
+    return tf.data.Dataset.from_tensor_slices(order)
+
+  indices = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)
+  indices = indices.enumerate(start=first_epoch * n).skip(offset)
+  mine = indices.filter(
+      lambda position, _: (position % global_batch) // batch_size == source.process_index)
+  return mine.map(lambda position, index: (
+      position, {k: tf.gather(v, index) for k, v in examples.items()}))
+
+
+def _shard_stream(source: Source, seed: int, batch_size: int, start_step: int,
+                  shuffle_buffer: int):
+  """(position, example) of this process' shard, reshuffled each epoch, from `start_step` on."""
+  size = source.stream_size
+  first_epoch, offset = divmod(start_step * batch_size, size)
+
+  def epoch(number):
+    return source.stream.shuffle(min(shuffle_buffer, size), seed=number * 1_000_003 + seed)
+
+  stream = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)
+  return stream.enumerate(start=first_epoch * size).skip(offset)
+
+
+def train_batches(config, source: Source, *, batch_size: int, start_step: int = 0) -> Iterator:
+  """Endless host-local training batches {'image', 'labels'} from step `start_step` on.
+
+  An example's augmentation is seeded by its position in the stream, so the batches are a pure
+  function of (seed, step).
+  """
+  size = config_lib.image_size(config)
+  seed = config.seed
+  if source.examples is not None:
+    stream = _global_stream(source, seed, batch_size, start_step)
+  else:
+    stream = _shard_stream(source, seed, batch_size, start_step, config.shuffle_buffer)
 
   def augment(position, example):
     crop_seed, flip_seed = tf.unstack(
@@ -167,9 +221,7 @@ def train_batches(config, source: Source, *, batch_size: int, start_step: int = 
     return {'image': preprocess.to_value_range(image),
             'labels': _targets(example['label'], source.num_classes, source.multi_label)}
 
-  dataset = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)
-  dataset = dataset.enumerate(start=first_epoch * source.shard_size).skip(offset)
-  dataset = dataset.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+  dataset = stream.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
   dataset = dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   return dataset.as_numpy_iterator()
 
@@ -191,7 +243,7 @@ def eval_batches(config, source: Source, *, batch_size: int, num_steps: int) -> 
             'labels': _targets(example['label'], source.num_classes, source.multi_label),
             'mask': tf.constant(1.0)}
 
-  dataset = source.dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+  dataset = source.shard().map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
   dataset = dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
   empty = {'image': np.zeros((batch_size,) + size + (3,), np.float32),
            'labels': np.zeros((batch_size, source.num_classes), np.float32),
