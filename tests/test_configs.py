@@ -1,8 +1,6 @@
 """Recipes, command-line parsing, and the rejection of impossible configs before compiling."""
 
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,20 +8,13 @@ import numpy as np
 import optax
 import pytest
 from absl import flags
-from ml_collections import config_flags
 
+from helpers import parse_config, run_main
 from vit_jax import config_lib, optim
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse(recipe, *overrides):
-  """The config main.py would get for `--config=configs/<recipe> <overrides>`."""
-  argv = ['main', f'--config={ROOT}/configs/{recipe}', *overrides]
-  flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', flag_values=flag_values, sys_argv=argv)
-  flag_values(argv)
-  return flag_values.config
+  return parse_config(f'--config=configs/{recipe}', *overrides)
 
 
 def test_pretrain_recipe_follows_table_3():
@@ -57,11 +48,6 @@ def test_overrides_are_typed():
   assert (c.batch, c.model.transformer.num_layers) == (64, 2)
   with pytest.raises(flags.IllegalFlagValueError, match='config.batch=abc'):
     parse('digits.py:pretrain', '--config.batch=abc')
-
-
-def run_main(*args):
-  return subprocess.run([sys.executable, '-m', 'vit_jax.main', *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=300)
 
 
 def test_cli_rejects_unknown_key_and_wrong_type(tmp_path):

@@ -38,6 +38,7 @@ class Source:
   stream: Optional[tf.data.Dataset] = None   # Streamed: this process' shard,
   stream_size: int = 0                       # of this many examples.
   multi_label: bool = False                  # 'label' is then a list of class ids.
+  find_unreadable: Optional[Callable] = None  # () -> files that fail to decode, for errors.
 
   def shard(self) -> tf.data.Dataset:
     """This process' disjoint share of the split, in order (for evaluation)."""
@@ -96,7 +97,35 @@ def _folder(root: str, split: str, process_index: int, process_count: int) -> So
   return Source(decode=lambda path: preprocess.decode(tf.io.read_file(path)),
                 num_examples=len(paths), num_classes=len(classes), process_index=process_index,
                 process_count=process_count,
-                examples={'image': np.array(paths), 'label': np.array(labels, np.int64)})
+                examples={'image': np.array(paths), 'label': np.array(labels, np.int64)},
+                find_unreadable=lambda: _unreadable(paths))
+
+
+def _unreadable(paths) -> list:
+  bad = []
+  for path in paths:
+    try:
+      preprocess.decode(tf.io.read_file(path))
+    except tf.errors.OpError:
+      bad.append(path)
+  return bad
+
+
+def _numpy_batches(dataset: tf.data.Dataset, source: Source) -> Iterator:
+  """The dataset's batches as numpy; a file that fails to decode is named in the error."""
+  iterator = dataset.as_numpy_iterator()
+  while True:
+    try:
+      batch = next(iterator)
+    except StopIteration:
+      return
+    except tf.errors.InvalidArgumentError as e:
+      if source.find_unreadable is None:
+        raise
+      bad = source.find_unreadable()  # tf.data's error does not say which file it was.
+      raise ValueError(f'{len(bad)} image file(s) cannot be decoded as JPEG/PNG/GIF/BMP: '
+                       f'{", ".join(bad[:10])}{" ..." if len(bad) > 10 else ""}') from e
+    yield batch
 
 
 def _tfds(name: str, split: str, process_index: int, process_count: int, *, data_dir, download,
@@ -223,7 +252,7 @@ def train_batches(config, source: Source, *, batch_size: int, start_step: int = 
 
   dataset = stream.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
   dataset = dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  return dataset.as_numpy_iterator()
+  return _numpy_batches(dataset, source)
 
 
 def eval_steps(source: Source, *, batch_size: int, process_count: int) -> int:
@@ -249,7 +278,7 @@ def eval_batches(config, source: Source, *, batch_size: int, num_steps: int) -> 
            'labels': np.zeros((batch_size, source.num_classes), np.float32),
            'mask': np.zeros((batch_size,), np.float32)}
   produced = 0
-  for batch in dataset.as_numpy_iterator():
+  for batch in _numpy_batches(dataset, source):
     count = len(batch['mask'])
     yield {k: np.concatenate([v, empty[k][count:]]) for k, v in batch.items()}
     produced += 1

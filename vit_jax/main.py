@@ -7,6 +7,7 @@ type are rejected by ml_collections, impossible values by config_lib.check, befo
 import logging as std_logging
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -15,6 +16,24 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Where checkpoints, logs, results.json and model.npz go.')
 flags.mark_flags_as_required(['config', 'workdir'])
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'Multi-host: HOST:PORT of process 0 (auto-detected on TPU VMs).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')
+
+
+def initialize_distributed():
+  """Joins the processes of a multi-host run; a plain machine runs as the only process."""
+  explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if any(v is not None for v in explicit):
+    if any(v is None for v in explicit):
+      raise app.UsageError('--coordinator_address, --num_processes and --process_id go together.')
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    return
+  try:  # TPU VMs, SLURM, ... provide everything in their environment.
+    jax.distributed.initialize()
+  except ValueError:
+    pass  # No cluster environment: a single process.
 
 
 def parse_flags(argv):
@@ -37,6 +56,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected command-line arguments: {" ".join(argv[1:])}')
   logging.get_absl_handler().addFilter(_quiet_orbax)
+  initialize_distributed()
+  if jax.process_index() > 0:
+    logging.set_verbosity(logging.WARNING)  # Process 0 speaks for all.
   import tensorflow as tf
   tf.config.set_visible_devices([], 'GPU')  # tf.data only: leave accelerators to JAX.
   from vit_jax import train  # After flag parsing, so that --help stays fast.

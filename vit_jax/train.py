@@ -16,10 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from clu import metric_writers, parameter_overview
 
-from vit_jax import checkpoint, config_lib, input_pipeline, optim, sharding
+from vit_jax import checkpoint, config_lib, input_pipeline, optim, resume, sharding
 from vit_jax.models_vit import VisionTransformer
 
 
@@ -79,10 +78,14 @@ def make_train_step(config, model, tx, schedule, shardings, mesh):
       total, _ = jax.lax.scan(add_micro_batch, zero, xs)
       loss, grads = jax.tree.map(lambda x: x / accum, total)
     updates, opt_state = tx.update(grads, state['opt_state'], params)
-    new_state = {'params': optax.apply_updates(params, updates), 'opt_state': opt_state,
+    grad_norm = optax.global_norm(grads)
+    # A non-finite loss or gradient leaves the state as it was; the loop then stops the run.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = {'params': keep_finite(optax.apply_updates(params, updates), params),
+                 'opt_state': keep_finite(opt_state, state['opt_state']),
                  'step': state['step'] + 1, 'rng': state['rng']}
-    metrics = {'train_loss': loss, 'lr': schedule(state['step']),
-               'grad_norm': optax.global_norm(grads)}
+    metrics = {'train_loss': loss, 'lr': schedule(state['step']), 'grad_norm': grad_norm}
     return new_state, metrics
 
   batch_sharding = sharding.batch_sharding(mesh)
@@ -124,39 +127,42 @@ def evaluate_split(config, eval_step, params, source, mesh):
           'loss_test': float(totals['loss_sum']) / count}
 
 
-# ---------------------------------------------------------------------------------- checkpoints
+# ------------------------------------------------------------------------------ parameters I/O
 
-def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), 'checkpoints'),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
-
-
-def restore_latest(manager: ocp.CheckpointManager, state):
-  """The latest checkpoint restored into `state`'s structure and shardings (None if none)."""
-  step = manager.latest_step()
-  if step is None:
-    return None
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  logging.info('Resuming from the checkpoint of step %d.', step)
-  return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+def _gather(tree, mesh):
+  """Every process gets the whole of each (possibly FSDP-sharded) array."""
+  return jax.device_get(jax.jit(lambda t: t, out_shardings=sharding.replicated(mesh))(tree))
 
 
 def load_pretrained_params(config, params, mesh, image_size, **kwargs):
   restored = checkpoint.load_pretrained(
-      pretrained_path=config.pretrained_path, init_params=jax.device_get(params),
+      pretrained_path=config.pretrained_path, init_params=_gather(params, mesh),
       model_config=config.model, image_size=image_size, **kwargs)
-  return jax.device_put(restored, jax.tree.map(lambda x: x.sharding, params))
+  return jax.tree.map(
+      lambda value, like: jax.make_array_from_callback(value.shape, like.sharding,
+                                                       lambda index: value[index]),
+      restored, params)
 
 
 def export_params(params, path: str, mesh):
   """Writes the parameters as an official-layout .npz (gathered to every process first)."""
-  params = jax.jit(lambda p: p, out_shardings=sharding.replicated(mesh))(params)
+  params = _gather(params, mesh)
   if jax.process_index() == 0:
     checkpoint.save(params, path)
 
 
 # ----------------------------------------------------------------------------------------- loop
+
+def check_finite(step_metrics, first_step, last_checkpoint):
+  """Stops the run at the first step whose loss or gradient norm is not finite."""
+  for offset, metrics in enumerate(step_metrics):
+    if not (np.isfinite(metrics['train_loss']) and np.isfinite(metrics['grad_norm'])):
+      raise FloatingPointError(
+          f'Non-finite training at step {first_step + offset + 1}: train_loss '
+          f'{metrics["train_loss"]}, grad_norm {metrics["grad_norm"]}. That step was not applied '
+          f'and nothing after it saved; the last checkpoint is of step {last_checkpoint}. '
+          'Lower base_lr or raise warmup_steps.')
+
 
 class Progress:
   """Logs step, %, img/s/core and ETA every `every` steps and writes img_sec_core_train."""
@@ -185,9 +191,14 @@ class Progress:
 def _setup(config, workdir):
   config_lib.check(config, device_count=jax.device_count(), process_count=jax.process_count())
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    if not os.access(workdir, os.W_OK):
-      raise PermissionError(f'workdir {workdir} is not writable.')
+    try:  # Root may write where os.access says no: try it.
+      os.makedirs(workdir, exist_ok=True)
+      probe = os.path.join(workdir, f'.write-test-{os.getpid()}')
+      with open(probe, 'w'):
+        pass
+      os.remove(probe)
+    except OSError as e:
+      raise ValueError(f'workdir {workdir} is not writable ({e.strerror}).') from None
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   mesh = sharding.make_mesh()
   logging.info('Mesh: %d devices in %d processes, %s.', jax.device_count(), jax.process_count(),
@@ -213,8 +224,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   tx = optim.make_optimizer(config)
   state, shardings = init_state(config, model, tx, mesh, image_size)
 
-  manager = checkpoint_manager(workdir, config)
-  restored = restore_latest(manager, state)
+  checkpoints = resume.Checkpoints(workdir, config)
+  checkpoints.check_compatible()
+  restored = checkpoints.restore_latest(state)
   if restored is not None:
     state = restored
   elif config.pretrained_path:
@@ -222,10 +234,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                     reinit_head=config.reinit_head)
     state = dict(state, params=params, opt_state=jax.jit(
         tx.init, out_shardings=shardings['opt_state'])(params))
+  checkpoints.write_config()
   if jax.process_index() == 0:
     parameter_overview.log_parameter_overview(state['params'])
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
   writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
                         for k, v in flax.traverse_util.flatten_dict(
                             config.to_dict(), sep='.').items()})
@@ -233,28 +244,48 @@ def train_and_evaluate(config, workdir: str) -> dict:
   train_step = make_train_step(config, model, tx, schedule, shardings, mesh)
   eval_step = make_eval_step(config, model, shardings['params'], mesh)
 
-  step = int(jax.device_get(state['step']))
+  step = last_checkpoint = int(jax.device_get(state['step']))
   local_batch = config.batch // jax.process_count()
   batches = input_pipeline.train_batches(config, train_source, batch_size=local_batch,
                                          start_step=step)
   progress = Progress(config.total_steps, config.batch, writer)
   progress.start(step)
-  train_metrics, summary, eval_metrics = [], {}, {}
-  while step < config.total_steps:
-    state, metrics = train_step(state, sharding.to_global(next(batches), mesh))
-    train_metrics.append(metrics)
-    step += 1
-    if step % config.progress_every == 0 or step == config.total_steps:
-      summary = progress.report(step, jax.device_get(train_metrics))
-      train_metrics = []
-    if step % config.eval_every == 0 or step == config.total_steps:
-      eval_metrics = evaluate_split(config, eval_step, state['params'], test_source, mesh)
-      writer.write_scalars(step, eval_metrics)
-      logging.info('step %d: %s', step, ', '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()))
-      progress.start(step)  # Evaluation time is not training throughput.
-    if step % config.checkpoint_every == 0 or step == config.total_steps:
-      manager.save(step, args=ocp.args.StandardSave(state))
-  manager.wait_until_finished()
+  preemption = resume.Preemption()
+  pending, summary, eval_metrics = [], {}, {}  # pending: metrics of steps not yet checked.
+
+  def check_pending():
+    nonlocal pending
+    fetched = jax.device_get(pending)
+    check_finite(fetched, step - len(pending), last_checkpoint)
+    pending = []
+    return fetched
+
+  try:
+    while step < config.total_steps:
+      state, metrics = train_step(state, sharding.to_global(next(batches), mesh))
+      pending.append(metrics)
+      step += 1
+      if step % config.progress_every == 0 or step == config.total_steps:
+        summary = progress.report(step, check_pending())
+      if step % config.eval_every == 0 or step == config.total_steps:
+        eval_metrics = evaluate_split(config, eval_step, state['params'], test_source, mesh)
+        writer.write_scalars(step, eval_metrics)
+        logging.info('step %d: %s', step,
+                     ', '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()))
+        progress.start(step)  # Evaluation time is not training throughput.
+      preempted = preemption.reached(step)
+      if step % config.checkpoint_every == 0 or step == config.total_steps or preempted:
+        check_pending()
+        checkpoints.save(step, state)
+        last_checkpoint = step
+      if preempted:
+        checkpoints.wait()
+        logging.warning('Preempted: saved the checkpoint of step %d; run the same command to '
+                        'resume.', step)
+        return {'preempted_at_step': step}
+  finally:
+    preemption.close()
+    checkpoints.wait()
 
   if not eval_metrics:  # Resumed at the end: evaluate what was restored.
     eval_metrics = evaluate_split(config, eval_step, state['params'], test_source, mesh)
@@ -278,7 +309,7 @@ def evaluate(config, workdir: str) -> dict:
     params = load_pretrained_params(config, state['params'], mesh, image_size, reinit_head=False)
     step = 0
   else:
-    restored = restore_latest(checkpoint_manager(workdir, config), state)
+    restored = resume.Checkpoints(workdir, config).restore_latest(state)
     if restored is None:
       raise ValueError(f'Nothing to evaluate: no pretrained_path and no checkpoint in {workdir}.')
     params, step = restored['params'], int(restored['step'])

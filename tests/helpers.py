@@ -1,0 +1,67 @@
+"""Shared by the tests: the tiny training run, config parsing as main.py does it, file helpers."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A 1-layer ViT of width 16 on 8x8 digits: a few seconds to compile and run on a CPU.
+TINY = ['--config=configs/digits.py:pretrain',
+        '--config.model.hidden_size=16', '--config.model.representation_size=16',
+        '--config.model.transformer.mlp_dim=32', '--config.model.transformer.num_heads=2',
+        '--config.model.transformer.num_layers=1', '--config.pp.crop=8',
+        '--config.batch=32', '--config.batch_eval=64', '--config.total_steps=6',
+        '--config.warmup_steps=2', '--config.eval_every=3', '--config.checkpoint_every=3',
+        '--config.progress_every=2', '--config.keep_checkpoints=3']
+
+
+def parse_config(*args):
+  """The config main.py builds from `--config=... --config.key=value ...`."""
+  argv = ['main'] + [a.replace('=configs/', f'={ROOT}/configs/') for a in args]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', flag_values=flag_values, sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config
+
+
+def tiny_config(*overrides):
+  return parse_config(*TINY, *overrides)
+
+
+def load_npz(path):
+  with np.load(path) as npz:
+    return {k: npz[k] for k in npz.files}
+
+
+def assert_same_params(actual, expected, atol=0.0):
+  """Equal parameters, up to `atol`; the attention key bias excepted: softmax ignores a shift of
+  every logit, so its gradient is zero and Adam turns the rounding noise of that zero into steps
+  of either sign. It must stay ~0 in both."""
+  assert actual.keys() == expected.keys()
+  for key in expected:
+    if key.endswith('key/bias') and atol:
+      assert np.abs(actual[key]).max() < 1e-5 and np.abs(expected[key]).max() < 1e-5
+    else:
+      np.testing.assert_allclose(actual[key], expected[key], atol=atol, rtol=atol and 1e-5,
+                                 err_msg=key)
+
+
+def main_command(*args):
+  return [sys.executable, '-m', 'vit_jax.main', *args]
+
+
+def run_main(*args, env=None, timeout=600):
+  return subprocess.run(main_command(*args), cwd=ROOT, capture_output=True, text=True,
+                        timeout=timeout, env=env)
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]

@@ -1,0 +1,202 @@
+"""Multi-host runs, and runs that are killed, preempted, diverge or get bad input."""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import (ROOT, TINY, assert_same_params, free_port, load_npz, main_command, run_main,
+                     tiny_config)
+from vit_jax import checkpoint, train
+
+# Long enough to be interrupted: 60 steps, a checkpoint every 10.
+LONG = [*TINY, '--config.total_steps=60', '--config.checkpoint_every=10',
+        '--config.eval_every=60', '--config.progress_every=10']
+
+
+def cpu_env(devices):
+  return dict(os.environ, JAX_PLATFORMS='cpu',
+              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+  """The uninterrupted LONG run, in a subprocess like the interrupted ones."""
+  workdir = tmp_path_factory.mktemp('reference')
+  result = run_main(*LONG, f'--workdir={workdir}', env=cpu_env(1))
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def wait_for(path, process, timeout=300):
+  start = time.time()
+  while not os.path.exists(path):
+    assert process.poll() is None, 'the run ended before it could be interrupted'
+    assert time.time() - start < timeout, f'{path} did not appear'
+    time.sleep(0.05)
+
+
+def start(workdir):
+  return subprocess.Popen(main_command(*LONG, f'--workdir={workdir}'), cwd=ROOT, env=cpu_env(1),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_processes_give_the_same_run_as_one(tmp_path):
+  port = free_port()
+  processes = [subprocess.Popen(
+      main_command(*TINY, f'--workdir={tmp_path / "2x2"}', f'--coordinator_address=127.0.0.1:{port}',
+                   '--num_processes=2', f'--process_id={i}'),
+      cwd=ROOT, env=cpu_env(2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  one = run_main(*TINY, f'--workdir={tmp_path / "1x4"}', env=cpu_env(4))
+  errors = [p.communicate(timeout=600)[1] for p in processes]
+  assert [p.returncode for p in processes] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+  assert one.returncode == 0, one.stderr[-3000:]
+  assert 'Mesh: 4 devices in 2 processes' in errors[0]
+  assert_same_params(load_npz(tmp_path / '2x2' / 'model.npz'),
+                     load_npz(tmp_path / '1x4' / 'model.npz'), atol=1e-6)
+  # Only process 0 writes logs, results and the export.
+  assert len(glob.glob(str(tmp_path / '2x2' / 'events.out.tfevents*'))) == 1
+  two, single = (json.loads((tmp_path / d / 'results.json').read_text()) for d in ('2x2', '1x4'))
+  assert two['accuracy_test'] == single['accuracy_test']
+
+
+def test_sigkill_then_resume_ends_exactly_like_an_uninterrupted_run(reference, tmp_path):
+  process = start(tmp_path)
+  wait_for(tmp_path / 'checkpoints' / '20', process)
+  process.kill()
+  process.wait()
+  assert not (tmp_path / 'model.npz').exists()
+  resumed = run_main(*LONG, f'--workdir={tmp_path}', env=cpu_env(1))
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'Resumed from the checkpoint of step' in resumed.stderr
+  assert_same_params(load_npz(tmp_path / 'model.npz'), load_npz(reference / 'model.npz'))
+
+
+def test_sigterm_saves_the_current_step_and_exits_cleanly(reference, tmp_path):
+  process = start(tmp_path)
+  wait_for(tmp_path / 'checkpoints' / '10', process)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=300)
+  assert process.returncode == 0, stderr[-3000:]
+  saved = [line for line in stderr.splitlines() if 'Preempted: saved the checkpoint of step' in line]
+  assert saved, stderr[-3000:]
+  step = int(saved[0].split('of step ')[1].split(';')[0])
+  assert (tmp_path / 'checkpoints' / str(step)).is_dir() and step < 60
+  resumed = run_main(*LONG, f'--workdir={tmp_path}', env=cpu_env(1))
+  assert f'Resumed from the checkpoint of step {step}' in resumed.stderr
+  assert_same_params(load_npz(tmp_path / 'model.npz'), load_npz(reference / 'model.npz'))
+
+
+@pytest.fixture(scope='module')
+def finished(tmp_path_factory):
+  """A finished tiny run (checkpoints 3 and 6) to copy and damage."""
+  workdir = tmp_path_factory.mktemp('finished') / 'run'
+  train.train_and_evaluate(tiny_config(), str(workdir))
+  return workdir
+
+
+def copy_run(finished, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(finished, workdir)
+  return workdir
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(finished, tmp_path, caplog):
+  workdir = copy_run(finished, tmp_path)
+  for path in glob.glob(str(workdir / 'checkpoints' / '6' / '**'), recursive=True):
+    if os.path.isfile(path):
+      with open(path, 'r+b') as f:
+        f.truncate(os.path.getsize(path) // 2)
+  half_written = workdir / 'checkpoints' / '9.orbax-checkpoint-tmp-1234'
+  half_written.mkdir()
+  (half_written / 'junk').write_text('a save that never finished')
+  os.remove(workdir / 'model.npz')
+  train.train_and_evaluate(tiny_config(), str(workdir))
+  assert 'The checkpoint of step 6 is unreadable' in caplog.text
+  assert (workdir / 'checkpoints' / '6.unreadable').is_dir()
+  assert (workdir / 'checkpoints' / '6').is_dir()  # Written again by the resumed run.
+  assert_same_params(load_npz(workdir / 'model.npz'), load_npz(finished / 'model.npz'))
+
+
+def test_divergence_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path):
+  config = tiny_config('--config.base_lr=1e30', '--config.warmup_steps=0',
+                       '--config.checkpoint_every=1')
+  with pytest.raises(FloatingPointError, match=r'Non-finite training at step 2: train_loss nan.*'
+                                               r'last checkpoint is of step 1'):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert os.listdir(tmp_path / 'checkpoints') == ['1']
+  assert not (tmp_path / 'model.npz').exists()
+
+
+def assert_untouched(workdir, finished):
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['3', '6']
+  assert (workdir / 'results.json').read_text() == (finished / 'results.json').read_text()
+  assert (workdir / 'config.json').read_text() == (finished / 'config.json').read_text()
+
+
+@pytest.mark.parametrize('overrides, error, message', [
+    (['--config.batch=30', '--config.accum_steps=4'], ValueError,
+     r'batch=30 is not divisible by device_count x accum_steps = 1 x 4 = 4'),
+    (['--config.model.hidden_size=32'], ValueError,
+     r"holds checkpoints of a different run \(model.hidden_size: 16 in the checkpoints, 32 now\)"),
+    (['--config.optimizer=sgd'], ValueError, r"optimizer: 'adam' in the checkpoints, 'sgd' now"),
+    (['--config.dataset=no_such_dataset'], ValueError, r"Unknown dataset 'no_such_dataset'"),
+    (['--config.test_split=validation'], ValueError,
+     r"Unknown split 'validation' of dataset 'digits'"),
+    (['--config.pretrained_path=/nowhere/model.npz'], ValueError,
+     r"pretrained_path='/nowhere/model.npz' does not exist"),
+])
+def test_bad_input_is_named_and_leaves_the_workdir_intact(finished, tmp_path, overrides, error,
+                                                          message):
+  workdir = copy_run(finished, tmp_path)
+  with pytest.raises(error, match=message):
+    train.train_and_evaluate(tiny_config(*overrides), str(workdir))
+  assert_untouched(workdir, finished)
+
+
+def test_unreadable_and_mismatching_pretrained_files_are_named(finished, tmp_path):
+  garbage = tmp_path / 'garbage.npz'
+  garbage.write_bytes(b'\x00' * 100)
+  with pytest.raises(ValueError, match=r'garbage.npz is not a readable .npz checkpoint'):
+    train.train_and_evaluate(tiny_config(f'--config.pretrained_path={garbage}'),
+                             str(tmp_path / 'a'))
+  wider = tmp_path / 'wider.npz'
+  params = load_npz(finished / 'model.npz')
+  params['embedding/kernel'] = np.zeros((4, 4, 3, 24), np.float32)
+  del params['Transformer/encoder_norm/scale']
+  params['Transformer/encoderblock_5/LayerNorm_0/scale'] = np.ones(16, np.float32)
+  np.savez(wider, **params)
+  with pytest.raises(checkpoint.CheckpointMismatchError) as e:
+    train.train_and_evaluate(tiny_config(f'--config.pretrained_path={wider}'), str(tmp_path / 'b'))
+  assert 'embedding/kernel: checkpoint (4, 4, 3, 24), model (4, 4, 3, 16)' in str(e.value)
+  assert 'Transformer/encoder_norm/scale' in str(e.value)
+  assert 'Transformer/encoderblock_5/LayerNorm_0/scale' in str(e.value)
+
+
+def test_unwritable_workdir_is_named(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a directory')
+  with pytest.raises(ValueError, match=r'workdir .*a_file/run is not writable'):
+    train.train_and_evaluate(tiny_config(), str(blocker / 'run'))
+
+
+def test_corrupt_image_in_a_folder_is_named(tmp_path):
+  for split in ('train', 'test'):
+    for name in ('a', 'b'):
+      folder = tmp_path / 'images' / split / name
+      folder.mkdir(parents=True)
+      for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(folder / f'{i}.png')
+  (tmp_path / 'images' / 'train' / 'b' / 'broken.jpg').write_bytes(b'this is no JPEG')
+  config = tiny_config(f'--config.dataset=folder:{tmp_path / "images"}', '--config.batch=8',
+                       '--config.batch_eval=8')
+  with pytest.raises(ValueError, match=r'1 image file\(s\) cannot be decoded.*train/b/broken.jpg'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
