@@ -221,3 +221,31 @@ def _check_fits(restored: dict, init: dict, path: str):
         lines.append(f'  {title}: {len(keys)}')
         lines.extend(f'    {key}' for key in keys)
     raise CheckpointMismatchError('\n'.join(lines))
+
+
+def infer_model_config(params: Params, name: str = 'from-checkpoint'):
+  """The model config of a ViT checkpoint, read off its parameter shapes, and its image size.
+
+  Returns (config, num_classes, image_size); the image size assumes a square patch grid.
+  """
+  from vit_jax import models  # A light import; at the top it would be circular for nothing.
+  try:
+    patch_h, patch_w, _, width = params['embedding']['kernel'].shape
+    encoder = params['Transformer']
+    num_layers = sum(1 for k in encoder if k.startswith('encoderblock_'))
+    block = encoder['encoderblock_0']
+    _, num_heads, _ = block['MultiHeadDotProductAttention_1']['query']['kernel'].shape
+    mlp_dim = block['MlpBlock_3']['Dense_0']['kernel'].shape[1]
+    tokens = encoder['posembed_input']['pos_embedding'].shape[1]
+  except KeyError as e:
+    raise ValueError(f'Not a ViT checkpoint: it has no parameter {e}.') from None
+  classifier = 'token' if 'cls' in params else 'gap'
+  config = models.vit_config(
+      name, hidden_size=width, mlp_dim=mlp_dim, num_heads=num_heads, num_layers=num_layers,
+      patch=patch_h, classifier=classifier,
+      representation_size=params['pre_logits']['kernel'].shape[1] if 'pre_logits' in params
+      else None)
+  config.patches.size = (patch_h, patch_w)
+  grid = math.isqrt(tokens - (classifier == 'token'))
+  num_classes = params['head']['kernel'].shape[-1] if 'head' in params else None
+  return config, num_classes, (grid * patch_h, grid * patch_w)

@@ -1,0 +1,222 @@
+r"""What a ViT learned: the paper's Figures 6 and 7 for any checkpoint.
+
+  attention rollout maps over input images (Fig. 6, App. D.8; Abnar & Zuidema 2020),
+  cosine similarity of the position embeddings (Fig. 7 centre),
+  mean attention distance per head against depth (Fig. 7 right),
+  principal components of the patch-embedding filters (Fig. 7 left).
+
+python -m vit_jax.analysis --checkpoint=runs/demo/finetune/model.npz --dataset=digits \
+    --outdir=runs/demo/analysis [IMAGE ...]
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+# ------------------------------------------------------------------------------------ values
+
+
+def attention_weights(model, params, images) -> list:
+  """Per layer, the attention probabilities (batch, heads, tokens, tokens)."""
+  _, state = model.apply({'params': params}, images, train=False, mutable=['intermediates'])
+  encoder = state['intermediates']['Transformer']
+  layers = sorted((k for k in encoder if k.startswith('encoderblock_')),
+                  key=lambda k: int(k.split('_')[1]))
+  return [encoder[k]['MultiHeadDotProductAttention_1']['attention_weights'][0] for k in layers]
+
+
+def attention_rollout(weights: list) -> jnp.ndarray:
+  """How much each output token draws on each input token, through all layers.
+
+  Each layer's head-averaged attention is mixed half and half with the identity (the residual
+  connection), rows renormalised, and the layers multiplied: (batch, tokens, tokens).
+  """
+  tokens = weights[0].shape[-1]
+  rollout = jnp.eye(tokens)
+  for layer in weights:
+    mixed = 0.5 * layer.mean(axis=1) + 0.5 * jnp.eye(tokens)
+    mixed = mixed / mixed.sum(axis=-1, keepdims=True)
+    rollout = mixed @ rollout
+  return rollout
+
+
+def rollout_maps(rollout, grid, has_class_token: bool) -> jnp.ndarray:
+  """(batch, grid_h, grid_w): what the class token (or, for gap models, the average token)
+  attends to, normalised to a maximum of 1."""
+  if has_class_token:
+    attention = rollout[:, 0, 1:]
+  else:
+    attention = rollout.mean(axis=1)
+  maps = attention.reshape((-1,) + tuple(grid))
+  return maps / maps.max(axis=(1, 2), keepdims=True)
+
+
+def position_embedding_similarity(pos_embedding, grid) -> np.ndarray:
+  """(grid_h, grid_w, grid_h, grid_w): cosine similarity of each patch's position embedding with
+  every other's; `pos_embedding` is (patches, D), without a class-token slot."""
+  unit = pos_embedding / np.linalg.norm(pos_embedding, axis=-1, keepdims=True)
+  return (unit @ unit.T).reshape(tuple(grid) * 2)
+
+
+def mean_attention_distance(weights: list, grid, patch_size, num_prefix_tokens: int) -> np.ndarray:
+  """(layers, heads): the image-space distance in pixels spanned by attention, averaged over
+  query patches and images (the "attention distance" of Fig. 7). Attention to the class token
+  is left out and the rest renormalised."""
+  rows, cols = np.meshgrid(np.arange(grid[0]), np.arange(grid[1]), indexing='ij')
+  centres = np.stack([rows.ravel() * patch_size[0], cols.ravel() * patch_size[1]], axis=-1)
+  distance = np.linalg.norm(centres[:, None] - centres[None], axis=-1)  # (patches, patches)
+  result = []
+  for layer in weights:
+    patches = np.asarray(layer)[:, :, num_prefix_tokens:, num_prefix_tokens:]
+    patches = patches / patches.sum(axis=-1, keepdims=True)
+    result.append((patches * distance).sum(axis=-1).mean(axis=(0, 2)))
+  return np.stack(result)
+
+
+def embedding_filter_components(kernel, count: int = 28) -> np.ndarray:
+  """(count, P, P, C): the leading principal components of the D patch-embedding filters, each
+  scaled to [0, 1] for display as an RGB image."""
+  patch_h, patch_w, channels, width = kernel.shape
+  filters = np.asarray(kernel, np.float64).reshape(-1, width).T  # (D, P*P*C)
+  filters = filters - filters.mean(axis=0)
+  _, _, components = np.linalg.svd(filters, full_matrices=False)
+  components = components[:count].reshape(-1, patch_h, patch_w, channels)
+  low = components.min(axis=(1, 2, 3), keepdims=True)
+  high = components.max(axis=(1, 2, 3), keepdims=True)
+  return (components - low) / np.maximum(high - low, 1e-12)
+
+
+# ---------------------------------------------------------------------------------- figures
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use('Agg')  # Files only: no display needed.
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def _to_unit_range(images):
+  return np.clip((np.asarray(images) + 1) / 2, 0, 1)
+
+
+def plot_rollout(images, maps, path):
+  plt = _pyplot()
+  count = len(images)
+  figure, axes = plt.subplots(2, count, figsize=(1.6 * count, 3.4), squeeze=False)
+  for i in range(count):
+    image = _to_unit_range(images[i])
+    heat = np.asarray(jax.image.resize(maps[i], image.shape[:2], 'bilinear'))
+    axes[0, i].imshow(image)
+    axes[1, i].imshow(image * heat[..., None])
+    for ax in axes[:, i]:
+      ax.axis('off')
+  axes[0, 0].set_title('input', fontsize=8, loc='left')
+  axes[1, 0].set_title('attention rollout', fontsize=8, loc='left')
+  figure.tight_layout()
+  figure.savefig(path, dpi=100)
+  plt.close(figure)
+
+
+def plot_position_similarity(similarity, path):
+  plt = _pyplot()
+  grid_h, grid_w = similarity.shape[:2]
+  figure, axes = plt.subplots(grid_h, grid_w, figsize=(0.6 * grid_w + 1, 0.6 * grid_h),
+                              squeeze=False)
+  for i in range(grid_h):
+    for j in range(grid_w):
+      shown = axes[i, j].imshow(similarity[i, j], vmin=-1, vmax=1)
+      axes[i, j].axis('off')
+  figure.colorbar(shown, ax=axes, shrink=0.8, label='cosine similarity')
+  figure.suptitle('Position embedding similarity (row, column of the patch)', fontsize=9)
+  figure.savefig(path, dpi=100)
+  plt.close(figure)
+
+
+def plot_attention_distance(distance, path):
+  plt = _pyplot()
+  figure, ax = plt.subplots(figsize=(4, 3.2))
+  layers, heads = distance.shape
+  for head in range(heads):
+    ax.scatter(np.arange(layers), distance[:, head], s=10)
+  ax.set_xlabel('network depth (layer)')
+  ax.set_ylabel('mean attention distance (pixels)')
+  figure.tight_layout()
+  figure.savefig(path, dpi=100)
+  plt.close(figure)
+
+
+def plot_filters(components, path):
+  plt = _pyplot()
+  columns = 7
+  rows = -(-len(components) // columns)
+  figure, axes = plt.subplots(rows, columns, figsize=(columns, rows), squeeze=False)
+  for ax in axes.ravel():
+    ax.axis('off')
+  for ax, component in zip(axes.ravel(), components):
+    ax.imshow(component if component.shape[-1] == 3 else component[..., 0])
+  figure.suptitle('Principal components of the patch-embedding filters', fontsize=9)
+  figure.savefig(path, dpi=100)
+  plt.close(figure)
+
+
+# -------------------------------------------------------------------------------------- CLI
+
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, '.npz checkpoint.', required=True)
+_OUTDIR = flags.DEFINE_string('outdir', None, 'Where the PNG files go.', required=True)
+_DATASET = flags.DEFINE_string('dataset', None, 'Take images from this dataset\'s test split.')
+_SPLIT = flags.DEFINE_string('split', 'test', 'Split of --dataset.')
+_NUM_IMAGES = flags.DEFINE_integer('num_images', 8, 'Images for the rollout maps.')
+
+
+def analyse(params, model, config, images, outdir) -> list:
+  """Writes the four figures for `params`; returns their paths."""
+  os.makedirs(outdir, exist_ok=True)
+  patch = tuple(config.patches.size)
+  grid = (images.shape[1] // patch[0], images.shape[2] // patch[1])
+  has_class_token = 'cls' in params
+  weights = attention_weights(model, params, images)
+  paths = [os.path.join(outdir, name) for name in (
+      'attention_rollout.png', 'position_embedding_similarity.png', 'attention_distance.png',
+      'embedding_filters.png')]
+  plot_rollout(images, rollout_maps(attention_rollout(weights), grid, has_class_token), paths[0])
+  posemb = np.asarray(params['Transformer']['posembed_input']['pos_embedding'][0])
+  plot_position_similarity(
+      position_embedding_similarity(posemb[int(has_class_token):], grid), paths[1])
+  plot_attention_distance(
+      mean_attention_distance(weights, grid, patch, int(has_class_token)), paths[2])
+  plot_filters(embedding_filter_components(params['embedding']['kernel']), paths[3])
+  return paths
+
+
+def _images(image_paths, image_size, dataset, split, count):
+  if image_paths:
+    from vit_jax import predict
+    return np.stack([predict.load_image(p, image_size) for p in image_paths])
+  if not dataset:
+    raise app.UsageError('Name image files or --dataset.')
+  from vit_jax import config_lib, input_pipeline
+  config = config_lib.base_config()
+  config.dataset = dataset
+  config.pp.crop = tuple(image_size)
+  source = input_pipeline.get_source(config, split)
+  batch = next(input_pipeline.eval_batches(config, source, batch_size=count, num_steps=1))
+  return batch['image'][:int(batch['mask'].sum())]
+
+
+def main(argv):
+  from vit_jax import checkpoint
+  from vit_jax.models_vit import VisionTransformer
+  params = checkpoint.load(_CHECKPOINT.value)
+  config, num_classes, image_size = checkpoint.infer_model_config(params)
+  model = VisionTransformer(num_classes=num_classes, **config)
+  images = _images(argv[1:], image_size, _DATASET.value, _SPLIT.value, _NUM_IMAGES.value)
+  for path in analyse(params, model, config, jnp.asarray(images), _OUTDIR.value):
+    print(path)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,97 @@
+r"""Classifies image files with a checkpoint: the top-5 classes and their probabilities.
+
+python -m vit_jax.predict --checkpoint=runs/demo/finetune/model.npz --dataset=digits IMAGE...
+python -m vit_jax.predict --model=ViT-B_16 --checkpoint=ViT-B_16.npz --labels=names.txt IMAGE...
+
+The architecture and resolution are read off the checkpoint (`--model` checks them against a
+registry entry). Images of any size are resized to the model's resolution, as in evaluation.
+Label names come from --labels (one per line) or --dataset (digits, folder:<dir>, a TFDS name).
+A file that cannot be read is reported by name; the others are still classified.
+"""
+
+import sys
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from vit_jax import checkpoint, models
+from vit_jax.models_vit import VisionTransformer
+
+_MODEL = flags.DEFINE_string('model', None, 'Registry name to check the checkpoint against.')
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, '.npz checkpoint (local or gs://).',
+                                  required=True)
+_LABELS = flags.DEFINE_string('labels', None, 'Text file with one class name per line.')
+_DATASET = flags.DEFINE_string('dataset', None, 'Dataset whose class names to use.')
+_TOP = flags.DEFINE_integer('top', 5, 'How many classes to print per image.')
+
+
+def label_names(num_classes, labels_path=None, dataset=None) -> list:
+  if labels_path:
+    with open(labels_path) as f:
+      names = [line.strip() for line in f if line.strip()]
+  elif dataset == 'digits':
+    names = [str(i) for i in range(10)]
+  elif dataset and dataset.startswith('folder:'):
+    from vit_jax import input_pipeline
+    names = input_pipeline.folder_classes(dataset[len('folder:'):])
+  elif dataset:
+    import tensorflow_datasets as tfds
+    names = tfds.builder(dataset).info.features['label'].names
+  else:
+    names = [f'class {i}' for i in range(num_classes)]
+  if len(names) != num_classes:
+    raise ValueError(f'{len(names)} label names for a model with {num_classes} classes.')
+  return names
+
+
+def load_image(path: str, image_size) -> np.ndarray:
+  """The eval preprocessing: decode, resize to the model's resolution, value range [-1, 1]."""
+  import tensorflow as tf
+  from vit_jax import preprocess
+  try:
+    image = preprocess.decode(tf.io.read_file(path))
+  except (tf.errors.OpError, ValueError) as e:
+    raise ValueError(f'{path}: not a readable JPEG/PNG/GIF/BMP image '
+                     f'({getattr(e, "message", e)}).') from None
+  image = preprocess.resize_and_central_crop(image, image_size, image_size)
+  return preprocess.to_value_range(image).numpy()
+
+
+def main(argv):
+  paths = argv[1:]
+  if not paths:
+    raise app.UsageError('Name at least one image file.')
+  params = checkpoint.load(_CHECKPOINT.value)
+  config, num_classes, image_size = checkpoint.infer_model_config(params)
+  if not num_classes:
+    raise ValueError(f'{_CHECKPOINT.value} has no classification head.')
+  if _MODEL.value:
+    expected = models.get_config(_MODEL.value)
+    if (expected.hidden_size, tuple(expected.patches.size), expected.transformer.num_layers) != (
+        config.hidden_size, tuple(config.patches.size), config.transformer.num_layers):
+      raise ValueError(f'{_CHECKPOINT.value} does not hold a {_MODEL.value}: width '
+                       f'{config.hidden_size}, patch {tuple(config.patches.size)}, '
+                       f'{config.transformer.num_layers} layers.')
+  names = label_names(num_classes, _LABELS.value, _DATASET.value)
+  model = VisionTransformer(num_classes=num_classes, **config)
+  classify = jax.jit(lambda x: jax.nn.softmax(model.apply({'params': params}, x, train=False)))
+
+  failures = 0
+  for path in paths:
+    try:
+      image = load_image(path, image_size)
+    except ValueError as e:
+      print(f'error: {e}', file=sys.stderr)
+      failures += 1
+      continue
+    probabilities = np.asarray(classify(image[None]))[0]
+    print(path)
+    for index in np.argsort(-probabilities)[:_TOP.value]:
+      print(f'  {probabilities[index]:7.2%}  {names[index]}')
+  if failures:
+    sys.exit(f'{failures} of {len(paths)} images could not be read.')
+
+
+if __name__ == '__main__':
+  app.run(main)
