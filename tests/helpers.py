@@ -52,13 +52,14 @@ def assert_same_params(actual, expected, atol=0.0):
                                  err_msg=key)
 
 
-def main_command(*args):
-  return [sys.executable, '-m', 'vit_jax.main', *args]
+def main_command(*args, module='vit_jax.main'):
+  return [sys.executable, '-m', module, *args]
 
 
-def run_main(*args, env=None, timeout=600):
-  return subprocess.run(main_command(*args), cwd=ROOT, capture_output=True, text=True,
-                        timeout=timeout, env=env)
+def run_main(*args, env=None, timeout=600, module='vit_jax.main'):
+  """Runs `python -m <module> args` from the repository root; returns the CompletedProcess."""
+  return subprocess.run(main_command(*args, module=module), cwd=ROOT, capture_output=True,
+                        text=True, timeout=timeout, env=env)
 
 
 def free_port() -> int:

@@ -66,6 +66,8 @@ def test_cli_rejects_unknown_key_and_wrong_type(tmp_path):
     (dict(batch_eval=9), None),
     (dict(crop=2), r'pp.crop=2 must be a multiple of the patch size \(4, 4\)'),
     (dict(crop=18), r'pp.crop=18 must be a multiple of the patch size'),
+    (dict(crop=(16, 10)), r'pp.crop=\(16, 10\) must be a multiple of the patch size'),
+    (dict(crop='big'), r"pp.crop='big' must be an int or a pair"),
     (dict(pretrained_path='/nonexistent/model.npz'),
      r"pretrained_path='/nonexistent/model.npz' does not exist"),
     (dict(warmup_steps=2000), r'warmup_steps=2000 must lie in \[0, total_steps=1500\)'),

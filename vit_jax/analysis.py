@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+FLAGS = flags.FLAGS
+
 # ------------------------------------------------------------------------------------ values
 
 
@@ -165,12 +167,6 @@ def plot_filters(components, path):
 
 # -------------------------------------------------------------------------------------- CLI
 
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None, '.npz checkpoint.', required=True)
-_OUTDIR = flags.DEFINE_string('outdir', None, 'Where the PNG files go.', required=True)
-_DATASET = flags.DEFINE_string('dataset', None, 'Take images from this dataset\'s test split.')
-_SPLIT = flags.DEFINE_string('split', 'test', 'Split of --dataset.')
-_NUM_IMAGES = flags.DEFINE_integer('num_images', 8, 'Images for the rollout maps.')
-
 
 def analyse(params, model, config, images, outdir) -> list:
   """Writes the four figures for `params`; returns their paths."""
@@ -210,13 +206,23 @@ def _images(image_paths, image_size, dataset, split, count):
 def main(argv):
   from vit_jax import checkpoint
   from vit_jax.models_vit import VisionTransformer
-  params = checkpoint.load(_CHECKPOINT.value)
+  params = checkpoint.load(FLAGS.checkpoint)
   config, num_classes, image_size = checkpoint.infer_model_config(params)
   model = VisionTransformer(num_classes=num_classes, **config)
-  images = _images(argv[1:], image_size, _DATASET.value, _SPLIT.value, _NUM_IMAGES.value)
-  for path in analyse(params, model, config, jnp.asarray(images), _OUTDIR.value):
+  images = _images(argv[1:], image_size, FLAGS.dataset, FLAGS.split, FLAGS.num_images)
+  for path in analyse(params, model, config, jnp.asarray(images), FLAGS.outdir):
     print(path)
 
 
+def define_flags():
+  """The command line; defined on use, so that importing this module defines no flags."""
+  flags.DEFINE_string('checkpoint', None, '.npz checkpoint.', required=True)
+  flags.DEFINE_string('outdir', None, 'Where the PNG files go.', required=True)
+  flags.DEFINE_string('dataset', None, 'Take images from this dataset\'s test split.')
+  flags.DEFINE_string('split', 'test', 'Split of --dataset.')
+  flags.DEFINE_integer('num_images', 8, 'Images for the rollout maps.')
+
+
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

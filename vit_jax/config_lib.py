@@ -45,7 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.tfds_download = False
   c.shuffle_buffer = 50_000
   c.pp = ml_collections.ConfigDict(dict(
-      crop=224,            # Training and evaluation resolution (int or (height, width)).
+      # Training and evaluation resolution: an int, or (height, width).
+      crop=ml_collections.FieldReference(224, field_type=object),
       resize_eval=0,       # Eval: resize to this, then central crop to `crop`; 0 = resize to crop.
       crop_min_area=0.05,  # Inception crop: smallest fraction of the image kept.
       flip=True,
@@ -154,6 +155,10 @@ def check(config, *, device_count: int, process_count: int = 1):
     fail(f'batch={config.batch} and batch_eval={config.batch_eval} must be divisible by the '
          f'process count {process_count}.')
 
+  crop = config.pp.crop
+  if not (isinstance(crop, int) or (isinstance(crop, (tuple, list)) and len(crop) == 2 and
+                                    all(isinstance(side, int) for side in crop))):
+    fail(f'pp.crop={crop!r} must be an int or a pair (height, width) of ints.')
   size = image_size(config)
   patch = tuple(config.model.patches.size)
   for side, p in zip(size, patch):

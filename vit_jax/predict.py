@@ -15,15 +15,10 @@ import jax
 import numpy as np
 from absl import app, flags
 
+FLAGS = flags.FLAGS
+
 from vit_jax import checkpoint, models
 from vit_jax.models_vit import VisionTransformer
-
-_MODEL = flags.DEFINE_string('model', None, 'Registry name to check the checkpoint against.')
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None, '.npz checkpoint (local or gs://).',
-                                  required=True)
-_LABELS = flags.DEFINE_string('labels', None, 'Text file with one class name per line.')
-_DATASET = flags.DEFINE_string('dataset', None, 'Dataset whose class names to use.')
-_TOP = flags.DEFINE_integer('top', 5, 'How many classes to print per image.')
 
 
 def label_names(num_classes, labels_path=None, dataset=None) -> list:
@@ -62,18 +57,18 @@ def main(argv):
   paths = argv[1:]
   if not paths:
     raise app.UsageError('Name at least one image file.')
-  params = checkpoint.load(_CHECKPOINT.value)
+  params = checkpoint.load(FLAGS.checkpoint)
   config, num_classes, image_size = checkpoint.infer_model_config(params)
   if not num_classes:
-    raise ValueError(f'{_CHECKPOINT.value} has no classification head.')
-  if _MODEL.value:
-    expected = models.get_config(_MODEL.value)
+    raise ValueError(f'{FLAGS.checkpoint} has no classification head.')
+  if FLAGS.model:
+    expected = models.get_config(FLAGS.model)
     if (expected.hidden_size, tuple(expected.patches.size), expected.transformer.num_layers) != (
         config.hidden_size, tuple(config.patches.size), config.transformer.num_layers):
-      raise ValueError(f'{_CHECKPOINT.value} does not hold a {_MODEL.value}: width '
+      raise ValueError(f'{FLAGS.checkpoint} does not hold a {FLAGS.model}: width '
                        f'{config.hidden_size}, patch {tuple(config.patches.size)}, '
                        f'{config.transformer.num_layers} layers.')
-  names = label_names(num_classes, _LABELS.value, _DATASET.value)
+  names = label_names(num_classes, FLAGS.labels, FLAGS.dataset)
   model = VisionTransformer(num_classes=num_classes, **config)
   classify = jax.jit(lambda x: jax.nn.softmax(model.apply({'params': params}, x, train=False)))
 
@@ -87,11 +82,21 @@ def main(argv):
       continue
     probabilities = np.asarray(classify(image[None]))[0]
     print(path)
-    for index in np.argsort(-probabilities)[:_TOP.value]:
+    for index in np.argsort(-probabilities)[:FLAGS.top]:
       print(f'  {probabilities[index]:7.2%}  {names[index]}')
   if failures:
     sys.exit(f'{failures} of {len(paths)} images could not be read.')
 
 
+def define_flags():
+  """The command line; defined on use, so that importing this module defines no flags."""
+  flags.DEFINE_string('model', None, 'Registry name to check the checkpoint against.')
+  flags.DEFINE_string('checkpoint', None, '.npz checkpoint (local or gs://).', required=True)
+  flags.DEFINE_string('labels', None, 'Text file with one class name per line.')
+  flags.DEFINE_string('dataset', None, 'Dataset whose class names to use.')
+  flags.DEFINE_integer('top', 5, 'How many classes to print per image.')
+
+
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -1,0 +1,110 @@
+"""The analysis values on constructed cases, the figures, predict and inference_time CLIs."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from helpers import run_main
+from vit_jax import analysis, checkpoint, models
+from vit_jax.models_vit import VisionTransformer
+
+
+def test_rollout_of_identity_attention_is_identity():
+  weights = [jnp.broadcast_to(jnp.eye(5), (2, 3, 5, 5)) for _ in range(4)]
+  np.testing.assert_allclose(analysis.attention_rollout(weights), np.broadcast_to(np.eye(5),
+                                                                                  (2, 5, 5)))
+
+
+def test_rollout_of_uniform_attention():
+  # One layer attending uniformly: half identity (residual) + half uniform.
+  weights = [jnp.full((1, 2, 4, 4), 0.25)]
+  expected = 0.5 * np.eye(4) + 0.5 * np.full((4, 4), 0.25)
+  np.testing.assert_allclose(analysis.attention_rollout(weights)[0], expected, rtol=1e-6)
+  maps = analysis.rollout_maps(analysis.attention_rollout(weights), (1, 3), has_class_token=True)
+  np.testing.assert_allclose(maps, [[[1.0, 1.0, 1.0]]])
+
+
+def test_mean_attention_distance_of_known_patterns():
+  grid, patch = (2, 2), (16, 16)
+  tokens = 1 + 4
+  to_self = np.eye(tokens)[None, None]
+  uniform = np.full((1, 1, tokens, tokens), 1 / tokens)
+  distance = analysis.mean_attention_distance([to_self, uniform], grid, patch, num_prefix_tokens=1)
+  assert distance.shape == (2, 1)
+  assert distance[0, 0] == 0.0
+  # Uniform over a 2x2 grid: from any patch, distances 0, 16, 16, 16*sqrt(2), averaged.
+  np.testing.assert_allclose(distance[1, 0], (0 + 16 + 16 + 16 * np.sqrt(2)) / 4)
+
+
+def test_similarity_of_identical_and_opposite_embeddings():
+  posemb = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]])
+  similarity = analysis.position_embedding_similarity(posemb, (2, 2))
+  assert similarity.shape == (2, 2, 2, 2)
+  np.testing.assert_allclose(similarity[0, 0], [[1, 1], [0, -1]], atol=1e-12)
+
+
+def test_filter_components_recover_the_dominant_direction():
+  rng = np.random.default_rng(0)
+  direction = rng.normal(size=(4, 4, 3))
+  kernel = (direction[..., None] * rng.normal(size=32) * 10 +
+            rng.normal(scale=0.01, size=(4, 4, 3, 32)))
+  first = analysis.embedding_filter_components(kernel, count=3)[0]
+  unit = lambda x: (x - x.mean()) / np.linalg.norm(x - x.mean())
+  assert abs(np.sum(unit(first) * unit(direction))) > 0.99
+  assert first.min() == 0.0 and first.max() == 1.0
+
+
+def tiny_model_checkpoint(tmp_path, num_classes=10):
+  config = models.vit_config('tiny', hidden_size=16, mlp_dim=32, num_heads=2, num_layers=2,
+                             patch=4)
+  model = VisionTransformer(num_classes=num_classes, **config)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)), train=False)['params']
+  params = jax.tree.map(lambda p: p + 0.05, params)
+  path = str(tmp_path / 'model.npz')
+  checkpoint.save(params, path)
+  return path, model, params, config
+
+
+def test_infer_model_config_from_a_checkpoint(tmp_path):
+  path, _, _, config = tiny_model_checkpoint(tmp_path)
+  inferred, num_classes, image_size = checkpoint.infer_model_config(checkpoint.load(path))
+  assert (num_classes, image_size) == (10, (16, 16))
+  for key in ('hidden_size', 'classifier', 'representation_size'):
+    assert inferred[key] == config[key]
+  assert inferred.transformer.to_dict() == config.transformer.to_dict()
+
+
+def test_analysis_cli_writes_the_four_figures(tmp_path):
+  path, *_ = tiny_model_checkpoint(tmp_path)
+  result = run_main(module='vit_jax.analysis', *(f'--checkpoint={path}', '--dataset=digits',
+                           '--num_images=4', f'--outdir={tmp_path / "figures"}'))
+  assert result.returncode == 0, result.stderr[-2000:]
+  names = sorted(os.listdir(tmp_path / 'figures'))
+  assert names == ['attention_distance.png', 'attention_rollout.png', 'embedding_filters.png',
+                   'position_embedding_similarity.png']
+  for name in names:
+    with Image.open(tmp_path / 'figures' / name) as image:
+      assert min(image.size) > 100
+
+
+def test_predict_prints_top5_and_names_bad_files(tmp_path):
+  path, model, params, _ = tiny_model_checkpoint(tmp_path)
+  pixels = np.random.default_rng(0).integers(0, 255, (30, 50, 3), dtype=np.uint8)
+  Image.fromarray(pixels).save(tmp_path / 'good.jpg')
+  (tmp_path / 'bad.png').write_bytes(b'not an image')
+  result = run_main(module='vit_jax.predict', *(f'--checkpoint={path}', '--dataset=digits',
+                           str(tmp_path / 'good.jpg'), str(tmp_path / 'bad.png')))
+  assert result.returncode != 0
+  assert f'{tmp_path / "bad.png"}: not a readable' in result.stderr
+  lines = result.stdout.splitlines()
+  assert lines[0] == str(tmp_path / 'good.jpg') and len(lines) == 6
+  # The same probabilities as the model on the eval-preprocessed image.
+  from vit_jax import predict
+  image = predict.load_image(str(tmp_path / 'good.jpg'), (16, 16))
+  probabilities = jax.nn.softmax(model.apply({'params': params}, image[None], train=False))[0]
+  top = np.argsort(-np.asarray(probabilities))[:5]
+  assert [line.split()[-1] for line in lines[1:]] == [str(i) for i in top]
+  assert lines[1].split()[0] == f'{float(probabilities[top[0]]):.2%}'
