@@ -108,3 +108,14 @@ def test_predict_prints_top5_and_names_bad_files(tmp_path):
   top = np.argsort(-np.asarray(probabilities))[:5]
   assert [line.split()[-1] for line in lines[1:]] == [str(i) for i in top]
   assert lines[1].split()[0] == f'{float(probabilities[top[0]]):.2%}'
+
+
+def test_inference_time_measures_and_writes(tmp_path):
+  from helpers import tiny_config
+  from vit_jax import inference_time
+  results = inference_time.inference_time(
+      tiny_config('--config.trainer=inference_time', '--config.batch_eval=16'), str(tmp_path))
+  assert results['inference_img_sec_core'] > 0
+  written = (tmp_path / 'inference_time.json').read_text()
+  assert '"batch": 16' in written and '"image_size": [\n    8,\n    8\n  ]' in written
+  assert any(name.startswith('events.out.tfevents') for name in os.listdir(tmp_path))

@@ -23,7 +23,7 @@ DATASETS = {
     'oxford_flowers102': dict(num_classes=102, train_size=1_020, train='train', test='test'),
 }
 
-TRAINERS = ('train', 'evaluate')
+TRAINERS = ('train', 'evaluate', 'inference_time')
 OPTIMIZERS = ('adam', 'sgd')
 DECAY_TYPES = ('linear', 'cosine')
 LOSSES = ('softmax_xent', 'sigmoid_xent')

@@ -67,6 +67,9 @@ def main(argv):
   logging.info('Config:\n%s', config)
   if config.trainer == 'evaluate':
     train.evaluate(config, _WORKDIR.value)
+  elif config.trainer == 'inference_time':
+    from vit_jax import inference_time
+    inference_time.inference_time(config, _WORKDIR.value)
   else:
     train.train_and_evaluate(config, _WORKDIR.value)
 

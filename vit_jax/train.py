@@ -188,7 +188,8 @@ class Progress:
     return summary
 
 
-def _setup(config, workdir):
+def setup(config, workdir):
+  """Checks the config and workdir; the mesh of all devices and the metric writer."""
   config_lib.check(config, device_count=jax.device_count(), process_count=jax.process_count())
   if jax.process_index() == 0:
     try:  # Root may write where os.access says no: try it.
@@ -214,7 +215,7 @@ def _source(config, split):
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains, evaluates and exports; resumes from the latest checkpoint in workdir if any."""
   start_time = time.time()
-  mesh, writer = _setup(config, workdir)
+  mesh, writer = setup(config, workdir)
   train_source, test_source = _source(config, config.train_split), _source(config, config.test_split)
   num_classes = train_source.num_classes
   image_size = config_lib.image_size(config)
@@ -299,7 +300,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 def evaluate(config, workdir: str) -> dict:
   """Evaluates config.pretrained_path (.npz), or else the latest checkpoint in workdir."""
-  mesh, writer = _setup(config, workdir)
+  mesh, writer = setup(config, workdir)
   source = _source(config, config.test_split)
   model = create_model(config, source.num_classes)
   image_size = config_lib.image_size(config)
