@@ -9,6 +9,7 @@ Label names come from --labels (one per line) or --dataset (digits, folder:<dir>
 A file that cannot be read is reported by name; the others are still classified.
 """
 
+import re
 import sys
 
 import jax
@@ -47,8 +48,8 @@ def load_image(path: str, image_size) -> np.ndarray:
   try:
     image = preprocess.decode(tf.io.read_file(path))
   except (tf.errors.OpError, ValueError) as e:
-    raise ValueError(f'{path}: not a readable JPEG/PNG/GIF/BMP image '
-                     f'({getattr(e, "message", e)}).') from None
+    reason = re.sub(r'\{\{.*?\}\}|\[Op:.*', '', getattr(e, 'message', str(e))).strip()
+    raise ValueError(f'{path}: not a readable JPEG/PNG/GIF/BMP image ({reason}).') from None
   image = preprocess.resize_and_central_crop(image, image_size, image_size)
   return preprocess.to_value_range(image).numpy()
 
