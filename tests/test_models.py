@@ -26,6 +26,11 @@ PUBLISHED_PARAMETER_COUNTS = {
     'ViT-S_32-gap-norep': 22_878_184,
     'ViT-B_16-gap-norep': 86_566_120,
     'ViT-B_32-gap-norep': 88_222_696,
+    'R+ViT-Ti_16': 6_337_704,
+    'R26+ViT-S_32': 36_431_912,
+    'R26+ViT-B_32': 101_383_976,
+    'R50+ViT-B_16': 98_659_112,
+    'R50+ViT-L_32': 328_994_856,
     'testing': 21_390,
     'testing-unpooled': 21_370,
 }

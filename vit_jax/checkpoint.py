@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 Params = Any
@@ -113,13 +114,13 @@ def resample_grid(grid: np.ndarray, new_shape: Sequence[int]) -> np.ndarray:
   return np.asarray(resampled).astype(grid.dtype)
 
 
-def _grid_shape(num_tokens: int, image_size, patch_size, what: str):
+def _grid_shape(num_tokens: int, image_size, token_stride, what: str):
   if image_size is not None:
-    shape = (image_size[0] // patch_size[0], image_size[1] // patch_size[1])
+    shape = (image_size[0] // token_stride[0], image_size[1] // token_stride[1])
     if shape[0] * shape[1] != num_tokens:
       raise CheckpointMismatchError(
           f'The {what} has {num_tokens} position embeddings, but image size {tuple(image_size)} '
-          f'with patches {tuple(patch_size)} gives a {shape[0]}x{shape[1]} grid.')
+          f'with {tuple(token_stride)} pixels per token gives a {shape[0]}x{shape[1]} grid.')
     return shape
   side = math.isqrt(num_tokens)
   if side * side != num_tokens:
@@ -129,7 +130,7 @@ def _grid_shape(num_tokens: int, image_size, patch_size, what: str):
   return side, side
 
 
-def _adapt_position_embeddings(restored: dict, init: dict, patch_size, image_size,
+def _adapt_position_embeddings(restored: dict, init: dict, token_stride, image_size,
                                pretrained_image_size) -> None:
   """Resamples the checkpoint's position embeddings to the target grid, in place.
 
@@ -145,8 +146,8 @@ def _adapt_position_embeddings(restored: dict, init: dict, patch_size, image_siz
   old_extra = 1 if ('cls',) in restored else 0
   new_extra = 1 if ('cls',) in init else 0
   old_grid, new_grid = old[0, old_extra:], new[0, new_extra:]
-  old_shape = _grid_shape(len(old_grid), pretrained_image_size, patch_size, 'checkpoint')
-  new_shape = _grid_shape(len(new_grid), image_size, patch_size, 'model')
+  old_shape = _grid_shape(len(old_grid), pretrained_image_size, token_stride, 'checkpoint')
+  new_shape = _grid_shape(len(new_grid), image_size, token_stride, 'model')
   if old_shape != new_shape:
     logging.info('Resampling position embeddings from a %dx%d to a %dx%d grid.',
                  *old_shape, *new_shape)
@@ -156,6 +157,20 @@ def _adapt_position_embeddings(restored: dict, init: dict, patch_size, image_siz
   if new_extra:
     extra = [old[0, :1] if old_extra else np.asarray(new[0, :1])]
   restored[key] = np.concatenate(extra + [old_grid], axis=0)[None]
+
+
+def _adapt_learned_tables(restored: dict, init: dict) -> None:
+  """Resamples the tables of the 2D and relative position embeddings to the target grid: the
+  row / column tables (length h / w) along their length, the relative-offset tables
+  (2h-1, 2w-1, heads) in 2D."""
+  for key, new in init.items():
+    old = restored.get(key)
+    if old is None or old.shape == new.shape or old.shape[-1] != new.shape[-1]:
+      continue
+    if key[-1] == 'relative_position_bias':
+      restored[key] = resample_grid(old, new.shape[:2])
+    elif key[-1] in ('row_embedding', 'column_embedding'):
+      restored[key] = resample_grid(old[:, None], (new.shape[0], 1))[:, 0]
 
 
 def _replace_from_init(restored: dict, init: dict, prefix: str):
@@ -193,8 +208,10 @@ def load_pretrained(*, pretrained_path: str, init_params: Params, model_config,
     if not any(k[0] == prefix for k in init):
       _replace_from_init(restored, init, prefix)  # I.e. drop them.
 
-  _adapt_position_embeddings(restored, init, model_config.patches.size, image_size,
+  from vit_jax import models
+  _adapt_position_embeddings(restored, init, models.token_stride(model_config), image_size,
                              pretrained_image_size)
+  _adapt_learned_tables(restored, init)
   if ('cls',) in init:
     restored.setdefault(('cls',), init[('cls',)])  # gap -> token: a fresh (zero) class token.
   else:
@@ -246,6 +263,12 @@ def infer_model_config(params: Params, name: str = 'from-checkpoint'):
       representation_size=params['pre_logits']['kernel'].shape[1] if 'pre_logits' in params
       else None)
   config.patches.size = (patch_h, patch_w)
+  if 'conv_root' in params:  # A hybrid: count the units of each ResNet stage.
+    stages = sorted(int(k[len('block'):]) for k in params if k.startswith('block'))
+    config.resnet = ml_collections.ConfigDict({
+        'num_layers': tuple(len(params[f'block{s}']) for s in stages),
+        'width_factor': params['conv_root']['kernel'].shape[-1] // 64})
   grid = math.isqrt(tokens - (classifier == 'token'))
   num_classes = params['head']['kernel'].shape[-1] if 'head' in params else None
-  return config, num_classes, (grid * patch_h, grid * patch_w)
+  stride_h, stride_w = models.token_stride(config)
+  return config, num_classes, (grid * stride_h, grid * stride_w)

@@ -160,10 +160,10 @@ def check(config, *, device_count: int, process_count: int = 1):
                                     all(isinstance(side, int) for side in crop))):
     fail(f'pp.crop={crop!r} must be an int or a pair (height, width) of ints.')
   size = image_size(config)
-  patch = tuple(config.model.patches.size)
-  for side, p in zip(size, patch):
+  stride = models.token_stride(config.model)
+  for side, p in zip(size, stride):
     if side < p or side % p:
-      fail(f'pp.crop={config.pp.crop} must be a multiple of the patch size {patch} '
+      fail(f'pp.crop={config.pp.crop} must be a multiple of the patch size {stride} '
            '(and at least one patch).')
   if config.pp.resize_eval and config.pp.resize_eval < max(size):
     fail(f'pp.resize_eval={config.pp.resize_eval} is smaller than pp.crop={config.pp.crop}.')

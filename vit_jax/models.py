@@ -27,7 +27,9 @@ def vit_config(name: str, *, hidden_size: int, mlp_dim: int, num_heads: int, num
   config.hidden_size = hidden_size
   config.transformer = ml_collections.ConfigDict(dict(
       mlp_dim=mlp_dim, num_heads=num_heads, num_layers=num_layers,
-      dropout_rate=0.0, attention_dropout_rate=0.0))
+      dropout_rate=0.0, attention_dropout_rate=0.0,
+      posemb='learn',         # or 'learn_2d', 'sincos2d', 'relative', 'none' (paper App. D.4)
+      stochastic_depth=0.0))  # Drop-path rate of the last block (0 for the first).
   config.classifier = classifier
   config.representation_size = representation_size
   return config
@@ -43,6 +45,14 @@ def _build_registry():
   for size, patch in [('S', 16), ('S', 32), ('B', 16), ('B', 32)]:
     name = f'ViT-{size}_{patch}-gap-norep'
     configs[name] = vit_config(name, patch=patch, classifier='gap', **SIZES[size])
+  # Hybrids (paper Sec. 3.1): a BiT ResNet stem whose feature map is cut into patches.
+  for name, size, patch, stages in [('R+ViT-Ti_16', 'Ti', 8, ()),
+                                    ('R26+ViT-S_32', 'S', 1, (2, 2, 2, 2)),
+                                    ('R26+ViT-B_32', 'B', 1, (2, 2, 2, 2)),
+                                    ('R50+ViT-B_16', 'B', 1, (3, 4, 9)),
+                                    ('R50+ViT-L_32', 'L', 1, (3, 4, 6, 3))]:
+    configs[name] = vit_config(name, patch=patch, **SIZES[size])
+    configs[name].resnet = ml_collections.ConfigDict({'num_layers': stages, 'width_factor': 1})
   # Tiny models for tests.
   tiny = dict(hidden_size=10, mlp_dim=10, num_heads=2, num_layers=1, patch=16)
   configs['testing'] = vit_config('testing', **tiny)
@@ -51,6 +61,15 @@ def _build_registry():
 
 
 MODEL_CONFIGS = _build_registry()
+
+
+def token_stride(config) -> tuple:
+  """Pixels per token along (height, width): the patch size times a hybrid stem's stride (4 for
+  the root, times 2 for each stage after the first)."""
+  stride = 1
+  if config.get('resnet') is not None:
+    stride = 4 * 2**max(len(config.resnet.num_layers) - 1, 0)
+  return tuple(p * stride for p in config.patches.size)
 
 
 def get_config(name: str) -> ml_collections.ConfigDict:

@@ -9,17 +9,36 @@ The forward pass follows the paper's equations:
 
 Module names are the keys of the official checkpoints (see checkpoint.py), which is why some of
 them carry the numeric suffixes that old Flax versions generated (`LayerNorm_2`, `MlpBlock_3`).
+
+Position embeddings (paper App. D.4), `transformer.posemb`: 'learn' (1D, the default), 'learn_2d'
+(row and column tables of D/2, concatenated), 'sincos2d' (fixed), 'relative' (a learned bias per
+relative 2D offset and head, added to the attention logits) or 'none'.
 """
 
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from vit_jax import models_resnet
 
 Dtype = Any
 LAYER_NORM_EPSILON = 1e-6  # As in the official checkpoints; Flax's default is 1e-5.
+POSEMBS = ('learn', 'learn_2d', 'sincos2d', 'relative', 'none')
+CLASSIFIERS = ('token', 'gap', 'unpooled')
+
+
+def _check_shape(module: nn.Module, name: str, shape):
+  """Flax's own error on a shape mismatch does not say what to do about it."""
+  if module.has_variable('params', name):
+    existing = tuple(module.get_variable('params', name).shape)
+    if existing != tuple(shape):
+      raise ValueError(
+          f'{name} has shape {existing}, but this input needs {tuple(shape)}: to run at another '
+          'resolution, resample the position embeddings with checkpoint.load_pretrained().')
 
 
 class AddPositionEmbs(nn.Module):
@@ -30,19 +49,72 @@ class AddPositionEmbs(nn.Module):
   @nn.compact
   def __call__(self, x):
     shape = (1,) + x.shape[1:]
-    if self.has_variable('params', 'pos_embedding'):
-      existing = self.get_variable('params', 'pos_embedding').shape
-      if tuple(existing) != shape:
-        raise ValueError(
-            f'The position embeddings hold {existing[1]} tokens of width {existing[2]}, but the '
-            f'input has {shape[1]} of width {shape[2]}: to run at another resolution, resample '
-            'them with checkpoint.load_pretrained().')
+    _check_shape(self, 'pos_embedding', shape)
     pos_embedding = self.param('pos_embedding', self.posemb_init, shape, self.param_dtype)
     return x + pos_embedding.astype(x.dtype)
 
 
+class AddPositionEmbs2D(nn.Module):
+  """Adds [row embedding; column embedding] (each D/2) to each patch; prefix tokens get none."""
+  grid: Sequence[int]
+  num_prefix_tokens: int
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    shapes = {'row_embedding': (self.grid[0], width // 2),
+              'column_embedding': (self.grid[1], width - width // 2)}
+    for name, shape in shapes.items():
+      _check_shape(self, name, shape)
+    init = nn.initializers.normal(stddev=0.02)
+    rows = self.param('row_embedding', init, shapes['row_embedding'], self.param_dtype)
+    columns = self.param('column_embedding', init, shapes['column_embedding'], self.param_dtype)
+    grid_h, grid_w = self.grid
+    table = jnp.concatenate([jnp.broadcast_to(rows[:, None], (grid_h, grid_w, rows.shape[-1])),
+                             jnp.broadcast_to(columns[None], (grid_h, grid_w, columns.shape[-1]))],
+                            axis=-1).reshape(grid_h * grid_w, width)
+    table = jnp.pad(table, ((self.num_prefix_tokens, 0), (0, 0)))
+    return x + table[None].astype(x.dtype)
+
+
+def sincos2d(grid, width: int, temperature: float = 10_000.0) -> np.ndarray:
+  """Fixed 2D sine-cosine embeddings (grid_h * grid_w, width): a quarter of the channels each for
+  sin and cos of the row and of the column, at geometrically spaced frequencies."""
+  if width % 4:
+    raise ValueError(f'sincos2d position embeddings need a width divisible by 4, not {width}.')
+  rows, columns = np.meshgrid(np.arange(grid[0]), np.arange(grid[1]), indexing='ij')
+  omega = 1.0 / temperature**(np.arange(width // 4) / (width // 4))
+  rows = rows.reshape(-1, 1) * omega
+  columns = columns.reshape(-1, 1) * omega
+  return np.concatenate([np.sin(rows), np.cos(rows), np.sin(columns), np.cos(columns)], axis=1)
+
+
+class RelativePositionBias(nn.Module):
+  """A learned bias per head for each relative offset (dy, dx) between two patches, shaped
+  (heads, tokens, tokens) to add to the attention logits; prefix tokens get no bias."""
+  grid: Sequence[int]
+  num_heads: int
+  num_prefix_tokens: int
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self):
+    grid_h, grid_w = self.grid
+    shape = (2 * grid_h - 1, 2 * grid_w - 1, self.num_heads)
+    _check_shape(self, 'relative_position_bias', shape)
+    table = self.param('relative_position_bias', nn.initializers.zeros, shape, self.param_dtype)
+    rows, columns = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing='ij')
+    rows, columns = rows.ravel(), columns.ravel()
+    dy = rows[:, None] - rows[None] + grid_h - 1
+    dx = columns[:, None] - columns[None] + grid_w - 1
+    bias = jnp.moveaxis(table[dy, dx], -1, 0)  # (heads, patches, patches)
+    prefix = self.num_prefix_tokens
+    return jnp.pad(bias, ((0, 0), (prefix, 0), (prefix, 0)))
+
+
 class MultiHeadDotProductAttention(nn.Module):
-  """softmax(q k^T / sqrt(d_head)) v over `num_heads` heads (paper App. A, Eq. 5-8).
+  """softmax(q k^T / sqrt(d_head) + bias) v over `num_heads` heads (paper App. A, Eq. 5-8).
 
   The attention probabilities are sown as intermediates/attention_weights, which the analysis
   tools read (attention rollout, mean attention distance).
@@ -53,7 +125,7 @@ class MultiHeadDotProductAttention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, deterministic: bool):
+  def __call__(self, x, *, deterministic: bool, bias=None):
     width = x.shape[-1]
     if width % self.num_heads:
       raise ValueError(f'hidden_size {width} is not divisible by num_heads {self.num_heads}.')
@@ -66,6 +138,8 @@ class MultiHeadDotProductAttention(nn.Module):
     value = projection(name='value')(x)
 
     logits = jnp.einsum('bqhd,bkhd->bhqk', query, key)
+    if bias is not None:
+      logits = logits + bias.astype(logits.dtype)
     # The softmax runs in float32 even for bfloat16 activations: its sum is not robust to rounding.
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
     self.sow('intermediates', 'attention_weights', weights)
@@ -99,70 +173,98 @@ class MlpBlock(nn.Module):
     return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
 
 
+def drop_path(rate: float):
+  """Stochastic depth: drops a residual branch for whole examples (rescaling the kept ones)."""
+  return nn.Dropout(rate, broadcast_dims=(1, 2))
+
+
 class Encoder1DBlock(nn.Module):
   """One pre-LayerNorm Transformer layer, Eq. (2) and (3)."""
   mlp_dim: int
   num_heads: int
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
+  drop_path_rate: float = 0.0
   gelu_approximate: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, deterministic: bool):
+  def __call__(self, x, *, deterministic: bool, attention_bias=None):
     layer_norm = functools.partial(nn.LayerNorm, epsilon=LAYER_NORM_EPSILON, dtype=self.dtype,
                                    param_dtype=self.param_dtype)
     y = layer_norm(name='LayerNorm_0')(x)
     y = MultiHeadDotProductAttention(
         num_heads=self.num_heads, attention_dropout_rate=self.attention_dropout_rate,
         dtype=self.dtype, param_dtype=self.param_dtype,
-        name='MultiHeadDotProductAttention_1')(y, deterministic=deterministic)
+        name='MultiHeadDotProductAttention_1')(y, deterministic=deterministic,
+                                               bias=attention_bias)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-    x = x + y
+    x = x + drop_path(self.drop_path_rate)(y, deterministic=deterministic)
 
     y = layer_norm(name='LayerNorm_2')(x)
     y = MlpBlock(
         mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
         gelu_approximate=self.gelu_approximate, dtype=self.dtype, param_dtype=self.param_dtype,
         name='MlpBlock_3')(y, deterministic=deterministic)
-    return x + y
+    return x + drop_path(self.drop_path_rate)(y, deterministic=deterministic)
 
 
 class Encoder(nn.Module):
-  """Position embeddings, `num_layers` blocks and the final LayerNorm (named 'Transformer')."""
+  """Position embeddings, `num_layers` blocks and the final LayerNorm (named 'Transformer').
+
+  Each block's output is sown as intermediates/encoderblock_{i}/output (backbone features).
+  """
   num_layers: int
   mlp_dim: int
   num_heads: int
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
+  stochastic_depth: float = 0.0  # Drop-path rate of the last block; it grows linearly from 0.
+  posemb: str = 'learn'
   gelu_approximate: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
-    x = AddPositionEmbs(param_dtype=self.param_dtype, name='posembed_input')(x)
+  def __call__(self, x, *, train: bool, grid: Sequence[int], num_prefix_tokens: int):
+    if self.posemb not in POSEMBS:
+      raise ValueError(f'transformer.posemb={self.posemb!r}; expected one of {POSEMBS}.')
+    if self.posemb == 'learn':
+      x = AddPositionEmbs(param_dtype=self.param_dtype, name='posembed_input')(x)
+    elif self.posemb == 'learn_2d':
+      x = AddPositionEmbs2D(grid, num_prefix_tokens, param_dtype=self.param_dtype,
+                            name='posembed_input')(x)
+    elif self.posemb == 'sincos2d':
+      table = np.pad(sincos2d(grid, x.shape[-1]), ((num_prefix_tokens, 0), (0, 0)))
+      x = x + jnp.asarray(table, x.dtype)[None]
     # Dropout right after adding the position embeddings (paper App. B.1).
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+
     for i in range(self.num_layers):
+      bias = None
+      if self.posemb == 'relative':  # Each layer learns its own table.
+        bias = RelativePositionBias(grid, self.num_heads, num_prefix_tokens,
+                                    param_dtype=self.param_dtype,
+                                    name=f'relative_position_{i}')()
       x = Encoder1DBlock(
           mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
           attention_dropout_rate=self.attention_dropout_rate,
+          drop_path_rate=self.stochastic_depth * i / max(self.num_layers - 1, 1),
           gelu_approximate=self.gelu_approximate, dtype=self.dtype, param_dtype=self.param_dtype,
-          name=f'encoderblock_{i}')(x, deterministic=not train)
+          name=f'encoderblock_{i}')(x, deterministic=not train, attention_bias=bias)
+      self.sow('intermediates', f'encoderblock_{i}/output', x)
     return nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype,
                         param_dtype=self.param_dtype, name='encoder_norm')(x)
 
 
-CLASSIFIERS = ('token', 'gap', 'unpooled')
-
-
 class VisionTransformer(nn.Module):
-  """ViT for images (batch, height, width, channels); height and width divisible by the patch.
+  """ViT for images (batch, height, width, channels); height and width divisible by the patch
+  (times 16 or 32 for a hybrid's ResNet stem).
 
   Returns logits (batch, num_classes); with `num_classes=None` the (pre-logits) representation;
-  with `classifier='unpooled'` one output per patch token (batch, tokens, ...).
+  with `classifier='unpooled'` one output per patch token (batch, tokens, ...). The encoder's
+  output grid and each block's output are sown as intermediates (see `backbone_features`).
   """
   num_classes: Optional[int]
   patches: Any  # .size = (patch height, patch width)
@@ -170,6 +272,7 @@ class VisionTransformer(nn.Module):
   transformer: Any  # keyword arguments of Encoder
   classifier: str = 'token'
   representation_size: Optional[int] = None
+  resnet: Optional[Any] = None  # Hybrid: .num_layers (units per stage), .width_factor
   head_bias_init: float = 0.0
   model_name: Optional[str] = None
   dtype: Dtype = jnp.float32
@@ -179,26 +282,39 @@ class VisionTransformer(nn.Module):
   def __call__(self, images, *, train: bool):
     if self.classifier not in CLASSIFIERS:
       raise ValueError(f'classifier={self.classifier!r}; expected one of {CLASSIFIERS}.')
+    x = images.astype(self.dtype)
+    if self.resnet is not None:
+      x = models_resnet.resnet_stem(x, num_layers=self.resnet.num_layers,
+                                    width_factor=self.resnet.width_factor, dtype=self.dtype,
+                                    param_dtype=self.param_dtype)
     patch_h, patch_w = self.patches.size
-    _, height, width, _ = images.shape
+    _, height, width, _ = x.shape
     if height % patch_h or width % patch_w:
-      raise ValueError(f'Image size {height}x{width} is not divisible by the patch size '
+      raise ValueError(f'Image size {images.shape[1]}x{images.shape[2]} gives a {height}x{width} '
+                       f'input to the patch embedding, not divisible by the patch size '
+                       f'{patch_h}x{patch_w}.' if self.resnet is not None else
+                       f'Image size {height}x{width} is not divisible by the patch size '
                        f'{patch_h}x{patch_w}.')
 
     # Linear projection E of flattened patches == a convolution with kernel = stride = patch.
     x = nn.Conv(self.hidden_size, (patch_h, patch_w), strides=(patch_h, patch_w),
                 padding='VALID', dtype=self.dtype, param_dtype=self.param_dtype,
-                name='embedding')(images.astype(self.dtype))
+                name='embedding')(x)
     batch, grid_h, grid_w, _ = x.shape
     x = x.reshape(batch, grid_h * grid_w, self.hidden_size)
 
+    num_prefix_tokens = 0
     if self.classifier == 'token':
       cls = self.param('cls', nn.initializers.zeros, (1, 1, self.hidden_size), self.param_dtype)
       x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, self.hidden_size)), x],
                           axis=1)
+      num_prefix_tokens = 1
 
     x = Encoder(name='Transformer', dtype=self.dtype, param_dtype=self.param_dtype,
-                **self.transformer)(x, train=train)
+                **self.transformer)(x, train=train, grid=(grid_h, grid_w),
+                                    num_prefix_tokens=num_prefix_tokens)
+    self.sow('intermediates', 'encoded_grid',
+             x[:, num_prefix_tokens:].reshape(batch, grid_h, grid_w, self.hidden_size))
 
     if self.classifier == 'token':
       x = x[:, 0]
@@ -215,3 +331,17 @@ class VisionTransformer(nn.Module):
                    kernel_init=nn.initializers.zeros,
                    bias_init=nn.initializers.constant(self.head_bias_init), name='head')(x)
     return x
+
+
+def backbone_features(model: VisionTransformer, params, images, layers: Sequence[int] = ()):
+  """Dense features for detection / segmentation heads: {'encoded': the final (normalised)
+  patch-token grid, 'encoderblock_{i}': block i's output grid}, each (batch, H/P, W/P, D)."""
+  _, state = model.apply({'params': params}, images, train=False, mutable=['intermediates'])
+  sown = state['intermediates']
+  grid = sown['encoded_grid'][0]
+  outputs = {'encoded': grid}
+  for i in layers:
+    tokens = sown['Transformer'][f'encoderblock_{i}/output'][0]
+    outputs[f'encoderblock_{i}'] = tokens[:, tokens.shape[1] - grid.shape[1] * grid.shape[2]:]
+    outputs[f'encoderblock_{i}'] = outputs[f'encoderblock_{i}'].reshape(grid.shape)
+  return outputs
