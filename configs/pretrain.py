@@ -1,6 +1,7 @@
 r"""Pre-training from scratch, the paper's recipe (Sec. 4.1, App. B.1, Table 3).
 
 python -m vit_jax.main --config=configs/pretrain.py:B_16,imagenet21k --workdir=...
+python -m vit_jax.main --config=configs/pretrain.py:R50+ViT-B_16,imagenet21k --workdir=...  (hybrid)
 
 Adam (0.9, 0.999), batch 4096, decoupled weight decay on kernels, 10k steps linear warm-up then
 linear decay (cosine for ImageNet-1k), gradient clipping at global norm 1, a representation layer
@@ -18,7 +19,7 @@ JFT_LEARNING_RATES = {'Ti_16': 8e-4, 'S_16': 8e-4, 'S_32': 8e-4, 'B_8': 8e-4, 'B
 def get_config(arg='B_16,imagenet21k'):
   model, dataset = arg.split(',')
   c = config_lib.base_config()
-  c.model = models.get_config(f'ViT-{model}')
+  c.model = models.get_config(model if 'ViT' in model else f'ViT-{model}')  # or 'R50+ViT-B_16'
   c.model.head_bias_init = 0.0
   config_lib.pretrain_recipe(c)
 
@@ -37,7 +38,7 @@ def get_config(arg='B_16,imagenet21k'):
     c.base_lr, c.weight_decay, epochs = 1e-3, 0.03, 90
     c.model.transformer.dropout_rate = 0.1
   else:
-    c.base_lr, c.weight_decay, epochs = JFT_LEARNING_RATES[model], 0.1, 7
+    c.base_lr, c.weight_decay, epochs = JFT_LEARNING_RATES[model.split('ViT-')[-1]], 0.1, 7
   if info.get('multi_label'):
     c.loss = 'sigmoid_xent'
     c.model.head_bias_init = -10.0  # Starts every sigmoid near 0: a stable multi-label start.

@@ -27,6 +27,8 @@ def test_pretrain_recipe_follows_table_3():
   h = parse('pretrain.py:H_14,jft')
   assert (h.base_lr, h.weight_decay, h.loss, h.model.representation_size) == (
       3e-4, 0.1, 'softmax_xent', 1280)
+  hybrid = parse('pretrain.py:R50+ViT-B_16,jft')
+  assert tuple(hybrid.model.resnet.num_layers) == (3, 4, 9) and hybrid.base_lr == 8e-4
   i1k = parse('pretrain.py:B_16,imagenet2012')
   assert (i1k.base_lr, i1k.weight_decay, i1k.decay_type) == (3e-3, 0.3, 'cosine')
   assert i1k.total_steps == 93_836  # 300 epochs.

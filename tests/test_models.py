@@ -139,7 +139,7 @@ def test_bad_image_size_is_named():
 def test_other_resolution_needs_resampled_position_embeddings():
   model = VisionTransformer(num_classes=3, **tiny_config())
   variables = model.init(jax.random.PRNGKey(0), jnp.ones((1, 8, 8, 3)), train=False)
-  with pytest.raises(ValueError, match='hold 5 tokens.*input has 7.*load_pretrained'):
+  with pytest.raises(ValueError, match=r'pos_embedding has shape \(1, 5, 16\), but this input needs \(1, 7, 16\).*load_pretrained'):
     model.apply(variables, jnp.ones((1, 12, 8, 3)), train=False)
 
 

@@ -25,7 +25,7 @@ def attention_weights(model, params, images) -> list:
   """Per layer, the attention probabilities (batch, heads, tokens, tokens)."""
   _, state = model.apply({'params': params}, images, train=False, mutable=['intermediates'])
   encoder = state['intermediates']['Transformer']
-  layers = sorted((k for k in encoder if k.startswith('encoderblock_')),
+  layers = sorted((k for k in encoder if k.startswith('encoderblock_') and '/' not in k),
                   key=lambda k: int(k.split('_')[1]))
   return [encoder[k]['MultiHeadDotProductAttention_1']['attention_weights'][0] for k in layers]
 

@@ -74,6 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.accum_steps = 1
   c.sharding = 'replicate'
 
+  # Few-shot linear evaluation on the train / test splits of `dataset` (paper Sec. 4.1).
+  c.fewshot = ml_collections.ConfigDict(dict(every=0, shots=(1, 5, 10, 25), seeds=3, l2_reg=1.0))
   c.eval_every = 1000
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3

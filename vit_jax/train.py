@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from clu import metric_writers, parameter_overview
 
-from vit_jax import checkpoint, config_lib, input_pipeline, optim, resume, sharding
+from vit_jax import checkpoint, config_lib, fewshot, input_pipeline, optim, resume, sharding
 from vit_jax.models_vit import VisionTransformer
 
 
@@ -274,6 +274,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
         logging.info('step %d: %s', step,
                      ', '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()))
         progress.start(step)  # Evaluation time is not training throughput.
+      if config.fewshot.every and (step % config.fewshot.every == 0 or
+                                   step == config.total_steps):
+        few = fewshot.evaluate(config, model, _gather(state['params'], mesh),
+                               shots=config.fewshot.shots, seeds=config.fewshot.seeds,
+                               l2_reg=config.fewshot.l2_reg)
+        writer.write_scalars(step, few)
+        logging.info('step %d: %s', step, ', '.join(f'{k} {v:.4f}' for k, v in few.items()))
+        progress.start(step)
       preempted = preemption.reached(step)
       if step % config.checkpoint_every == 0 or step == config.total_steps or preempted:
         check_pending()
