@@ -36,7 +36,7 @@ def test_periodic_fewshot_evaluation_during_training(tmp_path, caplog):
   config = tiny_config('--config.fewshot.every=6', '--config.fewshot.seeds=2')
   config.fewshot.shots = (1, 5)
   train.train_and_evaluate(config, str(tmp_path))
-  lines = [r.getMessage() for r in caplog.records if 'fewshot_1shot' in r.getMessage()]
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith('step 6: fewshot')]
   assert len(lines) == 1 and 'fewshot_5shot' in lines[0]
   accuracy = float(lines[0].split('fewshot_1shot ')[1].split(',')[0])
   assert 0.0 < accuracy <= 1.0
