@@ -32,7 +32,7 @@ def test_solver_matches_ridge_regression_in_closed_form():
 
 
 def test_periodic_fewshot_evaluation_during_training(tmp_path, caplog):
-  caplog.set_level(logging.INFO, logger='absl')
+  caplog.set_level(logging.INFO)
   config = tiny_config('--config.fewshot.every=6', '--config.fewshot.seeds=2')
   config.fewshot.shots = (1, 5)
   train.train_and_evaluate(config, str(tmp_path))
