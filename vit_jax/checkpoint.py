@@ -204,7 +204,7 @@ def load_pretrained(*, pretrained_path: str, init_params: Params, model_config,
   if head and (reinit_head or (reinit_head is None and not head_fits)):
     logging.info('Keeping the freshly initialised head of %s.', pretrained_path)
     _replace_from_init(restored, init, 'head')
-  for prefix in ('head', 'pre_logits'):
+  for prefix in ('head', 'pre_logits', 'mask_token'):  # mask_token: masked patch prediction.
     if not any(k[0] == prefix for k in init):
       _replace_from_init(restored, init, prefix)  # I.e. drop them.
 

@@ -29,6 +29,7 @@ DECAY_TYPES = ('linear', 'cosine')
 LOSSES = ('softmax_xent', 'sigmoid_xent')
 SHARDINGS = ('replicate', 'fsdp')
 DTYPES = ('float32', 'bfloat16')
+OBJECTIVES = ('classification', 'mpp')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -58,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.pretrained_path = ml_collections.FieldReference(None, field_type=str)
   c.reinit_head = ml_collections.FieldReference(None, field_type=bool)  # See load_pretrained.
   c.loss = 'softmax_xent'
+  c.objective = 'classification'  # or 'mpp': masked patch prediction (mpp.py), no labels used.
 
   c.optimizer = 'adam'
   c.b1, c.b2 = 0.9, 0.999
@@ -134,7 +136,9 @@ def check(config, *, device_count: int, process_count: int = 1):
   one_of('loss', config.loss, LOSSES)
   one_of('sharding', config.sharding, SHARDINGS)
   one_of('dtype', config.dtype, DTYPES)
-  one_of('model.classifier', config.model.classifier, ('token', 'gap'))
+  one_of('objective', config.objective, OBJECTIVES)
+  one_of('model.classifier', config.model.classifier,
+         ('unpooled',) if config.objective == 'mpp' else ('token', 'gap'))
 
   for key in ('batch', 'batch_eval', 'accum_steps', 'total_steps', 'eval_every',
               'checkpoint_every', 'keep_checkpoints', 'progress_every', 'shuffle_buffer'):

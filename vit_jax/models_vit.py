@@ -279,7 +279,9 @@ class VisionTransformer(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, images, *, train: bool):
+  def __call__(self, images, *, train: bool, patch_corruption: Optional[dict] = None):
+    """`patch_corruption` (masked patch prediction, see mpp.py): boolean (batch, patches) arrays
+    'masked' and 'replaced' and the index 'source' of each replacement."""
     if self.classifier not in CLASSIFIERS:
       raise ValueError(f'classifier={self.classifier!r}; expected one of {CLASSIFIERS}.')
     x = images.astype(self.dtype)
@@ -302,6 +304,12 @@ class VisionTransformer(nn.Module):
                 name='embedding')(x)
     batch, grid_h, grid_w, _ = x.shape
     x = x.reshape(batch, grid_h * grid_w, self.hidden_size)
+    if patch_corruption is not None:
+      mask_token = self.param('mask_token', nn.initializers.normal(stddev=0.02),
+                              (1, 1, self.hidden_size), self.param_dtype)
+      other = jnp.take_along_axis(x, patch_corruption['source'][..., None], axis=1)
+      x = jnp.where(patch_corruption['replaced'][..., None], other, x)
+      x = jnp.where(patch_corruption['masked'][..., None], mask_token.astype(x.dtype), x)
 
     num_prefix_tokens = 0
     if self.classifier == 'token':

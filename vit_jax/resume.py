@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 # Config keys that fix the shapes of the train state: a checkpoint only resumes under the same.
-STATE_DEFINING_KEYS = ('model', 'dataset', 'num_classes', 'optimizer', 'pp.crop')
+STATE_DEFINING_KEYS = ('model', 'dataset', 'num_classes', 'optimizer', 'objective', 'pp.crop')
 CONFIG_FILE = 'config.json'
 
 

@@ -18,7 +18,8 @@ import numpy as np
 import optax
 from clu import metric_writers, parameter_overview
 
-from vit_jax import checkpoint, config_lib, fewshot, input_pipeline, optim, resume, sharding
+from vit_jax import (checkpoint, config_lib, fewshot, input_pipeline, models, mpp, optim,
+                     resume, sharding)
 from vit_jax.models_vit import VisionTransformer
 
 
@@ -38,7 +39,13 @@ def init_state(config, model, tx, mesh, image_size):
   """The train state {params, opt_state, step, rng}, created directly in its shardings."""
   def init(rng):
     init_rng, dropout_rng = jax.random.split(rng)
-    params = model.init(init_rng, jnp.zeros((1,) + image_size + (3,)), train=False)['params']
+    images = jnp.zeros((1,) + image_size + (3,))
+    extra = {}
+    if config.objective == 'mpp':  # Creates the [mask] embedding too.
+      stride = models.token_stride(config.model)
+      extra['patch_corruption'] = mpp.sample_corruption(
+          init_rng, 1, (image_size[0] // stride[0]) * (image_size[1] // stride[1]))
+    params = model.init(init_rng, images, train=False, **extra)['params']
     return {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0),
             'rng': dropout_rng}
 
@@ -55,6 +62,11 @@ def make_train_step(config, model, tx, schedule, shardings, mesh):
   accum = config.accum_steps
 
   def loss_fn(params, images, labels, rng):
+    if config.objective == 'mpp':  # Self-supervised: the labels are not used.
+      corruption_rng, dropout_rng = jax.random.split(rng)
+      losses, _, _ = mpp.loss_and_accuracy(model, params, images, corruption_rng, train=True,
+                                           dropout_rng=dropout_rng)
+      return losses.mean()
     logits = model.apply({'params': params}, images, train=True, rngs={'dropout': rng})
     return loss_of(logits.astype(jnp.float32), labels).mean()
 
@@ -97,8 +109,13 @@ def make_eval_step(config, model, params_shardings, mesh):
   loss_of = per_example_loss(config)
 
   def eval_step(params, batch):
-    logits = model.apply({'params': params}, batch['image'], train=False).astype(jnp.float32)
     labels, mask = batch['labels'], batch['mask']
+    if config.objective == 'mpp':  # Colour accuracy on corrupted patches, a fixed corruption.
+      losses, top1, top5 = mpp.loss_and_accuracy(model, params, batch['image'],
+                                                 jax.random.PRNGKey(0), train=False)
+      return {'correct_top1': jnp.sum(top1 * mask), 'correct_top5': jnp.sum(top5 * mask),
+              'loss_sum': jnp.sum(losses * mask), 'count': jnp.sum(mask)}
+    logits = model.apply({'params': params}, batch['image'], train=False).astype(jnp.float32)
     _, top = jax.lax.top_k(logits, min(5, logits.shape[-1]))
     hits = jnp.take_along_axis(labels, top, axis=-1) > 0  # Correct if a true class is in the top k.
     return {'correct_top1': jnp.sum(hits[:, 0] * mask), 'correct_top5': jnp.sum(hits.any(-1) * mask),
@@ -217,7 +234,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   start_time = time.time()
   mesh, writer = setup(config, workdir)
   train_source, test_source = _source(config, config.train_split), _source(config, config.test_split)
-  num_classes = train_source.num_classes
+  num_classes = mpp.NUM_COLOURS if config.objective == 'mpp' else train_source.num_classes
   image_size = config_lib.image_size(config)
 
   model = create_model(config, num_classes)
