@@ -51,6 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
       resize_eval=0,       # Eval: resize to this, then central crop to `crop`; 0 = resize to crop.
       crop_min_area=0.05,  # Inception crop: smallest fraction of the image kept.
       flip=True,
+      randaug_layers=0,       # RandAugment: operations per image (AugReg uses 2); 0 = off.
+      randaug_magnitude=10.0,  # Their strength: 0 (none) to 10 (rotations of 30 degrees, ...).
+      mixup_alpha=0.0,        # Mixup's Beta(alpha, alpha) (AugReg: 0.2 or 0.5); 0 = off.
   ))
 
   c.model = models.get_config('ViT-B_16')
@@ -173,6 +176,11 @@ def check(config, *, device_count: int, process_count: int = 1):
            '(and at least one patch).')
   if config.pp.resize_eval and config.pp.resize_eval < max(size):
     fail(f'pp.resize_eval={config.pp.resize_eval} is smaller than pp.crop={config.pp.crop}.')
+  if config.pp.randaug_layers < 0 or not 0 <= config.pp.randaug_magnitude <= 10:
+    fail(f'pp.randaug_layers={config.pp.randaug_layers} must be >= 0 and '
+         f'pp.randaug_magnitude={config.pp.randaug_magnitude} in [0, 10].')
+  if config.pp.mixup_alpha < 0:
+    fail(f'pp.mixup_alpha={config.pp.mixup_alpha} must be >= 0.')
   if not 0 < config.pp.crop_min_area <= 1:
     fail(f'pp.crop_min_area={config.pp.crop_min_area} must lie in (0, 1].')
 

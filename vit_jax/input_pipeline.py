@@ -247,12 +247,20 @@ def train_batches(config, source: Source, *, batch_size: int, start_step: int = 
                                       min_area=config.pp.crop_min_area)
     if config.pp.flip:
       image = preprocess.random_flip(image, flip_seed)
+    if config.pp.randaug_layers:
+      image = preprocess.randaugment(image, tf.random.experimental.stateless_fold_in(
+          crop_seed, 1), num_layers=config.pp.randaug_layers,
+                                     magnitude=config.pp.randaug_magnitude)
     return {'image': preprocess.to_value_range(image),
             'labels': _targets(example['label'], source.num_classes, source.multi_label)}
 
   dataset = stream.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-  dataset = dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  return _numpy_batches(dataset, source)
+  dataset = dataset.batch(batch_size, drop_remainder=True)
+  if config.pp.mixup_alpha:  # Within this process' batch; seeded by the step.
+    dataset = dataset.enumerate(start=start_step).map(
+        lambda step, batch: preprocess.mixup(
+            batch, tf.stack([tf.constant(seed, tf.int64), step]), config.pp.mixup_alpha))
+  return _numpy_batches(dataset.prefetch(tf.data.AUTOTUNE), source)
 
 
 def eval_steps(source: Source, *, batch_size: int, process_count: int) -> int:

@@ -40,3 +40,96 @@ def random_flip(image, seed):
 def to_value_range(image):
   """Maps [0, 255] to [-1, 1], the input range of the official checkpoints."""
   return tf.cast(image, tf.float32) / 127.5 - 1.0
+
+
+# ----------------------------------------------------------- AugReg regularisers (Steiner et al.)
+
+def _blend(image, other, factor):
+  """image + factor * (image - other), in float, clipped to [0, 255]."""
+  return tf.clip_by_value(other + factor * (image - other), 0.0, 255.0)
+
+
+def _transform(image, matrix):
+  """Applies a projective transform [a0 a1 a2 b0 b1 b2 0 0] (output -> input), grey fill."""
+  size = tf.shape(image)[:2]
+  return tf.raw_ops.ImageProjectiveTransformV3(
+      images=image[None], transforms=tf.cast(matrix, tf.float32)[None], output_shape=size,
+      interpolation='BILINEAR', fill_mode='CONSTANT', fill_value=128.0)[0]
+
+
+def _rotate(image, degrees):
+  angle = degrees * 3.14159265 / 180.0
+  height, width = tf.cast(tf.shape(image)[0], tf.float32), tf.cast(tf.shape(image)[1], tf.float32)
+  cos, sin = tf.cos(angle), tf.sin(angle)
+  cx, cy = (width - 1) / 2, (height - 1) / 2  # Rotate about the centre.
+  return _transform(image, [cos, -sin, cx - cos * cx + sin * cy,
+                            sin, cos, cy - sin * cx - cos * cy, 0.0, 0.0])
+
+
+def _equalize(image):
+  def channel(c):
+    histogram = tf.histogram_fixed_width(c, [0.0, 255.0], nbins=256)
+    cdf = tf.cast(tf.cumsum(histogram), tf.float32)
+    cdf = (cdf - cdf[0]) / tf.maximum(cdf[-1] - cdf[0], 1.0) * 255.0
+    return tf.gather(cdf, tf.cast(c, tf.int32))
+  return tf.stack([channel(image[..., i]) for i in range(3)], axis=-1)
+
+
+def _autocontrast(image):
+  low = tf.reduce_min(image, axis=(0, 1), keepdims=True)
+  high = tf.reduce_max(image, axis=(0, 1), keepdims=True)
+  return tf.where(high > low, (image - low) * 255.0 / tf.maximum(high - low, 1.0), image)
+
+
+def _sharpness(image, factor):
+  kernel = tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32) / 13.0
+  kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
+  smooth = tf.nn.depthwise_conv2d(image[None], kernel, [1, 1, 1, 1], 'SAME')[0]
+  return _blend(image, smooth, factor)
+
+
+def _grey(image):
+  return tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(image))
+
+
+def randaugment(image, seed, *, num_layers: int = 2, magnitude: float = 10.0):
+  """RandAugment (Cubuk et al. 2020) on a float [0, 255] image: `num_layers` operations drawn
+  uniformly, each at `magnitude` (0..10) with a random sign where it has one."""
+  level = magnitude / 10.0
+  size = tf.cast(tf.shape(image)[:2], tf.float32)
+  for layer_seed in tf.unstack(tf.random.experimental.stateless_split(seed, num_layers)):
+    choice_seed, sign_seed = tf.unstack(tf.random.experimental.stateless_split(layer_seed, 2))
+    sign = tf.where(tf.random.stateless_uniform([], sign_seed) < 0.5, -1.0, 1.0)
+    factor = 1.0 + sign * 0.9 * level
+    operations = [
+        lambda: image,
+        lambda: _autocontrast(image),
+        lambda: _equalize(image),
+        lambda: _rotate(image, sign * 30.0 * level),
+        lambda: tf.where(image >= 256.0 - 256.0 * level, 255.0 - image, image),  # solarize
+        lambda: _blend(image, _grey(image), factor),                              # colour
+        lambda: tf.floor(image / 2.0**int(4 * level)) * 2.0**int(4 * level),     # posterize
+        lambda: _blend(image, tf.reduce_mean(_grey(image)), factor),              # contrast
+        lambda: _blend(image, tf.zeros_like(image), factor),                      # brightness
+        lambda: _sharpness(image, factor),
+        lambda: _transform(image, [1.0, sign * 0.3 * level, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]),
+        lambda: _transform(image, [1.0, 0.0, 0.0, sign * 0.3 * level, 1.0, 0.0, 0.0, 0.0]),
+        lambda: _transform(image, [1.0, 0.0, sign * 0.45 * level * size[1], 0.0, 1.0, 0.0,
+                                   0.0, 0.0]),
+        lambda: _transform(image, [1.0, 0.0, 0.0, 0.0, 1.0, sign * 0.45 * level * size[0],
+                                   0.0, 0.0]),
+    ]
+    index = tf.random.stateless_uniform([], choice_seed, 0, len(operations), tf.int32)
+    image = tf.ensure_shape(tf.switch_case(index, operations), image.shape)
+  return image
+
+
+def mixup(batch, seed, alpha: float):
+  """Mixes each example with its neighbour in the batch, images and labels alike, with one
+  weight lambda ~ Beta(alpha, alpha) per batch (Zhang et al. 2018)."""
+  gamma_seeds = tf.random.experimental.stateless_split(seed, 2)
+  a = tf.random.stateless_gamma([], gamma_seeds[0], alpha)
+  b = tf.random.stateless_gamma([], gamma_seeds[1], alpha)
+  weight = a / (a + b)
+  mix = lambda x: weight * x + (1.0 - weight) * tf.roll(x, shift=1, axis=0)
+  return dict(batch, image=mix(batch['image']), labels=mix(batch['labels']))
