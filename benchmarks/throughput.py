@@ -1,0 +1,111 @@
+r"""Throughput of the library's own train step and forward pass for a registry model.
+
+python benchmarks/throughput.py --model ViT-Ti_16 --res 224 --batch 32 [--json]
+
+Compiles the train step that train.py uses (its optimizer, sharding and donation) and the forward
+pass on random data, times them after warm-up (median of --repeats), and prints img/s, GFLOPs per
+image (XLA's cost analysis), the machine's measured float32 matmul peak, the MFU of both, and the
+peak host memory. With --json the last line is one JSON object.
+"""
+
+import argparse
+import json
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax import config_lib, models, optim, sharding, train
+
+
+def median_seconds(fn, repeats: int) -> float:
+  jax.block_until_ready(fn())  # Warm-up (and compilation, if not done yet).
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
+  """float32 GFLOP/s of a large matrix product: the ceiling MFU is measured against."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (size, size))
+  product = jax.jit(lambda x: x @ x)
+  return 2 * size**3 / median_seconds(lambda: product(a), repeats) / 1e9
+
+
+def flops(compiled) -> float:
+  analysis = compiled.cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  return float(analysis.get('flops', 0.0))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--model', default='ViT-Ti_16')
+  parser.add_argument('--res', type=int, default=224)
+  parser.add_argument('--batch', type=int, default=32)
+  parser.add_argument('--infer_batch', type=int, default=64)
+  parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--json', action='store_true')
+  args = parser.parse_args()
+
+  config = config_lib.base_config()
+  config.model = models.get_config(args.model)
+  config.model.head_bias_init = 0.0
+  config_lib.pretrain_recipe(config)  # Adam + weight decay + clipping, as in pre-training.
+  config.model.representation_size = None
+  config.pp.crop = args.res
+  config.update(batch=args.batch, batch_eval=args.infer_batch, warmup_steps=10, total_steps=1000)
+  config_lib.check(config, device_count=jax.device_count())
+
+  mesh = sharding.make_mesh()
+  model = train.create_model(config, 1000)
+  tx, schedule = optim.make_optimizer(config), optim.make_schedule(config)
+  state, shardings = train.init_state(config, model, tx, mesh, (args.res, args.res))
+  train_step = train.make_train_step(config, model, tx, schedule, shardings, mesh)
+  rng = np.random.default_rng(0)
+  batch = sharding.to_global({
+      'image': rng.uniform(-1, 1, (args.batch, args.res, args.res, 3)).astype(np.float32),
+      'labels': np.eye(1000, dtype=np.float32)[rng.integers(0, 1000, args.batch)]}, mesh)
+  train_flops = flops(train_step.lower(state, batch).compile())
+
+  holder = {'state': state}
+
+  def one_train_step():
+    holder['state'], metrics = train_step(holder['state'], batch)
+    return metrics
+
+  train_seconds = median_seconds(one_train_step, args.repeats)
+
+  forward = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
+  images = jnp.asarray(rng.uniform(-1, 1, (args.infer_batch, args.res, args.res, 3)),
+                       jnp.float32)
+  params = holder['state']['params']
+  infer_flops = flops(forward.lower(params, images).compile())
+  infer_seconds = median_seconds(lambda: forward(params, images), args.repeats)
+
+  peak = matmul_peak_gflops()
+  devices = jax.device_count()
+  results = {
+      'model': args.model, 'res': args.res, 'batch': args.batch, 'devices': devices,
+      'train_img_s': args.batch / train_seconds,
+      'infer_img_s': args.infer_batch / infer_seconds,
+      'gflops_per_img_forward': infer_flops / args.infer_batch / 1e9,
+      'gflops_per_img_train': train_flops / args.batch / 1e9,
+      'matmul_peak_gflops': peak,
+      'train_mfu': train_flops / train_seconds / 1e9 / (peak * devices),
+      'infer_mfu': infer_flops / infer_seconds / 1e9 / (peak * devices),
+      'peak_host_memory_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+  }
+  for key, value in results.items():
+    print(f'{key:>24}: {value:.4g}' if isinstance(value, float) else f'{key:>24}: {value}')
+  if args.json:
+    print(json.dumps(results))
+
+
+if __name__ == '__main__':
+  main()
