@@ -4,7 +4,7 @@ VENV := .venv
 INSTALLED := $(VENV)/.installed
 WORKDIR ?= runs/demo
 
-.PHONY: demo test clean
+.PHONY: demo test bench clean
 
 $(INSTALLED): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ demo: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(VENV)/bin/python -m pytest -q -n 2 tests
+
+# vit_jax against PyTorch timm on this machine (installs the `bench` extra: torch, timm).
+bench: $(INSTALLED)
+	$(VENV)/bin/pip install --quiet -e '.[bench]'
+	$(VENV)/bin/python benchmarks/compare.py --models ViT-Ti_16 ViT-S_16 --res 224 --batch 32
+	$(VENV)/bin/python benchmarks/input_pipeline.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,0 +1,75 @@
+r"""Will a recipe fit? Per-device memory and FLOPs of the real train step on a simulated mesh.
+
+python benchmarks/plan.py --model ViT-H_14 --batch 4096 --devices 256 [--fsdp] [--res 224]
+
+Lowers and compiles the train step that train.py uses for `--devices` simulated CPU devices
+(nothing is allocated: parameters and batch are abstract), and prints XLA's memory analysis of
+the compiled step per device (arguments, outputs, temporaries) and its FLOPs per step. CPU
+compilation stands in for the accelerator's: buffer sizes carry over, fusion details may not.
+"""
+
+import argparse
+import os
+import sys
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--model', default='ViT-B_16')
+  parser.add_argument('--batch', type=int, default=4096)
+  parser.add_argument('--devices', type=int, default=8)
+  parser.add_argument('--res', type=int, default=224)
+  parser.add_argument('--accum_steps', type=int, default=1)
+  parser.add_argument('--fsdp', action='store_true')
+  args = parser.parse_args()
+  # Before JAX starts: the simulated devices.
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             f' --xla_force_host_platform_device_count={args.devices}')
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+  import jax
+  from vit_jax import config_lib, models, optim, sharding, train
+
+  config = config_lib.base_config()
+  config.model = models.get_config(args.model)
+  config.model.head_bias_init = 0.0
+  config_lib.pretrain_recipe(config)
+  config.pp.crop = args.res
+  config.update(batch=args.batch, accum_steps=args.accum_steps,
+                sharding='fsdp' if args.fsdp else 'replicate')
+  config_lib.check(config, device_count=jax.device_count())
+
+  mesh = sharding.make_mesh()
+  model = train.create_model(config, 21_843)
+  tx, schedule = optim.make_optimizer(config), optim.make_schedule(config)
+
+  def init(rng):
+    params = model.init(rng, jax.numpy.zeros((1, args.res, args.res, 3)), train=False)['params']
+    return {'params': params, 'opt_state': tx.init(params), 'step': jax.numpy.int32(0),
+            'rng': rng}
+
+  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+  shardings = sharding.state_shardings(mesh, abstract, config.sharding)
+  batch = {'image': jax.ShapeDtypeStruct((args.batch, args.res, args.res, 3), 'float32'),
+           'labels': jax.ShapeDtypeStruct((args.batch, 21_843), 'float32')}
+  step = train.make_train_step(config, model, tx, schedule, shardings, mesh)
+  compiled = step.lower(abstract, batch).compile()
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  gib = lambda b: b / 2**30
+  parameters = sum(x.size for x in jax.tree.leaves(abstract['params']))
+  print(f'{args.model} @{args.res}, global batch {args.batch} (accum {args.accum_steps}), '
+        f'{args.devices} devices, {"FSDP" if args.fsdp else "replicated"} parameters')
+  print(f'  parameters                {parameters / 1e6:10.1f} M')
+  print(f'  per device: arguments     {gib(memory.argument_size_in_bytes):10.2f} GiB')
+  print(f'              outputs       {gib(memory.output_size_in_bytes):10.2f} GiB')
+  print(f'              temporaries   {gib(memory.temp_size_in_bytes):10.2f} GiB')
+  print(f'              total (donated state counted once) '
+        f'{gib(memory.argument_size_in_bytes + memory.temp_size_in_bytes):.2f} GiB')
+  print(f'  FLOPs per step (per device, XLA) {cost.get("flops", 0) / 1e12:10.2f} TFLOP')
+  sys.stdout.flush()
+
+
+if __name__ == '__main__':
+  main()
