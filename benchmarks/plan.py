@@ -35,7 +35,7 @@ def main():
   config.model.head_bias_init = 0.0
   config_lib.pretrain_recipe(config)
   config.pp.crop = args.res
-  config.update(batch=args.batch, accum_steps=args.accum_steps,
+  config.update(batch=args.batch, accum_steps=args.accum_steps, total_steps=100_000,
                 sharding='fsdp' if args.fsdp else 'replicate')
   config_lib.check(config, device_count=jax.device_count())
 
