@@ -27,11 +27,7 @@ def get_config(arg='B_16,cifar10'):
   if model in OFFICIAL_CHECKPOINTS:
     c.pretrained_path = f'gs://vit_models/imagenet21k/ViT-{model}.npz'
 
-  c.dataset = dataset
-  info = config_lib.dataset_info(dataset)
-  c.train_split = info.get('train', 'train')
-  c.test_split = info.get('test', 'test')
-  c.tfds_download = True
+  config_lib.set_dataset(c, dataset)
   c.shuffle_buffer = 50_000
   c.pp.crop = 384
 

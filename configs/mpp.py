@@ -28,10 +28,7 @@ def get_config(arg='B_16,imagenet21k'):
     model, dataset = arg.split(',')
     c.model = models.get_config(model if 'ViT' in model else f'ViT-{model}')
     c.model.classifier = 'unpooled'
-    c.dataset = dataset
-    info = config_lib.dataset_info(dataset)
-    c.train_split, c.test_split = info.get('train', 'train'), info.get('test', 'test')
-    c.tfds_download = True
+    config_lib.set_dataset(c, dataset)
     c.shuffle_buffer = 250_000
     c.pp.crop = 224
     c.batch, c.batch_eval = 4096, 1024

@@ -23,11 +23,8 @@ def get_config(arg='B_16,imagenet21k'):
   c.model.head_bias_init = 0.0
   config_lib.pretrain_recipe(c)
 
-  c.dataset = dataset
+  config_lib.set_dataset(c, dataset)
   info = config_lib.dataset_info(dataset)
-  c.train_split = info.get('train', 'train')
-  c.test_split = info.get('test', 'test')
-  c.tfds_download = True
   c.shuffle_buffer = 250_000
   c.pp.crop = 224
 

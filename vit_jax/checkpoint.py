@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vit_jax import models
+
 Params = Any
 
 # Newer Flax numbers a block's sub-modules per type; the official files number them per block.
@@ -208,7 +210,6 @@ def load_pretrained(*, pretrained_path: str, init_params: Params, model_config,
     if not any(k[0] == prefix for k in init):
       _replace_from_init(restored, init, prefix)  # I.e. drop them.
 
-  from vit_jax import models
   _adapt_position_embeddings(restored, init, models.token_stride(model_config), image_size,
                              pretrained_image_size)
   _adapt_learned_tables(restored, init)
@@ -245,7 +246,6 @@ def infer_model_config(params: Params, name: str = 'from-checkpoint'):
 
   Returns (config, num_classes, image_size); the image size assumes a square patch grid.
   """
-  from vit_jax import models  # A light import; at the top it would be circular for nothing.
   try:
     patch_h, patch_w, _, width = params['embedding']['kernel'].shape
     encoder = params['Transformer']

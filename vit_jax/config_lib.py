@@ -119,6 +119,15 @@ def dataset_info(name: str) -> dict:
   return DATASETS.get(name, {})
 
 
+def set_dataset(c: ml_collections.ConfigDict, name: str):
+  """A named dataset with its default splits, downloaded by TFDS on first use."""
+  info = dataset_info(name)
+  c.dataset = name
+  c.train_split = info.get('train', 'train')
+  c.test_split = info.get('test', 'test')
+  c.tfds_download = True
+
+
 def image_size(config) -> tuple:
   crop = config.pp.crop
   return (crop, crop) if isinstance(crop, int) else tuple(crop)
