@@ -15,7 +15,6 @@ import sys
 import tempfile
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import checkpoint, models

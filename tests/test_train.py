@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import ROOT, TINY, assert_same_params, load_npz, run_main, tiny_config
+from helpers import TINY, assert_same_params, load_npz, run_main, tiny_config
 from vit_jax import input_pipeline, optim, sharding, train
 
 @pytest.fixture(scope='module')

@@ -8,7 +8,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import config_lib, sharding, train

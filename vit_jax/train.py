@@ -1,11 +1,10 @@
 """The training loop, `train_and_evaluate(config, workdir)`, and `evaluate(config, workdir)`.
 
-Flat and in sections: setup, model and state, steps, checkpoints, loop, export. One jitted train
+Flat and in sections: model, steps, parameters I/O, loop. One jitted train
 step runs over a mesh of every device of every process; each process feeds its share of the
 global batch; only process 0 writes logs, results and the exported model.
 """
 
-import functools
 import json
 import logging
 import os
