@@ -268,14 +268,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
   progress = Progress(config.total_steps, config.batch, writer)
   progress.start(step)
   preemption = resume.Preemption()
-  pending, summary, eval_metrics = [], {}, {}  # pending: metrics of steps not yet checked.
+  # Metrics of the steps since the last report: `pending` still on device, `checked` fetched
+  # and found finite.
+  pending, checked, summary, eval_metrics = [], [], {}, {}
 
   def check_pending():
     nonlocal pending
     fetched = jax.device_get(pending)
     check_finite(fetched, step - len(pending), last_checkpoint)
+    checked.extend(fetched)
     pending = []
-    return fetched
 
   try:
     while step < config.total_steps:
@@ -283,7 +285,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
       pending.append(metrics)
       step += 1
       if step % config.progress_every == 0 or step == config.total_steps:
-        summary = progress.report(step, check_pending())
+        check_pending()
+        summary = progress.report(step, checked)
+        checked.clear()
       if step % config.eval_every == 0 or step == config.total_steps:
         eval_metrics = evaluate_split(config, eval_step, state['params'], test_source, mesh)
         writer.write_scalars(step, eval_metrics)
