@@ -32,7 +32,6 @@ def main():
 
   config = config_lib.base_config()
   config.model = models.get_config(args.model)
-  config.model.head_bias_init = 0.0
   config_lib.pretrain_recipe(config)
   config.pp.crop = args.res
   config.update(batch=args.batch, accum_steps=args.accum_steps, total_steps=100_000,

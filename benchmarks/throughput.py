@@ -55,7 +55,6 @@ def main():
 
   config = config_lib.base_config()
   config.model = models.get_config(args.model)
-  config.model.head_bias_init = 0.0
   config_lib.pretrain_recipe(config)  # Adam + weight decay + clipping, as in pre-training.
   config.model.representation_size = None
   config.pp.crop = args.res

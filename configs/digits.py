@@ -17,7 +17,6 @@ def get_config(stage='pretrain'):
   c.dataset = 'digits'
   c.model = models.vit_config('ViT-digits', hidden_size=64, mlp_dim=256, num_heads=4,
                               num_layers=4, patch=4)
-  c.model.head_bias_init = 0.0
   c.pp.flip = False          # A mirrored digit is another digit (or none).
   c.pp.crop_min_area = 0.7   # 8x8 images leave little to crop away.
   c.shuffle_buffer = 2000

@@ -21,8 +21,7 @@ OFFICIAL_CHECKPOINTS = ('B_16', 'B_32', 'L_16', 'L_32', 'H_14')
 def get_config(arg='B_16,cifar10'):
   model, dataset = arg.split(',')
   c = config_lib.base_config()
-  c.model = models.get_config(model if 'ViT' in model else f'ViT-{model}')  # or 'R50+ViT-B_16'
-  c.model.head_bias_init = 0.0
+  c.model = models.get_config(model)  # 'B_16', or a full name like 'R50+ViT-B_16'.
   config_lib.finetune_recipe(c)
   if model in OFFICIAL_CHECKPOINTS:
     c.pretrained_path = f'gs://vit_models/imagenet21k/ViT-{model}.npz'

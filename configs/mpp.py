@@ -26,7 +26,7 @@ def get_config(arg='B_16,imagenet21k'):
     c.progress_every = 100
   else:
     model, dataset = arg.split(',')
-    c.model = models.get_config(model if 'ViT' in model else f'ViT-{model}')
+    c.model = models.get_config(model)
     c.model.classifier = 'unpooled'
     config_lib.set_dataset(c, dataset)
     c.shuffle_buffer = 250_000
@@ -35,7 +35,6 @@ def get_config(arg='B_16,imagenet21k'):
     c.total_steps, c.warmup_steps, c.base_lr = 1_000_000, 10_000, 2e-4
     c.eval_every = c.checkpoint_every = 10_000
     c.progress_every = 500
-  c.model.head_bias_init = 0.0
   c.optimizer, c.b1, c.b2, c.weight_decay, c.grad_norm_clip = 'adam', 0.9, 0.999, 0.0, 1.0
   c.decay_type = 'cosine'
   c.keep_checkpoints = 2

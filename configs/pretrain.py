@@ -19,8 +19,7 @@ JFT_LEARNING_RATES = {'Ti_16': 8e-4, 'S_16': 8e-4, 'S_32': 8e-4, 'B_8': 8e-4, 'B
 def get_config(arg='B_16,imagenet21k'):
   model, dataset = arg.split(',')
   c = config_lib.base_config()
-  c.model = models.get_config(model if 'ViT' in model else f'ViT-{model}')  # or 'R50+ViT-B_16'
-  c.model.head_bias_init = 0.0
+  c.model = models.get_config(model)  # 'B_16', or a full name like 'R50+ViT-B_16'.
   config_lib.pretrain_recipe(c)
 
   config_lib.set_dataset(c, dataset)

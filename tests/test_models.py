@@ -84,7 +84,7 @@ def test_output_shapes(classifier, num_classes, representation_size, expected):
 
 
 def test_head_is_zero_with_configured_bias():
-  model = VisionTransformer(num_classes=3, head_bias_init=-10.0, **tiny_config())
+  model = VisionTransformer(num_classes=3, **tiny_config(head_bias_init=-10.0))
   variables = model.init(jax.random.PRNGKey(0), jnp.ones((1, 8, 8, 3)), train=False)
   np.testing.assert_array_equal(variables['params']['head']['kernel'], 0.0)
   np.testing.assert_array_equal(variables['params']['head']['bias'], -10.0)

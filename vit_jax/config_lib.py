@@ -57,7 +57,6 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.model = models.get_config('ViT-B_16')
-  c.model.head_bias_init = 0.0
   c.dtype = 'float32'  # Activations; parameters are always float32.
   c.pretrained_path = ml_collections.FieldReference(None, field_type=str)
   c.reinit_head = ml_collections.FieldReference(None, field_type=bool)  # See load_pretrained.

@@ -32,6 +32,7 @@ def vit_config(name: str, *, hidden_size: int, mlp_dim: int, num_heads: int, num
       stochastic_depth=0.0))  # Drop-path rate of the last block (0 for the first).
   config.classifier = classifier
   config.representation_size = representation_size
+  config.head_bias_init = 0.0  # -10 for sigmoid (multi-label) pre-training.
   return config
 
 
@@ -73,7 +74,10 @@ def token_stride(config) -> tuple:
 
 
 def get_config(name: str) -> ml_collections.ConfigDict:
-  """A copy of the registry entry `name`, with an error listing the known names."""
+  """A copy of the registry entry `name` ('ViT-B_16', or short: 'B_16'), with an error listing
+  the known names."""
+  if name not in MODEL_CONFIGS and f'ViT-{name}' in MODEL_CONFIGS:
+    name = f'ViT-{name}'
   if name not in MODEL_CONFIGS:
     raise ValueError(f'Unknown model {name!r}; known models: {", ".join(MODEL_CONFIGS)}.')
   return MODEL_CONFIGS[name].copy_and_resolve_references()
