@@ -72,7 +72,7 @@ def main():
   parser.add_argument('--res', type=int, default=224)
   parser.add_argument('--batch', type=int, default=32)
   parser.add_argument('--infer_batch', type=int, default=64)
-  parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--repeats', type=int, default=10)
   args = parser.parse_args()
 
   rows = []

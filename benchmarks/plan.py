@@ -1,6 +1,6 @@
 r"""Will a recipe fit? Per-device memory and FLOPs of the real train step on a simulated mesh.
 
-python benchmarks/plan.py --model ViT-H_14 --batch 4096 --devices 256 [--fsdp] [--res 224]
+python benchmarks/plan.py --model ViT-H_14 --batch 4096 --devices 256 [--fsdp] [--remat] [--res 224]
 
 Lowers and compiles the train step that train.py uses for `--devices` simulated CPU devices
 (nothing is allocated: parameters and batch are abstract), and prints XLA's memory analysis of
@@ -21,6 +21,7 @@ def main():
   parser.add_argument('--res', type=int, default=224)
   parser.add_argument('--accum_steps', type=int, default=1)
   parser.add_argument('--fsdp', action='store_true')
+  parser.add_argument('--remat', action='store_true', help='model.transformer.remat')
   args = parser.parse_args()
   # Before JAX starts: the simulated devices.
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
@@ -34,6 +35,7 @@ def main():
   config.model = models.get_config(args.model)
   config_lib.pretrain_recipe(config)
   config.pp.crop = args.res
+  config.model.transformer.remat = args.remat
   config.update(batch=args.batch, accum_steps=args.accum_steps, total_steps=100_000,
                 sharding='fsdp' if args.fsdp else 'replicate')
   config_lib.check(config, device_count=jax.device_count())
@@ -59,7 +61,8 @@ def main():
   gib = lambda b: b / 2**30
   parameters = sum(x.size for x in jax.tree.leaves(abstract['params']))
   print(f'{args.model} @{args.res}, global batch {args.batch} (accum {args.accum_steps}), '
-        f'{args.devices} devices, {"FSDP" if args.fsdp else "replicated"} parameters')
+        f'{args.devices} devices, {"FSDP" if args.fsdp else "replicated"} parameters'
+        f'{", rematerialised blocks" if args.remat else ""}')
   print(f'  parameters                {parameters / 1e6:10.1f} M')
   print(f'  per device: arguments     {gib(memory.argument_size_in_bytes):10.2f} GiB')
   print(f'              outputs       {gib(memory.output_size_in_bytes):10.2f} GiB')

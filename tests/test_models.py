@@ -148,3 +148,32 @@ def test_registry_entries_are_independent_copies():
   config.transformer.num_layers = 1
   assert models.MODEL_CONFIGS['ViT-B_16'].transformer.num_layers == 12
   assert isinstance(config, ml_collections.ConfigDict)
+
+
+def test_remat_changes_memory_not_results():
+  """Rematerialised blocks: the same parameters, loss, gradients and sown attention weights."""
+  images = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3))
+
+  def run(remat):
+    config = tiny_config()
+    config.transformer.update(remat=remat, dropout_rate=0.1)
+    model = VisionTransformer(num_classes=3, **config)
+    params = model.init(jax.random.PRNGKey(0), images, train=False)['params']
+
+    def loss(params):
+      logits, state = model.apply({'params': params}, images, train=True, mutable='intermediates',
+                                  rngs={'dropout': jax.random.PRNGKey(2)})
+      return jnp.sum(logits ** 2), state['intermediates']
+
+    (value, intermediates), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return params, value, grads, intermediates
+
+  params, value, grads, intermediates = run(False)
+  params_remat, value_remat, grads_remat, intermediates_remat = run(True)
+  assert jax.tree.structure(params_remat) == jax.tree.structure(params)
+  np.testing.assert_allclose(value_remat, value, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               grads_remat, grads)
+  weights = lambda tree: tree['Transformer']['encoderblock_1'][
+      'MultiHeadDotProductAttention_1']['attention_weights'][0]
+  np.testing.assert_allclose(weights(intermediates_remat), weights(intermediates), atol=1e-6)

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from vit_jax import cpu_tuning
+
 FLAGS = flags.FLAGS
 
 
@@ -109,5 +111,6 @@ def define_flags():
 
 
 if __name__ == '__main__':
+  cpu_tuning.restart_with_huge_pages()
   define_flags()
   app.run(main)

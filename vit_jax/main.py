@@ -11,6 +11,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from vit_jax import cpu_tuning
+
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Recipe file and its arguments, e.g. configs/digits.py:pretrain.')
 _WORKDIR = flags.DEFINE_string(
@@ -75,4 +77,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  cpu_tuning.restart_with_huge_pages()
   app.run(main, flags_parser=parse_flags)

@@ -29,7 +29,8 @@ def vit_config(name: str, *, hidden_size: int, mlp_dim: int, num_heads: int, num
       mlp_dim=mlp_dim, num_heads=num_heads, num_layers=num_layers,
       dropout_rate=0.0, attention_dropout_rate=0.0,
       posemb='learn',         # or 'learn_2d', 'sincos2d', 'relative', 'none' (paper App. D.4)
-      stochastic_depth=0.0))  # Drop-path rate of the last block (0 for the first).
+      stochastic_depth=0.0,   # Drop-path rate of the last block (0 for the first).
+      remat=False))           # Recompute activations in the backward pass: less memory.
   config.classifier = classifier
   config.representation_size = representation_size
   config.head_bias_init = 0.0  # -10 for sigmoid (multi-label) pre-training.

@@ -17,6 +17,7 @@ from jax.experimental import multihost_utils
 
 # Config keys that fix the shapes of the train state: a checkpoint only resumes under the same.
 STATE_DEFINING_KEYS = ('model', 'dataset', 'num_classes', 'optimizer', 'objective', 'pp.crop')
+SAME_STATE_EITHER_WAY = ('model.transformer.remat',)  # Memory layout only: may change on resume.
 CONFIG_FILE = 'config.json'
 
 
@@ -26,8 +27,8 @@ def _flat(config_dict: dict) -> dict:
 
 def _state_defining(config_json: str) -> dict:
   flat = _flat(json.loads(config_json))
-  return {k: v for k, v in flat.items()
-          if any(k == key or k.startswith(key + '.') for key in STATE_DEFINING_KEYS)}
+  return {k: v for k, v in flat.items() if k not in SAME_STATE_EITHER_WAY and
+          any(k == key or k.startswith(key + '.') for key in STATE_DEFINING_KEYS)}
 
 
 class Checkpoints:

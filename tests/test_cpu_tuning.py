@@ -1,0 +1,39 @@
+"""The XLA:CPU settings applied on import and the huge-page restart of the command-line tools."""
+
+import os
+import subprocess
+import sys
+
+from helpers import ROOT
+
+from vit_jax import cpu_tuning
+
+
+def test_import_sets_the_xla_flag_but_keeps_a_users_choice(monkeypatch):
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
+  cpu_tuning.set_xla_flags()
+  assert os.environ['XLA_FLAGS'] == (
+      '--xla_force_host_platform_device_count=2 --xla_cpu_experimental_ynn_fusion_type=')
+  chosen = '--xla_cpu_experimental_ynn_fusion_type=individual_dot'
+  monkeypatch.setenv('XLA_FLAGS', chosen)
+  cpu_tuning.set_xla_flags()
+  assert os.environ['XLA_FLAGS'] == chosen
+
+
+def test_restart_keeps_pid_arguments_and_environment():
+  script = ('import os, sys; from vit_jax import cpu_tuning; '
+            'print(os.getpid(), sys.argv[1:], os.environ.get("MARK"), flush=True); '
+            'cpu_tuning.restart_with_huge_pages(); '
+            'print(os.getpid(), sys.argv[1:], os.environ.get("MARK"), '
+            'os.environ.get("GLIBC_TUNABLES"))')
+  env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+  env.update(MARK='kept', PYTHONPATH=ROOT)
+  run = subprocess.run([sys.executable, '-c', script, 'a', '--b=1'], env=env, cwd=ROOT,
+                       capture_output=True, text=True, check=True)
+  lines = run.stdout.splitlines()
+  pid, args, mark = lines[0].split(' ', 2)[0], "['a', '--b=1']", 'kept'
+  if cpu_tuning.huge_pages_available():  # Restarted once: the first line again, then the last.
+    assert len(lines) == 3 and lines[1] == lines[0]
+    assert lines[2] == f'{pid} {args} {mark} {cpu_tuning.HUGE_PAGES}'
+  else:
+    assert lines[1] == f'{pid} {args} {mark} None'
