@@ -51,6 +51,7 @@ def main():
     for _ in range(args.batches):
       next(batches)
     seconds = time.perf_counter() - start
+    batches.close()  # Stops tf.data's prefetching before the folder is deleted.
   images_per_second = args.batches * args.batch / seconds
   cores = os.cpu_count()
   print(f'input pipeline: {images_per_second:.1f} img/s on {cores} cores = '
