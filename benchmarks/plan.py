@@ -29,26 +29,18 @@ def main():
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
   import jax
-  from vit_jax import config_lib, models, optim, sharding, train
+  from throughput import step_config
+  from vit_jax import optim, sharding, train
 
-  config = config_lib.base_config()
-  config.model = models.get_config(args.model)
-  config_lib.pretrain_recipe(config)
-  config.pp.crop = args.res
+  config = step_config(args.model, args.res, args.batch, accum_steps=args.accum_steps,
+                       sharding='fsdp' if args.fsdp else 'replicate')
   config.model.transformer.remat = args.remat
-  config.update(batch=args.batch, accum_steps=args.accum_steps, total_steps=100_000,
-                sharding='fsdp' if args.fsdp else 'replicate')
-  config_lib.check(config, device_count=jax.device_count())
 
   mesh = sharding.make_mesh()
   model = train.create_model(config, 21_843)
   tx, schedule = optim.make_optimizer(config), optim.make_schedule(config)
 
-  def init(rng):
-    params = model.init(rng, jax.numpy.zeros((1, args.res, args.res, 3)), train=False)['params']
-    return {'params': params, 'opt_state': tx.init(params), 'step': jax.numpy.int32(0),
-            'rng': rng}
-
+  init = train.state_initializer(config, model, tx, (args.res, args.res))
   abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
   shardings = sharding.state_shardings(mesh, abstract, config.sharding)
   batch = {'image': jax.ShapeDtypeStruct((args.batch, args.res, args.res, 3), 'float32'),

@@ -18,16 +18,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import config_lib, cpu_tuning, models, optim, sharding, train
+from vit_jax.inference_time import median_seconds
 
 
-def median_seconds(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())  # Warm-up (and compilation, if not done yet).
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+def step_config(model: str, res: int, batch: int, **updates):
+  """The pre-training recipe (Adam, weight decay, clipping) for a registry model."""
+  config = config_lib.base_config()
+  config.model = models.get_config(model)
+  config_lib.pretrain_recipe(config)
+  config.pp.crop = res
+  config.update(batch=batch, total_steps=100_000, **updates)
+  config_lib.check(config, device_count=jax.device_count())
+  return config
 
 
 def matmul_peak_gflops(sizes=(1024, 2048, 3072), repeats: int = 10) -> float:
@@ -61,13 +63,8 @@ def main():
   parser.add_argument('--json', action='store_true')
   args = parser.parse_args()
 
-  config = config_lib.base_config()
-  config.model = models.get_config(args.model)
-  config_lib.pretrain_recipe(config)  # Adam + weight decay + clipping, as in pre-training.
-  config.model.representation_size = None
-  config.pp.crop = args.res
-  config.update(batch=args.batch, batch_eval=args.infer_batch, warmup_steps=10, total_steps=1000)
-  config_lib.check(config, device_count=jax.device_count())
+  config = step_config(args.model, args.res, args.batch, batch_eval=args.infer_batch)
+  config.model.representation_size = None  # As timm's models, which have none.
 
   mesh = sharding.make_mesh()
   model = train.create_model(config, 1000)

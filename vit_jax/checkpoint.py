@@ -50,7 +50,7 @@ def _read_bytes(path: str) -> bytes:
     return f.read()
 
 
-def _write_bytes(path: str, data: bytes):
+def write_bytes(path: str, data: bytes):
   if _is_remote(path):
     import tensorflow as tf
     with tf.io.gfile.GFile(path, 'wb') as f:
@@ -96,7 +96,7 @@ def save(params: Params, path: str):
     arrays[key] = value
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
-  _write_bytes(path, buffer.getvalue())
+  write_bytes(path, buffer.getvalue())
 
 
 def resample_grid(grid: np.ndarray, new_shape: Sequence[int]) -> np.ndarray:

@@ -2,9 +2,7 @@
 (`batch_eval`) and resolution (`pp.crop`), written to the metric writer, the log and
 `<workdir>/inference_time.json`."""
 
-import json
 import logging
-import os
 import time
 
 import jax
@@ -13,6 +11,17 @@ import numpy as np
 from vit_jax import config_lib, sharding, train
 
 REPETITIONS = 10
+
+
+def median_seconds(fn, repetitions: int = REPETITIONS) -> float:
+  """Median wall time of fn() (its result waited for) after one warm-up call."""
+  jax.block_until_ready(fn())
+  seconds = []
+  for _ in range(repetitions):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    seconds.append(time.perf_counter() - start)
+  return float(np.median(seconds))
 
 
 def inference_time(config, workdir: str) -> dict:
@@ -30,13 +39,7 @@ def inference_time(config, workdir: str) -> dict:
   start = time.perf_counter()
   jax.block_until_ready(forward(params, images))  # Compiles.
   compile_seconds = time.perf_counter() - start
-  jax.block_until_ready(forward(params, images))  # Warm-up.
-  seconds = []
-  for _ in range(REPETITIONS):
-    start = time.perf_counter()
-    jax.block_until_ready(forward(params, images))
-    seconds.append(time.perf_counter() - start)
-  batch_seconds = float(np.median(seconds))
+  batch_seconds = median_seconds(lambda: forward(params, images))
   results = {
       'inference_img_sec_core': config.batch_eval / batch_seconds / jax.device_count(),
       'inference_sec_per_batch': batch_seconds,
@@ -47,8 +50,7 @@ def inference_time(config, workdir: str) -> dict:
   logging.info('%s at %dx%d, batch %d on %d devices: %.1f img/s/core (median of %d batches, '
                '%.4f s each).', config.model.model_name, height, width, config.batch_eval,
                jax.device_count(), results['inference_img_sec_core'], REPETITIONS, batch_seconds)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'inference_time.json'), 'w') as f:
-      json.dump(dict(results, model=config.model.model_name, batch=config.batch_eval,
-                     image_size=[height, width], devices=jax.device_count()), f, indent=2)
+  train.write_results(workdir, 'inference_time.json',
+                      dict(results, model=config.model.model_name, batch=config.batch_eval,
+                           image_size=[height, width], devices=jax.device_count()))
   return results

@@ -15,6 +15,8 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from vit_jax import checkpoint
+
 # Config keys that fix the shapes of the train state: a checkpoint only resumes under the same.
 STATE_DEFINING_KEYS = ('model', 'dataset', 'num_classes', 'optimizer', 'objective', 'pp.crop')
 SAME_STATE_EITHER_WAY = ('model.transformer.remat',)  # Memory layout only: may change on resume.
@@ -61,10 +63,8 @@ class Checkpoints:
 
   def write_config(self):
     if jax.process_index() == 0:
-      path = os.path.join(self.workdir, CONFIG_FILE)
-      with open(path + '.tmp', 'w') as f:
-        f.write(self.config.to_json_best_effort(indent=2))
-      os.replace(path + '.tmp', path)
+      checkpoint.write_bytes(os.path.join(self.workdir, CONFIG_FILE),
+                             self.config.to_json_best_effort(indent=2).encode())
 
   def restore_latest(self, state):
     """The newest readable checkpoint restored into `state`'s structure and shardings, or None."""

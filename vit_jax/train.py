@@ -34,8 +34,8 @@ def per_example_loss(config):
   return optax.softmax_cross_entropy
 
 
-def init_state(config, model, tx, mesh, image_size):
-  """The train state {params, opt_state, step, rng}, created directly in its shardings."""
+def state_initializer(config, model, tx, image_size):
+  """rng -> the train state {params, opt_state, step, rng}; jax.eval_shape of it is free."""
   def init(rng):
     init_rng, dropout_rng = jax.random.split(rng)
     images = jnp.zeros((1,) + image_size + (3,))
@@ -48,6 +48,12 @@ def init_state(config, model, tx, mesh, image_size):
     return {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0),
             'rng': dropout_rng}
 
+  return init
+
+
+def init_state(config, model, tx, mesh, image_size):
+  """The train state, created directly in its shardings."""
+  init = state_initializer(config, model, tx, image_size)
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(init, rng)
   shardings = sharding.state_shardings(mesh, abstract, config.sharding)
@@ -321,7 +327,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   export_params(state['params'], os.path.join(workdir, 'model.npz'), mesh)
   results = dict(eval_metrics, step=step, train_loss=summary.get('train_loss'),
                  wall_time_sec=time.time() - start_time)
-  _write_results(workdir, 'results.json', results)
+  write_results(workdir, 'results.json', results)
   writer.flush()
   return results
 
@@ -346,15 +352,14 @@ def evaluate(config, workdir: str) -> dict:
   results = evaluate_split(config, eval_step, params, source, mesh)
   writer.write_scalars(step, results)
   logging.info('%s', ', '.join(f'{k} {v:.4f}' for k, v in results.items()))
-  _write_results(workdir, 'eval_results.json', dict(results, split=config.test_split, step=step))
+  write_results(workdir, 'eval_results.json', dict(results, split=config.test_split, step=step))
   writer.flush()
   return results
 
 
-def _write_results(workdir, name, results):
+def write_results(workdir, name, results):
+  """<workdir>/<name> as JSON, from process 0, never half-written."""
   if jax.process_index() == 0:
     path = os.path.join(workdir, name)
-    with open(path + '.tmp', 'w') as f:
-      json.dump(results, f, indent=2)
-    os.replace(path + '.tmp', path)
+    checkpoint.write_bytes(path, json.dumps(results, indent=2).encode())
     logging.info('Wrote %s: %s', path, results)
