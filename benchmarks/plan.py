@@ -30,22 +30,23 @@ def main():
 
   import jax
   from throughput import step_config
-  from vit_jax import optim, sharding, train
+  from vit_jax import objectives, optim, sharding, train
 
   config = step_config(args.model, args.res, args.batch, accum_steps=args.accum_steps,
                        sharding='fsdp' if args.fsdp else 'replicate')
   config.model.transformer.remat = args.remat
 
   mesh = sharding.make_mesh()
-  model = train.create_model(config, 21_843)
+  objective = objectives.from_config(config, 21_843)  # ImageNet-21k's classes.
+  model = train.create_model(config, objective.num_outputs)
   tx, schedule = optim.make_optimizer(config), optim.make_schedule(config)
 
-  init = train.state_initializer(config, model, tx, (args.res, args.res))
+  init = train.state_initializer(config, model, tx, (args.res, args.res), objective)
   abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
   shardings = sharding.state_shardings(mesh, abstract, config.sharding)
   batch = {'image': jax.ShapeDtypeStruct((args.batch, args.res, args.res, 3), 'float32'),
            'labels': jax.ShapeDtypeStruct((args.batch, 21_843), 'float32')}
-  step = train.make_train_step(config, model, tx, schedule, shardings, mesh)
+  step = train.make_train_step(config, model, tx, schedule, shardings, mesh, objective)
   compiled = step.lower(abstract, batch).compile()
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import config_lib, cpu_tuning, models, optim, sharding, train
+from vit_jax import config_lib, cpu_tuning, models, objectives, optim, sharding, train
 from vit_jax.inference_time import median_seconds
 
 
@@ -67,10 +67,12 @@ def main():
   config.model.representation_size = None  # As timm's models, which have none.
 
   mesh = sharding.make_mesh()
-  model = train.create_model(config, 1000)
+  objective = objectives.from_config(config, 1000)
+  model = train.create_model(config, objective.num_outputs)
   tx, schedule = optim.make_optimizer(config), optim.make_schedule(config)
-  state, shardings = train.init_state(config, model, tx, mesh, (args.res, args.res))
-  train_step = train.make_train_step(config, model, tx, schedule, shardings, mesh)
+  state, shardings = train.init_state(config, model, tx, mesh, (args.res, args.res),
+                                     objective)
+  train_step = train.make_train_step(config, model, tx, schedule, shardings, mesh, objective)
   rng = np.random.default_rng(0)
   batch = sharding.to_global({
       'image': rng.uniform(-1, 1, (args.batch, args.res, args.res, 3)).astype(np.float32),

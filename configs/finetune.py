@@ -19,7 +19,7 @@ OFFICIAL_CHECKPOINTS = ('B_16', 'B_32', 'L_16', 'L_32', 'H_14')
 
 
 def get_config(arg='B_16,cifar10'):
-  model, dataset = arg.split(',')
+  model, dataset = config_lib.recipe_args(arg, 'finetune', 'MODEL,DATASET')
   c = config_lib.base_config()
   c.model = models.get_config(model)  # 'B_16', or a full name like 'R50+ViT-B_16'.
   config_lib.finetune_recipe(c)

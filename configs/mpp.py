@@ -25,7 +25,7 @@ def get_config(arg='B_16,imagenet21k'):
     c.eval_every = c.checkpoint_every = 500
     c.progress_every = 100
   else:
-    model, dataset = arg.split(',')
+    model, dataset = config_lib.recipe_args(arg, 'mpp', 'MODEL,DATASET', 'digits')
     c.model = models.get_config(model)
     c.model.classifier = 'unpooled'
     config_lib.set_dataset(c, dataset)

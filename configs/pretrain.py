@@ -17,7 +17,7 @@ JFT_LEARNING_RATES = {'Ti_16': 8e-4, 'S_16': 8e-4, 'S_32': 8e-4, 'B_8': 8e-4, 'B
 
 
 def get_config(arg='B_16,imagenet21k'):
-  model, dataset = arg.split(',')
+  model, dataset = config_lib.recipe_args(arg, 'pretrain', 'MODEL,DATASET')
   c = config_lib.base_config()
   c.model = models.get_config(model)  # 'B_16', or a full name like 'R50+ViT-B_16'.
   config_lib.pretrain_recipe(c)

@@ -1,5 +1,6 @@
 """Shared by the tests: the tiny training run, config parsing as main.py does it, file helpers."""
 
+import hashlib
 import os
 import socket
 import subprocess
@@ -66,3 +67,20 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
+
+
+def snapshot(directory) -> dict:
+  """{relative path: sha256} of every file under `directory`."""
+  digests = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, 'rb') as f:
+        digests[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+  return digests
+
+
+def assert_unchanged(before: dict, directory, except_for=()):
+  after = snapshot(directory)
+  changed = sorted(p for p in before if p not in except_for and after.get(p) != before[p])
+  assert not changed, f'changed or lost: {changed}'

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from helpers import TINY, assert_same_params, load_npz, run_main, tiny_config
-from vit_jax import input_pipeline, optim, sharding, train
+from vit_jax import input_pipeline, objectives, optim, sharding, train
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
@@ -43,7 +43,9 @@ def test_exported_model_loads_and_evaluates_the_same(trained, tmp_path):
   for key in ('accuracy_test', 'accuracy_test_top5', 'loss_test'):
     assert evaluated[key] == pytest.approx(results[key], abs=1e-6)
   with open(tmp_path / 'eval_results.json') as f:
-    assert json.load(f)['split'] == 'test'
+    entries = json.load(f)
+  assert len(entries) == 1 and entries[0]['split'] == 'test'
+  assert entries[0]['evaluated'] == f'{workdir}/model.npz'
 
 
 def test_evaluate_without_anything_to_evaluate_says_so(tmp_path):
@@ -86,16 +88,18 @@ def test_finetune_from_export_at_higher_resolution(trained, tmp_path):
 def test_accumulation_equals_full_batch():
   config = tiny_config('--config.accum_steps=4')
   mesh = sharding.make_mesh()
-  model = train.create_model(config, 10)
+  objective = objectives.from_config(config, 10)
+  model = train.create_model(config, objective.num_outputs)
   tx, schedule = optim.make_optimizer(config), optim.make_schedule(config)
-  state, shardings = train.init_state(config, model, tx, mesh, (8, 8))
+  state, shardings = train.init_state(config, model, tx, mesh, (8, 8), objective)
   source = input_pipeline.get_source(config, 'train')
   batch = sharding.to_global(next(input_pipeline.train_batches(config, source, batch_size=32)),
                              mesh)
   copy = jax.tree.map(jnp.copy, state)
-  accumulated, m4 = train.make_train_step(config, model, tx, schedule, shardings, mesh)(state, batch)
+  step_fn = lambda: train.make_train_step(config, model, tx, schedule, shardings, mesh, objective)
+  accumulated, m4 = step_fn()(state, batch)
   config.accum_steps = 1
-  full, m1 = train.make_train_step(config, model, tx, schedule, shardings, mesh)(copy, batch)
+  full, m1 = step_fn()(copy, batch)
   assert float(m4['train_loss']) == pytest.approx(float(m1['train_loss']), rel=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
                accumulated['params'], full['params'])

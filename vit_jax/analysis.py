@@ -205,6 +205,11 @@ def _images(image_paths, image_size, dataset, split, count):
 
 def main(argv):
   from vit_jax import checkpoint
+  if FLAGS.num_images < 1:
+    raise app.UsageError(f'--num_images={FLAGS.num_images} must be at least 1.')
+  if os.path.exists(FLAGS.outdir) and not os.path.isdir(FLAGS.outdir):
+    raise app.UsageError(f'--outdir={FLAGS.outdir} is a file, not a directory: name a directory '
+                         '(the file is left as it is).')
   from vit_jax.models_vit import VisionTransformer
   params = checkpoint.load(FLAGS.checkpoint)
   config, num_classes, image_size = checkpoint.infer_model_config(params)

@@ -58,9 +58,14 @@ def write_bytes(path: str, data: bytes):
     return
   # Write next to the target and rename: a reader never sees a half-written file.
   tmp_path = f'{path}.tmp-{os.getpid()}'
-  with open(tmp_path, 'wb') as f:
-    f.write(data)
-  os.replace(tmp_path, path)
+  try:
+    with open(tmp_path, 'wb') as f:
+      f.write(data)
+    os.replace(tmp_path, path)
+  except BaseException:  # A full disk, an interrupt: the old file stays, no litter.
+    if os.path.exists(tmp_path):
+      os.remove(tmp_path)
+    raise
 
 
 def _to_official_spelling(params: dict) -> dict:
@@ -256,7 +261,8 @@ def infer_model_config(params: Params, name: str = 'from-checkpoint'):
     tokens = encoder['posembed_input']['pos_embedding'].shape[1]
   except KeyError as e:
     raise ValueError(f'Not a ViT checkpoint: it has no parameter {e}.') from None
-  classifier = 'token' if 'cls' in params else 'gap'
+  # Masked patch prediction models (mpp.py) have a [mask] embedding and one output per patch.
+  classifier = 'unpooled' if 'mask_token' in params else 'token' if 'cls' in params else 'gap'
   config = models.vit_config(
       name, hidden_size=width, mlp_dim=mlp_dim, num_heads=num_heads, num_layers=num_layers,
       patch=patch_h, classifier=classifier,

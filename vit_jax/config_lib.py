@@ -7,7 +7,7 @@ import os
 
 import ml_collections
 
-from vit_jax import models
+from vit_jax import models, objectives
 
 # Class count, train-set size and the default splits of the datasets the recipes know by name.
 # Any other TFDS name works too (its class count is then read from the TFDS builder).
@@ -114,6 +114,17 @@ def finetune_recipe(c: ml_collections.ConfigDict):
   c.model.representation_size = None
 
 
+def recipe_args(arg: str, recipe: str, usage: str, alternative: str = '') -> list:
+  """The comma-separated arguments of `--config=configs/<recipe>.py:<arg>`, as many as `usage`
+  names, with an error that shows the expected form."""
+  parts = arg.split(',')
+  if len(parts) != len(usage.split(',')) or not all(parts):
+    also = f' or ":{alternative}"' if alternative else ''
+    raise ValueError(f'configs/{recipe}.py takes ":{usage}" (e.g. configs/{recipe}.py:B_16,'
+                     f'cifar10){also}, not {arg!r}.')
+  return parts
+
+
 def dataset_info(name: str) -> dict:
   return DATASETS.get(name, {})
 
@@ -148,9 +159,11 @@ def check(config, *, device_count: int, process_count: int = 1):
   one_of('sharding', config.sharding, SHARDINGS)
   one_of('dtype', config.dtype, DTYPES)
   one_of('objective', config.objective, OBJECTIVES)
-  one_of('model.classifier', config.model.classifier,
-         ('unpooled',) if config.objective == 'mpp' else ('token', 'gap'))
+  one_of('model.classifier', config.model.classifier, objectives.kind(config).classifiers)
 
+  if config.fewshot.every and (config.fewshot.seeds < 1 or min(config.fewshot.shots) < 1):
+    fail(f'fewshot.seeds={config.fewshot.seeds} and fewshot.shots={config.fewshot.shots} must be '
+         'at least 1.')
   for key in ('batch', 'batch_eval', 'accum_steps', 'total_steps', 'eval_every',
               'checkpoint_every', 'keep_checkpoints', 'progress_every', 'shuffle_buffer'):
     if config[key] < 1:
@@ -159,6 +172,12 @@ def check(config, *, device_count: int, process_count: int = 1):
     fail(f'warmup_steps={config.warmup_steps} must lie in [0, total_steps={config.total_steps}).')
   if config.base_lr <= 0:
     fail(f'base_lr={config.base_lr} must be positive.')
+  if not config.grad_norm_clip > 0:  # optax clips to norm 0: every update would be zero.
+    fail(f'grad_norm_clip={config.grad_norm_clip} must be positive (1 in the paper\'s recipes).')
+  for key in ('dropout_rate', 'attention_dropout_rate', 'stochastic_depth'):
+    rate = config.model.transformer.get(key, 0.0)
+    if not 0 <= rate < 1:
+      fail(f'model.transformer.{key}={rate} must lie in [0, 1).')
   if config.num_classes is not None and config.num_classes < 1:
     fail(f'num_classes={config.num_classes} must be at least 1.')
 
@@ -198,10 +217,17 @@ def check(config, *, device_count: int, process_count: int = 1):
 
 
 def _exists(path: str) -> bool:
-  if '://' in path:
-    import tensorflow as tf
+  if '://' not in path:
+    return os.path.isfile(path)
+  import tensorflow as tf
+  try:
     return tf.io.gfile.exists(path)
-  return os.path.isfile(path)
+  except tf.errors.OpError as e:  # No network, no credentials, no such bucket, ...
+    reason = e.message.splitlines()[0] if e.message else type(e).__name__
+    raise ValueError(f'Invalid config: cannot reach pretrained_path={path!r} ({reason}). '
+                     'Download it (e.g. gsutil cp, or https://storage.googleapis.com/'
+                     f'{path[len("gs://"):] if path.startswith("gs://") else "..."}) and pass '
+                     '--config.pretrained_path=<local file>.') from None
 
 
 def epochs_to_steps(epochs: float, dataset: str, batch: int) -> int:

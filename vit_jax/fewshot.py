@@ -7,6 +7,8 @@ images are classified by the largest output. Accuracy is averaged over several r
 python -m vit_jax.fewshot --checkpoint=runs/demo/pretrain/model.npz --dataset=digits
 """
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,22 +59,41 @@ def representations(model, params, batches):
   return np.concatenate(features).astype(np.float64), np.concatenate(labels)
 
 
+def usable_shots(source, shots) -> list:
+  """The shot counts every class of `source` has enough examples for (all if unknown before
+  reading, as for streamed TFDS splits); the others are named in a warning."""
+  if source.examples is None:
+    return list(shots)
+  fewest = np.bincount(source.examples['label'], minlength=source.num_classes).min()
+  usable = [k for k in shots if k <= fewest]
+  if len(usable) < len(shots):
+    logging.warning('Few-shot: skipping %s shots, a class of the training split has only %d '
+                    'examples.', sorted(set(shots) - set(usable)), fewest)
+  return usable
+
+
 def evaluate(config, model, params, *, shots=(1, 5, 10, 25), seeds=3, l2_reg=1.0,
              batch_size=256) -> dict:
   """{'fewshot_<k>shot': accuracy} on config.dataset's train (to fit) and test splits."""
   from vit_jax import input_pipeline
-  results = {}
+  sources = {split: input_pipeline.get_source(config, split)
+             for split in (config.train_split, config.test_split)}
+  shots = usable_shots(sources[config.train_split], shots)
+  if not shots:
+    raise ValueError(f'No few-shot evaluation possible: some class of {config.dataset}:'
+                     f'{config.train_split} has fewer examples than the fewest shots asked for.')
   data = {}
-  for split in (config.train_split, config.test_split):
-    source = input_pipeline.get_source(config, split)
+  for split, source in sources.items():
     steps = input_pipeline.eval_steps(source, batch_size=batch_size, process_count=1)
     data[split] = representations(model, params, input_pipeline.eval_batches(
         config, source, batch_size=batch_size, num_steps=steps))
-    num_classes = source.num_classes
+  num_classes = sources[config.train_split].num_classes
   (train_x, train_y), (test_x, test_y) = data[config.train_split], data[config.test_split]
+  results = {}
   for k in shots:
     if np.bincount(train_y, minlength=num_classes).min() < k:
-      continue  # Too few training examples of some class for k shots.
+      logging.warning('Few-shot: skipping %d shots, too few examples of some class.', k)
+      continue
     results[f'fewshot_{k}shot'] = fewshot_accuracy(
         train_x, train_y, test_x, test_y, num_classes=num_classes, shots=k, seeds=seeds,
         l2_reg=l2_reg)
@@ -83,6 +104,10 @@ def main(argv):
   del argv
   from vit_jax import checkpoint, config_lib
   from vit_jax.models_vit import VisionTransformer
+  shots = [int(k) for k in FLAGS.shots]
+  if FLAGS.seeds < 1 or min(shots) < 1:
+    raise app.UsageError(f'--seeds={FLAGS.seeds} and --shots={",".join(FLAGS.shots)} must be at '
+                         'least 1.')
   params = checkpoint.load(FLAGS.checkpoint)
   model_config, _, image_size = checkpoint.infer_model_config(params)
   config = config_lib.base_config()
@@ -92,8 +117,7 @@ def main(argv):
   if FLAGS.random_init:  # The baseline: the same architecture, untrained.
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(image_size) + (3,)),
                         train=False)['params']
-  results = evaluate(config, model, params, shots=[int(k) for k in FLAGS.shots],
-                     seeds=FLAGS.seeds, l2_reg=FLAGS.l2_reg)
+  results = evaluate(config, model, params, shots=shots, seeds=FLAGS.seeds, l2_reg=FLAGS.l2_reg)
   for name, accuracy in results.items():
     print(f'{name}: {accuracy:.4f}')
 

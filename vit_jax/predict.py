@@ -60,8 +60,10 @@ def main(argv):
     raise app.UsageError('Name at least one image file.')
   params = checkpoint.load(FLAGS.checkpoint)
   config, num_classes, image_size = checkpoint.infer_model_config(params)
-  if not num_classes:
-    raise ValueError(f'{FLAGS.checkpoint} has no classification head.')
+  if not num_classes or config.classifier == 'unpooled':
+    raise ValueError(f'{FLAGS.checkpoint} has no image classification head (classifier='
+                     f'{config.classifier!r}, e.g. a masked patch prediction model): fine-tune it '
+                     'on labelled images first (configs/finetune.py).')
   if FLAGS.model:
     expected = models.get_config(FLAGS.model)
     if (expected.hidden_size, tuple(expected.patches.size), expected.transformer.num_layers) != (

@@ -5,6 +5,7 @@ step runs over a mesh of every device of every process; each process feeds its s
 global batch; only process 0 writes logs, results and the exported model.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -17,33 +18,23 @@ import numpy as np
 import optax
 from clu import metric_writers, parameter_overview
 
-from vit_jax import (checkpoint, config_lib, fewshot, input_pipeline, models, mpp, optim,
-                     resume, sharding)
+from vit_jax import (checkpoint, config_lib, fewshot, input_pipeline, objectives, optim, resume,
+                     sharding)
 from vit_jax.models_vit import VisionTransformer
 
 
 # --------------------------------------------------------------------------------------- model
 
-def create_model(config, num_classes: int) -> VisionTransformer:
-  return VisionTransformer(num_classes=num_classes, dtype=jnp.dtype(config.dtype), **config.model)
+def create_model(config, num_outputs: int) -> VisionTransformer:
+  return VisionTransformer(num_classes=num_outputs, dtype=jnp.dtype(config.dtype), **config.model)
 
 
-def per_example_loss(config):
-  if config.loss == 'sigmoid_xent':  # Multi-label pre-training (ImageNet-21k).
-    return lambda logits, labels: optax.sigmoid_binary_cross_entropy(logits, labels).sum(-1)
-  return optax.softmax_cross_entropy
-
-
-def state_initializer(config, model, tx, image_size):
+def state_initializer(config, model, tx, image_size, objective):
   """rng -> the train state {params, opt_state, step, rng}; jax.eval_shape of it is free."""
   def init(rng):
     init_rng, dropout_rng = jax.random.split(rng)
     images = jnp.zeros((1,) + image_size + (3,))
-    extra = {}
-    if config.objective == 'mpp':  # Creates the [mask] embedding too.
-      stride = models.token_stride(config.model)
-      extra['patch_corruption'] = mpp.sample_corruption(
-          init_rng, 1, (image_size[0] // stride[0]) * (image_size[1] // stride[1]))
+    extra = objective.init_inputs(init_rng, config.model, image_size)
     params = model.init(init_rng, images, train=False, **extra)['params']
     return {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0),
             'rng': dropout_rng}
@@ -51,9 +42,9 @@ def state_initializer(config, model, tx, image_size):
   return init
 
 
-def init_state(config, model, tx, mesh, image_size):
+def init_state(config, model, tx, mesh, image_size, objective):
   """The train state, created directly in its shardings."""
-  init = state_initializer(config, model, tx, image_size)
+  init = state_initializer(config, model, tx, image_size, objective)
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(init, rng)
   shardings = sharding.state_shardings(mesh, abstract, config.sharding)
@@ -62,18 +53,11 @@ def init_state(config, model, tx, mesh, image_size):
 
 # --------------------------------------------------------------------------------------- steps
 
-def make_train_step(config, model, tx, schedule, shardings, mesh):
-  loss_of = per_example_loss(config)
+def make_train_step(config, model, tx, schedule, shardings, mesh, objective):
   accum = config.accum_steps
 
   def loss_fn(params, images, labels, rng):
-    if config.objective == 'mpp':  # Self-supervised: the labels are not used.
-      corruption_rng, dropout_rng = jax.random.split(rng)
-      losses, _, _ = mpp.loss_and_accuracy(model, params, images, corruption_rng, train=True,
-                                           dropout_rng=dropout_rng)
-      return losses.mean()
-    logits = model.apply({'params': params}, images, train=True, rngs={'dropout': rng})
-    return loss_of(logits.astype(jnp.float32), labels).mean()
+    return objective.loss(model, params, {'image': images, 'labels': labels}, rng)
 
   grad_fn = jax.value_and_grad(loss_fn)
 
@@ -110,28 +94,14 @@ def make_train_step(config, model, tx, schedule, shardings, mesh):
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
-def make_eval_step(config, model, params_shardings, mesh):
-  loss_of = per_example_loss(config)
-
-  def eval_step(params, batch):
-    labels, mask = batch['labels'], batch['mask']
-    if config.objective == 'mpp':  # Colour accuracy on corrupted patches, a fixed corruption.
-      losses, top1, top5 = mpp.loss_and_accuracy(model, params, batch['image'],
-                                                 jax.random.PRNGKey(0), train=False)
-      return {'correct_top1': jnp.sum(top1 * mask), 'correct_top5': jnp.sum(top5 * mask),
-              'loss_sum': jnp.sum(losses * mask), 'count': jnp.sum(mask)}
-    logits = model.apply({'params': params}, batch['image'], train=False).astype(jnp.float32)
-    _, top = jax.lax.top_k(logits, min(5, logits.shape[-1]))
-    hits = jnp.take_along_axis(labels, top, axis=-1) > 0  # Correct if a true class is in the top k.
-    return {'correct_top1': jnp.sum(hits[:, 0] * mask), 'correct_top5': jnp.sum(hits.any(-1) * mask),
-            'loss_sum': jnp.sum(loss_of(logits, labels) * mask), 'count': jnp.sum(mask)}
-
-  return jax.jit(eval_step, in_shardings=(params_shardings, sharding.batch_sharding(mesh)),
+def make_eval_step(objective, model, params_shardings, mesh):
+  return jax.jit(lambda params, batch: objective.eval_sums(model, params, batch),
+                 in_shardings=(params_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh))
 
 
-def evaluate_split(config, eval_step, params, source, mesh):
-  """Top-1, top-5 and loss over every example of the split, each counted once."""
+def evaluate_split(config, eval_step, params, source, mesh, objective):
+  """The objective's metrics over every example of the split, each counted once."""
   local_batch = config.batch_eval // jax.process_count()
   num_steps = input_pipeline.eval_steps(source, batch_size=local_batch,
                                         process_count=jax.process_count())
@@ -144,9 +114,7 @@ def evaluate_split(config, eval_step, params, source, mesh):
   count = int(totals['count'])
   if count != source.num_examples:
     raise RuntimeError(f'Evaluation counted {count} examples, the split has {source.num_examples}.')
-  return {'accuracy_test': float(totals['correct_top1']) / count,
-          'accuracy_test_top5': float(totals['correct_top5']) / count,
-          'loss_test': float(totals['loss_sum']) / count}
+  return objective.metrics(totals)
 
 
 # ------------------------------------------------------------------------------ parameters I/O
@@ -210,8 +178,12 @@ class Progress:
     return summary
 
 
-def setup(config, workdir):
-  """Checks the config and workdir; the mesh of all devices and the metric writer."""
+@contextlib.contextmanager
+def opened_workdir(config, workdir):
+  """Checks the config, creates and locks the workdir; yields the mesh and the metric writer.
+
+  Every entry point that writes into a workdir opens it here, so two runs never share one.
+  """
   config_lib.check(config, device_count=jax.device_count(), process_count=jax.process_count())
   if jax.process_index() == 0:
     try:  # Root may write where os.access says no: try it.
@@ -222,11 +194,15 @@ def setup(config, workdir):
       os.remove(probe)
     except OSError as e:
       raise ValueError(f'workdir {workdir} is not writable ({e.strerror}).') from None
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  mesh = sharding.make_mesh()
-  logging.info('Mesh: %d devices in %d processes, %s.', jax.device_count(), jax.process_count(),
-               dict(mesh.shape))
-  return mesh, writer
+  with resume.WorkdirLock(workdir):
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    mesh = sharding.make_mesh()
+    logging.info('Mesh: %d devices in %d processes, %s.', jax.device_count(),
+                 jax.process_count(), dict(mesh.shape))
+    try:
+      yield mesh, writer
+    finally:
+      writer.close()
 
 
 def _source(config, split):
@@ -234,21 +210,40 @@ def _source(config, split):
                                    process_count=jax.process_count())
 
 
+def _refuse_to_overwrite_the_source(config, workdir):
+  export = os.path.join(workdir, resume.EXPORT_FILE)
+  source = config.pretrained_path
+  if (source and '://' not in source and os.path.exists(source) and os.path.exists(export) and
+      os.path.samefile(source, export)):
+    raise ValueError(f'pretrained_path={source!r} is the {resume.EXPORT_FILE} this run would '
+                     f'write in workdir {workdir}: fine-tune into another workdir (the source is '
+                     'kept).')
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains, evaluates and exports; resumes from the latest checkpoint in workdir if any."""
-  start_time = time.time()
-  mesh, writer = setup(config, workdir)
-  train_source, test_source = _source(config, config.train_split), _source(config, config.test_split)
-  num_classes = mpp.NUM_COLOURS if config.objective == 'mpp' else train_source.num_classes
-  image_size = config_lib.image_size(config)
+  _refuse_to_overwrite_the_source(config, workdir)
+  with opened_workdir(config, workdir) as (mesh, writer):
+    return _train_and_evaluate(config, workdir, mesh, writer)
 
-  model = create_model(config, num_classes)
+
+def _train_and_evaluate(config, workdir, mesh, writer) -> dict:
+  start_time = time.time()
+  train_source, test_source = _source(config, config.train_split), _source(config, config.test_split)
+  objective = objectives.from_config(config, train_source.num_classes)
+  image_size = config_lib.image_size(config)
+  record = resume.Workdir(workdir)
+  record.check_compatible(config, num_outputs=objective.num_outputs, image_size=image_size)
+  if config.fewshot.every and not fewshot.usable_shots(train_source, config.fewshot.shots):
+    raise ValueError(f'fewshot.shots={config.fewshot.shots}: some class of {config.dataset}:'
+                     f'{config.train_split} has fewer examples than that.')
+
+  model = create_model(config, objective.num_outputs)
   schedule = optim.make_schedule(config)
   tx = optim.make_optimizer(config)
-  state, shardings = init_state(config, model, tx, mesh, image_size)
+  state, shardings = init_state(config, model, tx, mesh, image_size, objective)
 
-  checkpoints = resume.Checkpoints(workdir, config)
-  checkpoints.check_compatible()
+  checkpoints = resume.Checkpoints(workdir, config.keep_checkpoints)
   restored = checkpoints.restore_latest(state)
   if restored is not None:
     state = restored
@@ -257,17 +252,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                     reinit_head=config.reinit_head)
     state = dict(state, params=params, opt_state=jax.jit(
         tx.init, out_shardings=shardings['opt_state'])(params))
-  checkpoints.write_config()
+  step = last_checkpoint = int(jax.device_get(state['step']))
+  record.record_start(config, num_outputs=objective.num_outputs, image_size=image_size,
+                      start_step=step)
   if jax.process_index() == 0:
     parameter_overview.log_parameter_overview(state['params'])
   writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
                         for k, v in flax.traverse_util.flatten_dict(
                             config.to_dict(), sep='.').items()})
 
-  train_step = make_train_step(config, model, tx, schedule, shardings, mesh)
-  eval_step = make_eval_step(config, model, shardings['params'], mesh)
+  train_step = make_train_step(config, model, tx, schedule, shardings, mesh, objective)
+  eval_step = make_eval_step(objective, model, shardings['params'], mesh)
 
-  step = last_checkpoint = int(jax.device_get(state['step']))
   local_batch = config.batch // jax.process_count()
   batches = input_pipeline.train_batches(config, train_source, batch_size=local_batch,
                                          start_step=step)
@@ -290,12 +286,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
       state, metrics = train_step(state, sharding.to_global(next(batches), mesh))
       pending.append(metrics)
       step += 1
+      checkpoints.check_save(step)  # A failed asynchronous save stops the run now.
       if step % config.progress_every == 0 or step == config.total_steps:
         check_pending()
         summary = progress.report(step, checked)
         checked.clear()
       if step % config.eval_every == 0 or step == config.total_steps:
-        eval_metrics = evaluate_split(config, eval_step, state['params'], test_source, mesh)
+        eval_metrics = evaluate_split(config, eval_step, state['params'], test_source, mesh,
+                                      objective)
         writer.write_scalars(step, eval_metrics)
         logging.info('step %d: %s', step,
                      ', '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()))
@@ -314,17 +312,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
         checkpoints.save(step, state)
         last_checkpoint = step
       if preempted:
-        checkpoints.wait()
+        checkpoints.wait(step)
         logging.warning('Preempted: saved the checkpoint of step %d; run the same command to '
                         'resume.', step)
         return {'preempted_at_step': step}
+  except BaseException:
+    checkpoints.finish_quietly()
+    raise
   finally:
     preemption.close()
-    checkpoints.wait()
+  checkpoints.wait(step)
 
   if not eval_metrics:  # Resumed at the end: evaluate what was restored.
-    eval_metrics = evaluate_split(config, eval_step, state['params'], test_source, mesh)
-  export_params(state['params'], os.path.join(workdir, 'model.npz'), mesh)
+    eval_metrics = evaluate_split(config, eval_step, state['params'], test_source, mesh,
+                                  objective)
+  export_params(state['params'], os.path.join(workdir, resume.EXPORT_FILE), mesh)
   results = dict(eval_metrics, step=step, train_loss=summary.get('train_loss'),
                  wall_time_sec=time.time() - start_time)
   write_results(workdir, 'results.json', results)
@@ -332,29 +334,49 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return results
 
 
+def init_params(config, model, mesh, image_size, objective):
+  """The parameters alone (no optimizer state), created in their shardings."""
+  def init(rng):
+    extra = objective.init_inputs(rng, config.model, image_size)
+    return model.init(rng, jnp.zeros((1,) + image_size + (3,)), train=False, **extra)['params']
+  rng = jax.random.PRNGKey(config.seed)
+  shardings = sharding.state_shardings(mesh, jax.eval_shape(init, rng), config.sharding)
+  return jax.jit(init, out_shardings=shardings)(rng), shardings
+
+
 def evaluate(config, workdir: str) -> dict:
   """Evaluates config.pretrained_path (.npz), or else the latest checkpoint in workdir."""
-  mesh, writer = setup(config, workdir)
-  source = _source(config, config.test_split)
-  model = create_model(config, source.num_classes)
-  image_size = config_lib.image_size(config)
-  tx = optim.make_optimizer(config)
-  state, shardings = init_state(config, model, tx, mesh, image_size)
-  if config.pretrained_path:
-    params = load_pretrained_params(config, state['params'], mesh, image_size, reinit_head=False)
-    step = 0
-  else:
-    restored = resume.Checkpoints(workdir, config).restore_latest(state)
-    if restored is None:
-      raise ValueError(f'Nothing to evaluate: no pretrained_path and no checkpoint in {workdir}.')
-    params, step = restored['params'], int(restored['step'])
-  eval_step = make_eval_step(config, model, shardings['params'], mesh)
-  results = evaluate_split(config, eval_step, params, source, mesh)
-  writer.write_scalars(step, results)
-  logging.info('%s', ', '.join(f'{k} {v:.4f}' for k, v in results.items()))
-  write_results(workdir, 'eval_results.json', dict(results, split=config.test_split, step=step))
-  writer.flush()
-  return results
+  with opened_workdir(config, workdir) as (mesh, writer):
+    source = _source(config, config.test_split)
+    objective = objectives.from_config(config, source.num_classes)
+    image_size = config_lib.image_size(config)
+    model = create_model(config, objective.num_outputs)
+    record = resume.Workdir(workdir)
+    if not config.pretrained_path:  # Before anything is built: the workdir's run must match.
+      record.check_compatible(config, num_outputs=objective.num_outputs, image_size=image_size,
+                              keys=resume.PARAMS_DEFINING_KEYS)
+    params, params_shardings = init_params(config, model, mesh, image_size, objective)
+    if config.pretrained_path:
+      params = load_pretrained_params(config, params, mesh, image_size, reinit_head=False)
+      step, evaluated = 0, config.pretrained_path
+    else:  # Only the parameters are read: the optimizer of the run does not matter.
+      restored = resume.Checkpoints(workdir, config.keep_checkpoints).restore_latest(
+          {'params': params, 'step': jnp.int32(0)}, partial=True)
+      if restored is None:
+        raise ValueError(f'Nothing to evaluate: no pretrained_path and no checkpoint in {workdir}.')
+      params, step = restored['params'], int(restored['step'])
+      evaluated = os.path.join(workdir, 'checkpoints', str(step))
+    record.record_start(config, num_outputs=objective.num_outputs, image_size=image_size,
+                        start_step=step)
+    eval_step = make_eval_step(objective, model, params_shardings, mesh)
+    results = evaluate_split(config, eval_step, params, source, mesh, objective)
+    writer.write_scalars(step, results)
+    logging.info('%s', ', '.join(f'{k} {v:.4f}' for k, v in results.items()))
+    append_results(workdir, 'eval_results.json', dict(
+        results, evaluated=evaluated, dataset=config.dataset, split=config.test_split,
+        step=step))
+    writer.flush()
+    return results
 
 
 def write_results(workdir, name, results):
@@ -363,3 +385,14 @@ def write_results(workdir, name, results):
     path = os.path.join(workdir, name)
     checkpoint.write_bytes(path, json.dumps(results, indent=2).encode())
     logging.info('Wrote %s: %s', path, results)
+
+
+def append_results(workdir, name, results):
+  """Adds `results` to the list in <workdir>/<name>: earlier entries are kept."""
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, name)
+    entries = resume.read_json(path) or []
+    entries = [entries] if isinstance(entries, dict) else entries  # Written by older versions.
+    entries.append(dict(results, time=time.strftime('%Y-%m-%d %H:%M:%S')))
+    checkpoint.write_bytes(path, json.dumps(entries, indent=2).encode())
+    logging.info('Added to %s: %s', path, results)

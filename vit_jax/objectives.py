@@ -1,0 +1,106 @@
+"""What a run learns: the number of outputs, the loss, and what evaluation counts.
+
+Three objectives, chosen by `config.objective` and `config.loss`:
+
+  classification   softmax cross-entropy, one label per image (the paper's fine-tuning, ImageNet-1k)
+  multi-label      sigmoid cross-entropy, several labels per image (ImageNet-21k pre-training)
+  mpp              masked patch prediction (paper Sec. 4.6, mpp.py): the 3-bit mean colour of
+                   each corrupted patch, 512 classes; the labels are not used
+
+The trainer, `evaluate`, `inference_time`, the benchmarks and the notebook ask the objective
+instead of branching on the config. Evaluation is a sum over batches (`eval_sums`, each example
+counted where its mask is 1) turned into metrics at the end (`metrics`).
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from vit_jax import models, mpp
+
+
+class Classification:
+  """Softmax cross-entropy over `num_classes`; top-1 / top-5 accuracy."""
+  name = 'classification'
+  metric_names = ('accuracy_test', 'accuracy_test_top5', 'loss_test')
+  classifiers = ('token', 'gap')  # The model's pooling: one output per image.
+
+  def __init__(self, num_classes: int):
+    self.num_outputs = num_classes
+
+  def per_example_loss(self, logits, labels):
+    return optax.softmax_cross_entropy(logits, labels)
+
+  def init_inputs(self, rng, model_config, image_size) -> dict:
+    """Keyword arguments of model.init besides the images."""
+    del rng, model_config, image_size
+    return {}
+
+  def loss(self, model, params, batch, rng):
+    logits = model.apply({'params': params}, batch['image'], train=True, rngs={'dropout': rng})
+    return self.per_example_loss(logits.astype(jnp.float32), batch['labels']).mean()
+
+  def eval_sums(self, model, params, batch) -> dict:
+    mask = batch['mask']
+    logits = model.apply({'params': params}, batch['image'], train=False).astype(jnp.float32)
+    _, top = jax.lax.top_k(logits, min(5, logits.shape[-1]))
+    # Correct if a true class is among the top k (multi-label: any of them).
+    hits = jnp.take_along_axis(batch['labels'], top, axis=-1) > 0
+    return {'top1': jnp.sum(hits[:, 0] * mask), 'top5': jnp.sum(hits.any(-1) * mask),
+            'loss': jnp.sum(self.per_example_loss(logits, batch['labels']) * mask),
+            'count': jnp.sum(mask)}
+
+  def metrics(self, totals) -> dict:
+    count = float(totals['count'])
+    return dict(zip(self.metric_names, (float(totals['top1']) / count,
+                                        float(totals['top5']) / count,
+                                        float(totals['loss']) / count)))
+
+
+class MultiLabel(Classification):
+  """Independent sigmoids, one per class; top-k counts a hit for any true class."""
+  name = 'multi_label'
+
+  def per_example_loss(self, logits, labels):
+    return optax.sigmoid_binary_cross_entropy(logits, labels).sum(-1)
+
+
+class MaskedPatchPrediction(Classification):
+  """Colour classes of the corrupted patches; the dataset's labels are ignored."""
+  name = 'mpp'
+  metric_names = ('mpp_accuracy_test', 'mpp_accuracy_test_top5', 'loss_test')
+  classifiers = ('unpooled',)  # One output per patch.
+
+  def __init__(self, num_classes: int = 0):
+    del num_classes  # The colours, not the dataset, make the classes.
+    super().__init__(mpp.NUM_COLOURS)
+
+  def init_inputs(self, rng, model_config, image_size) -> dict:
+    stride = models.token_stride(model_config)  # The corruption creates the [mask] embedding.
+    num_patches = (image_size[0] // stride[0]) * (image_size[1] // stride[1])
+    return {'patch_corruption': mpp.sample_corruption(rng, 1, num_patches)}
+
+  def loss(self, model, params, batch, rng):
+    corruption_rng, dropout_rng = jax.random.split(rng)
+    losses, _, _ = mpp.loss_and_accuracy(model, params, batch['image'], corruption_rng,
+                                         train=True, dropout_rng=dropout_rng)
+    return losses.mean()
+
+  def eval_sums(self, model, params, batch) -> dict:
+    mask = batch['mask']  # One fixed corruption, so that evaluations compare.
+    losses, top1, top5 = mpp.loss_and_accuracy(model, params, batch['image'],
+                                               jax.random.PRNGKey(0), train=False)
+    return {'top1': jnp.sum(top1 * mask), 'top5': jnp.sum(top5 * mask),
+            'loss': jnp.sum(losses * mask), 'count': jnp.sum(mask)}
+
+
+def kind(config):
+  """The objective's class: what config.objective and config.loss ask for."""
+  if config.objective == 'mpp':
+    return MaskedPatchPrediction
+  return MultiLabel if config.loss == 'sigmoid_xent' else Classification
+
+
+def from_config(config, num_classes: int):
+  """The objective of `config` for a dataset of `num_classes` classes."""
+  return kind(config)(num_classes)
