@@ -41,9 +41,8 @@ def main():
   model = train.create_model(config, objective.num_outputs)
   tx, schedule = optim.make_optimizer(config), optim.make_schedule(config)
 
-  init = train.state_initializer(config, model, tx, (args.res, args.res), objective)
-  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-  shardings = sharding.state_shardings(mesh, abstract, config.sharding)
+  abstract, _ = train.abstract_state(config, model, tx, mesh, (args.res, args.res), objective)
+  shardings = train.shardings_of(abstract)
   batch = {'image': jax.ShapeDtypeStruct((args.batch, args.res, args.res, 3), 'float32'),
            'labels': jax.ShapeDtypeStruct((args.batch, 21_843), 'float32')}
   step = train.make_train_step(config, model, tx, schedule, shardings, mesh, objective)

@@ -58,7 +58,7 @@ def official_layout_arrays(seed=0, grid=4, newer_spelling=False):
   return arrays
 
 
-def reference_logits(p, images):
+def reference_logits(p, images, patch=PATCH):
   """The paper's Eq. (1)-(4) in plain jax.numpy over official-layout arrays."""
 
   def layer_norm(x, prefix):
@@ -70,8 +70,8 @@ def reference_logits(p, images):
     return 0.5 * x * (1 + jnp.tanh(jnp.sqrt(2 / jnp.pi) * (x + 0.044715 * x ** 3)))
 
   b, h, w, c = images.shape
-  patches = images.reshape(b, h // PATCH, PATCH, w // PATCH, PATCH, c)
-  patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, PATCH * PATCH * c)
+  patches = images.reshape(b, h // patch, patch, w // patch, patch, c)
+  patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, patch * patch * c)
   x = patches @ p['embedding/kernel'].reshape(-1, WIDTH) + p['embedding/bias']
   x = jnp.concatenate([jnp.broadcast_to(p['cls'], (b, 1, WIDTH)), x], axis=1)
   x = x + p['Transformer/posembed_input/pos_embedding']
@@ -90,6 +90,68 @@ def reference_logits(p, images):
   y = layer_norm(x, 'Transformer/encoder_norm')[:, 0]
   y = jnp.tanh(y @ p['pre_logits/kernel'] + p['pre_logits/bias'])
   return y @ p['head/kernel'] + p['head/bias']
+
+
+def reference_stem(p, images):
+  """The hybrids' BiT stem as the official code computes it (root, one stage of one unit), in
+  plain jax.numpy: kernels standardised as (w - mean) / (std + 1e-5), GroupNorm of 32 groups."""
+  def conv(x, name, stride=1):
+    w = p[name] - p[name].mean(axis=(0, 1, 2))
+    w = w / (w.std(axis=(0, 1, 2)) + 1e-5)
+    return jax.lax.conv_general_dilated(x, w, (stride, stride), 'SAME',
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+  def group_norm(x, name, groups=32):
+    g = x.reshape(x.shape[:3] + (groups, -1))
+    g = (g - g.mean(axis=(1, 2, 4), keepdims=True)) / jnp.sqrt(
+        g.var(axis=(1, 2, 4), keepdims=True) + 1e-6)
+    return g.reshape(x.shape) * p[f'{name}/scale'].reshape(-1) + p[f'{name}/bias'].reshape(-1)
+
+  relu = jax.nn.relu
+  x = relu(group_norm(conv(images, 'conv_root/kernel', stride=2), 'gn_root'))
+  x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), 'SAME')
+  unit = 'block1/unit1'
+  residual = group_norm(conv(x, f'{unit}/conv_proj/kernel'), f'{unit}/gn_proj')
+  y = relu(group_norm(conv(x, f'{unit}/conv1/kernel'), f'{unit}/gn1'))
+  y = relu(group_norm(conv(y, f'{unit}/conv2/kernel'), f'{unit}/gn2'))
+  return relu(residual + group_norm(conv(y, f'{unit}/conv3/kernel'), f'{unit}/gn3'))
+
+
+def hybrid_layout_arrays(gn_shape):
+  """A hybrid (BiT root + one unit of 64 features, 4 pixels per token) in the official layout,
+  with small kernels, so that where the standardisation's eps sits matters."""
+  rng = np.random.default_rng(1)
+  arrays = official_layout_arrays()
+  arrays['embedding/kernel'] = rng.normal(scale=0.05, size=(1, 1, 256, WIDTH)).astype(np.float32)
+  kernels = {'conv_root': (7, 7, 3, 64), 'block1/unit1/conv1': (1, 1, 64, 64),
+             'block1/unit1/conv2': (3, 3, 64, 64), 'block1/unit1/conv3': (1, 1, 64, 256),
+             'block1/unit1/conv_proj': (1, 1, 64, 256)}
+  for name, shape in kernels.items():
+    arrays[f'{name}/kernel'] = rng.normal(scale=1e-4, size=shape).astype(np.float32)
+  for name, channels in [('gn_root', 64), ('block1/unit1/gn1', 64), ('block1/unit1/gn2', 64),
+                         ('block1/unit1/gn3', 256), ('block1/unit1/gn_proj', 256)]:
+    for key, offset in (('scale', 1.0), ('bias', 0.0)):
+      value = offset + rng.normal(scale=0.2, size=channels)
+      arrays[f'{name}/{key}'] = value.reshape(gn_shape(channels)).astype(np.float32)
+  return arrays
+
+
+@pytest.mark.parametrize('gn_shape', [lambda c: (c,), lambda c: (1, 1, 1, c)],
+                         ids=['gn (C,)', 'gn (1, 1, 1, C), AugReg'])
+def test_hybrid_official_layout_gives_reference_logits(tmp_path, images, gn_shape):
+  config = small_config()
+  config.patches.size = (1, 1)
+  config.resnet = {'num_layers': (1,), 'width_factor': 1}
+  model = VisionTransformer(num_classes=CLASSES, **config)
+  path = str(tmp_path / 'hybrid.npz')
+  arrays = hybrid_layout_arrays(gn_shape)
+  np.savez(path, **arrays)
+  params = checkpoint.load_pretrained(pretrained_path=path, init_params=init_params(config),
+                                      model_config=config, reinit_head=False)
+  logits = model.apply({'params': params}, images, train=False)
+  expected = reference_logits(arrays, reference_stem(arrays, images), patch=1)
+  assert np.abs(expected).max() > 0.1  # Logits that carry signal.
+  np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope='module')
@@ -146,12 +208,18 @@ def test_remote_paths_go_through_gfile(tmp_path):
     checkpoint.load('ram://bucket/absent.npz')
 
 
-def test_load_pretrained_same_model_is_exact(tmp_path):
+def test_load_pretrained_keeps_the_head_only_when_asked(tmp_path):
   path = str(tmp_path / 'official.npz')
   np.savez(path, **official_layout_arrays())
-  params = checkpoint.load_pretrained(pretrained_path=path, init_params=init_params(small_config()),
-                                      model_config=small_config())
-  np.testing.assert_array_equal(params['head']['kernel'], official_layout_arrays()['head/kernel'])
+  kept = checkpoint.load_pretrained(pretrained_path=path, init_params=init_params(small_config()),
+                                    model_config=small_config(), reinit_head=False)
+  np.testing.assert_array_equal(kept['head']['kernel'], official_layout_arrays()['head/kernel'])
+  # By default, as the official load_pretrained: the fresh (zero) head, even where one fits.
+  fresh = checkpoint.load_pretrained(pretrained_path=path, init_params=init_params(small_config()),
+                                     model_config=small_config())
+  np.testing.assert_array_equal(fresh['head']['kernel'], 0.0)
+  np.testing.assert_array_equal(fresh['embedding']['kernel'],
+                                official_layout_arrays()['embedding/kernel'])
 
 
 def test_posemb_resampled_14x14_to_24x24_keeps_class_token_and_corners(tmp_path):
@@ -202,14 +270,6 @@ def test_new_head_and_no_representation_layer(tmp_path):
   np.testing.assert_array_equal(params['head']['kernel'], np.zeros((WIDTH, 10)))
   np.testing.assert_array_equal(params['head']['bias'], np.full(10, -3.0))
   np.testing.assert_array_equal(params['embedding']['kernel'], arrays['embedding/kernel'])
-
-
-def test_reinit_head_on_request(tmp_path):
-  path = str(tmp_path / 'official.npz')
-  np.savez(path, **official_layout_arrays())
-  params = checkpoint.load_pretrained(pretrained_path=path, init_params=init_params(small_config()),
-                                      model_config=small_config(), reinit_head=True)
-  np.testing.assert_array_equal(params['head']['kernel'], 0.0)
 
 
 def test_token_to_gap_and_back(tmp_path):

@@ -128,7 +128,7 @@ def test_weight_standardisation():
   kernel = variables['params']['kernel'] * 7 + 3  # Scale and shift: same standardised conv.
   x = jax.random.normal(jax.random.PRNGKey(1), (1, 5, 5, 2))
   np.testing.assert_allclose(conv.apply({'params': {'kernel': kernel}}, x),
-                             conv.apply(variables, x), rtol=1e-3, atol=1e-3)  # eps in the variance.
+                             conv.apply(variables, x), rtol=1e-3, atol=1e-3)  # Up to the eps on the std.
 
 
 def test_drop_path_is_off_in_evaluation_and_keeps_the_expected_rate():

@@ -177,3 +177,11 @@ def test_remat_changes_memory_not_results():
   weights = lambda tree: tree['Transformer']['encoderblock_1'][
       'MultiHeadDotProductAttention_1']['attention_weights'][0]
   np.testing.assert_allclose(weights(intermediates_remat), weights(intermediates), atol=1e-6)
+
+
+def test_registry_dropout_equals_the_official_configs():
+  with_dropout = {'ViT-L_16', 'ViT-H_14', 'R50+ViT-B_16', 'R50+ViT-L_32', 'testing',
+                  'testing-unpooled'}
+  for name, config in models.MODEL_CONFIGS.items():
+    assert config.transformer.dropout_rate == (0.1 if name in with_dropout else 0.0), name
+    assert config.transformer.attention_dropout_rate == 0.0, name

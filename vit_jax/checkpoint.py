@@ -68,13 +68,19 @@ def write_bytes(path: str, data: bytes):
     raise
 
 
-def _to_official_spelling(params: dict) -> dict:
-  transformer = params.get('Transformer', {})
-  for name, block in transformer.items():
-    if name.startswith('encoderblock_') and ('MlpBlock_0' in block or
-                                             'MultiHeadDotProductAttention_0' in block):
-      transformer[name] = {_NEWER_TO_OFFICIAL.get(k, k): v for k, v in block.items()}
-  return params
+def _to_official_layout(flat: dict) -> dict:
+  """{key tuple: array} in the official spelling and shapes: the newer Flax numbering of a
+  block's modules; GroupNorm scales and biases of shape (1, 1, 1, C), as the AugReg hybrids
+  store them (older Flax), as (C,)."""
+  layout = {}
+  for key, value in flat.items():
+    if len(key) > 2 and key[0] == 'Transformer' and key[1].startswith('encoderblock_'):
+      key = key[:2] + (_NEWER_TO_OFFICIAL.get(key[2], key[2]),) + key[3:]
+    if (len(key) > 1 and key[-2].startswith('gn') and key[-1] in ('scale', 'bias') and
+        value.ndim == 4):
+      value = value.reshape(-1)
+    layout[key] = value
+  return layout
 
 
 def load(path: str) -> dict:
@@ -87,7 +93,7 @@ def load(path: str) -> dict:
     raise ValueError(f'{path} is not a readable .npz checkpoint ({type(e).__name__}: {e}).') from e
   if not flat:
     raise ValueError(f'{path} holds no parameters.')
-  return _to_official_spelling(flax.traverse_util.unflatten_dict(flat))
+  return flax.traverse_util.unflatten_dict(_to_official_layout(flat))
 
 
 def save(params: Params, path: str):
@@ -189,13 +195,14 @@ def _replace_from_init(restored: dict, init: dict, prefix: str):
 
 
 def load_pretrained(*, pretrained_path: str, init_params: Params, model_config,
-                    reinit_head: Optional[bool] = None,
+                    reinit_head: bool = True,
                     image_size: Optional[Sequence[int]] = None,
                     pretrained_image_size: Optional[Sequence[int]] = None) -> Params:
   """Loads a checkpoint into the structure of `init_params` for fine-tuning.
 
-  - `head`: with reinit_head=None, the checkpoint's when its shape fits, else the fresh one from
-    `init_params`; True: always the fresh one; False: the checkpoint's (a mismatch is an error);
+  - `head`: the fresh one from `init_params` (as the official load_pretrained does); with
+    reinit_head=False the checkpoint's (e.g. to evaluate a fine-tuned checkpoint; a mismatch is
+    an error);
   - `pre_logits` is dropped when the target has no representation layer;
   - `cls` is dropped or taken from the initialisation when converting token <-> gap models;
   - position embeddings are resampled to the target grid (2D, corners aligned, class token
@@ -206,10 +213,8 @@ def load_pretrained(*, pretrained_path: str, init_params: Params, model_config,
   restored = flax.traverse_util.flatten_dict(load(pretrained_path))
   init = flax.traverse_util.flatten_dict(init_params)
 
-  head = [k for k in init if k[0] == 'head']
-  head_fits = all(k in restored and restored[k].shape == init[k].shape for k in head)
-  if head and (reinit_head or (reinit_head is None and not head_fits)):
-    logging.info('Keeping the freshly initialised head of %s.', pretrained_path)
+  if reinit_head and any(k[0] == 'head' for k in init):
+    logging.info('Fine-tuning %s with a freshly initialised head.', pretrained_path)
     _replace_from_init(restored, init, 'head')
   for prefix in ('head', 'pre_logits', 'mask_token'):  # mask_token: masked patch prediction.
     if not any(k[0] == prefix for k in init):

@@ -59,7 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = models.get_config('ViT-B_16')
   c.dtype = 'float32'  # Activations; parameters are always float32.
   c.pretrained_path = ml_collections.FieldReference(None, field_type=str)
-  c.reinit_head = ml_collections.FieldReference(None, field_type=bool)  # See load_pretrained.
+  c.reinit_head = True  # False: keep the pretrained head (see checkpoint.load_pretrained).
   c.loss = 'softmax_xent'
   c.objective = 'classification'  # or 'mpp': masked patch prediction (mpp.py), no labels used.
 
@@ -110,7 +110,6 @@ def finetune_recipe(c: ml_collections.ConfigDict):
   c.decay_type = 'cosine'
   c.warmup_steps = 500
   c.batch = 512
-  c.reinit_head = True
   c.model.representation_size = None
 
 

@@ -34,7 +34,8 @@ def inference_time(config, workdir: str) -> dict:
     images = jax.device_put(
         jax.random.uniform(jax.random.PRNGKey(0), (config.batch_eval, height, width, 3),
                            minval=-1), sharding.batch_sharding(mesh))
-    params, _ = train.init_params(config, model, mesh, (height, width), objective)
+    _, create_params = train.abstract_params(config, model, mesh, (height, width), objective)
+    params = create_params()
     forward = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
 
     start = time.perf_counter()

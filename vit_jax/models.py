@@ -59,6 +59,10 @@ def _build_registry():
   tiny = dict(hidden_size=10, mlp_dim=10, num_heads=2, num_layers=1, patch=16)
   configs['testing'] = vit_config('testing', **tiny)
   configs['testing-unpooled'] = vit_config('testing-unpooled', classifier='unpooled', **tiny)
+  # Dropout as in the official MODEL_CONFIGS (the rate these models were trained with).
+  for name in ('ViT-L_16', 'ViT-H_14', 'R50+ViT-B_16', 'R50+ViT-L_32', 'testing',
+               'testing-unpooled'):
+    configs[name].transformer.dropout_rate = 0.1
   return configs
 
 

@@ -15,14 +15,17 @@ Dtype = Any
 
 
 class StdConv(nn.Conv):
-  """A convolution whose kernel is standardised (zero mean, unit variance per output channel)."""
+  """A convolution whose kernel is standardised per output channel: (w - mean) / (std + 1e-5).
+
+  The eps is added to the standard deviation, not the variance, as in BiT and the released
+  hybrid checkpoints: for small kernels the two differ a lot.
+  """
 
   def param(self, name, *args, **kwargs):
     param = super().param(name, *args, **kwargs)
     if name == 'kernel':
-      mean = jnp.mean(param, axis=(0, 1, 2), keepdims=True)
-      var = jnp.var(param, axis=(0, 1, 2), keepdims=True)
-      param = (param - mean) / jnp.sqrt(var + 1e-5)
+      param = param - jnp.mean(param, axis=(0, 1, 2), keepdims=True)
+      param = param / (jnp.std(param, axis=(0, 1, 2), keepdims=True) + 1e-5)
     return param
 
 
@@ -38,7 +41,8 @@ class ResidualUnit(nn.Module):
     conv = lambda features, kernel, strides, name: StdConv(
         features, kernel, strides, use_bias=False, padding='SAME' if kernel != (1, 1) else 'VALID',
         dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-    norm = lambda name: nn.GroupNorm(dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    norm = lambda name, **kwargs: nn.GroupNorm(dtype=self.dtype, param_dtype=self.param_dtype,
+                                               name=name, **kwargs)
 
     residual = x
     if x.shape[-1] != self.features * 4 or self.strides != (1, 1):
@@ -46,7 +50,9 @@ class ResidualUnit(nn.Module):
       residual = norm('gn_proj')(residual)
     y = nn.relu(norm('gn1')(conv(self.features, (1, 1), (1, 1), 'conv1')(x)))
     y = nn.relu(norm('gn2')(conv(self.features, (3, 3), self.strides, 'conv2')(y)))
-    y = norm('gn3')(conv(self.features * 4, (1, 1), (1, 1), 'conv3')(y))
+    # gn3 starts at zero scale: each unit starts as the identity on its residual (as in BiT).
+    y = norm('gn3', scale_init=nn.initializers.zeros)(
+        conv(self.features * 4, (1, 1), (1, 1), 'conv3')(y))
     return nn.relu(residual + y)
 
 

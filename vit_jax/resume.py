@@ -160,7 +160,9 @@ class Workdir:
     for entry in reversed(history):
       if entry.get('trainer') == 'train':
         return entry['config'], entry.get('num_outputs'), entry.get('image_size')
-    first = read_json(os.path.join(self.path, CONFIG_FILE))  # Workdirs from before the history.
+    # Workdirs from before the history: their config only (the checkpoint's metadata catches
+    # shape changes of what it does not say).
+    first = read_json(os.path.join(self.path, CONFIG_FILE))
     return (first, None, None) if first else None
 
   def check_compatible(self, config, *, num_outputs, image_size, keys=STATE_DEFINING_KEYS):
@@ -177,10 +179,6 @@ class Workdir:
     saved = signature(saved_config, keys, num_outputs=saved_outputs, image_size=saved_size)
     current = signature(current, keys, num_outputs=num_outputs if saved_outputs else None,
                         image_size=image_size if saved_size else None)
-    if saved_size is None and 'pp' in saved_config:  # Older record: compare the crop itself.
-      crop = saved_config['pp'].get('crop')
-      saved['image size'] = [crop, crop] if isinstance(crop, int) else list(crop)
-      current['image size'] = list(image_size)
     changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
     if changed:
       details = '; '.join(f'{k}: {saved.get(k)!r} in the checkpoints, {current.get(k)!r} now'

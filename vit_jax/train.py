@@ -42,13 +42,29 @@ def state_initializer(config, model, tx, image_size, objective):
   return init
 
 
-def init_state(config, model, tx, mesh, image_size, objective):
-  """The train state, created directly in its shardings."""
+def sharded(init, mesh, strategy: str, rng):
+  """What init(rng) gives, without computing it: (ShapeDtypeStructs with their shardings, a
+  function that creates it directly in those shardings). Restoring needs only the first."""
+  shapes = jax.eval_shape(init, rng)
+  shardings = sharding.state_shardings(mesh, shapes, strategy)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          shapes, shardings)
+  return abstract, lambda: jax.jit(init, out_shardings=shardings)(rng)
+
+
+def abstract_state(config, model, tx, mesh, image_size, objective):
   init = state_initializer(config, model, tx, image_size, objective)
-  rng = jax.random.PRNGKey(config.seed)
-  abstract = jax.eval_shape(init, rng)
-  shardings = sharding.state_shardings(mesh, abstract, config.sharding)
-  return jax.jit(init, out_shardings=shardings)(rng), shardings
+  return sharded(init, mesh, config.sharding, jax.random.PRNGKey(config.seed))
+
+
+def init_state(config, model, tx, mesh, image_size, objective):
+  """The train state, created directly in its shardings, and the shardings."""
+  abstract, create = abstract_state(config, model, tx, mesh, image_size, objective)
+  return create(), shardings_of(abstract)
+
+
+def shardings_of(abstract):
+  return jax.tree.map(lambda x: x.sharding, abstract)
 
 
 # --------------------------------------------------------------------------------------- steps
@@ -241,17 +257,18 @@ def _train_and_evaluate(config, workdir, mesh, writer) -> dict:
   model = create_model(config, objective.num_outputs)
   schedule = optim.make_schedule(config)
   tx = optim.make_optimizer(config)
-  state, shardings = init_state(config, model, tx, mesh, image_size, objective)
+  abstract, create_state = abstract_state(config, model, tx, mesh, image_size, objective)
+  shardings = shardings_of(abstract)
 
   checkpoints = resume.Checkpoints(workdir, config.keep_checkpoints)
-  restored = checkpoints.restore_latest(state)
-  if restored is not None:
-    state = restored
-  elif config.pretrained_path:
-    params = load_pretrained_params(config, state['params'], mesh, image_size,
-                                    reinit_head=config.reinit_head)
-    state = dict(state, params=params, opt_state=jax.jit(
-        tx.init, out_shardings=shardings['opt_state'])(params))
+  state = checkpoints.restore_latest(abstract)
+  if state is None:
+    state = create_state()
+    if config.pretrained_path:
+      params = load_pretrained_params(config, state['params'], mesh, image_size,
+                                      reinit_head=config.reinit_head)
+      state = dict(state, params=params, opt_state=jax.jit(
+          tx.init, out_shardings=shardings['opt_state'])(params))
   step = last_checkpoint = int(jax.device_get(state['step']))
   record.record_start(config, num_outputs=objective.num_outputs, image_size=image_size,
                       start_step=step)
@@ -334,14 +351,12 @@ def _train_and_evaluate(config, workdir, mesh, writer) -> dict:
   return results
 
 
-def init_params(config, model, mesh, image_size, objective):
-  """The parameters alone (no optimizer state), created in their shardings."""
+def abstract_params(config, model, mesh, image_size, objective):
+  """The parameters alone (no optimizer state): see `sharded`."""
   def init(rng):
     extra = objective.init_inputs(rng, config.model, image_size)
     return model.init(rng, jnp.zeros((1,) + image_size + (3,)), train=False, **extra)['params']
-  rng = jax.random.PRNGKey(config.seed)
-  shardings = sharding.state_shardings(mesh, jax.eval_shape(init, rng), config.sharding)
-  return jax.jit(init, out_shardings=shardings)(rng), shardings
+  return sharded(init, mesh, config.sharding, jax.random.PRNGKey(config.seed))
 
 
 def evaluate(config, workdir: str) -> dict:
@@ -355,20 +370,22 @@ def evaluate(config, workdir: str) -> dict:
     if not config.pretrained_path:  # Before anything is built: the workdir's run must match.
       record.check_compatible(config, num_outputs=objective.num_outputs, image_size=image_size,
                               keys=resume.PARAMS_DEFINING_KEYS)
-    params, params_shardings = init_params(config, model, mesh, image_size, objective)
+    abstract, create_params = abstract_params(config, model, mesh, image_size, objective)
     if config.pretrained_path:
-      params = load_pretrained_params(config, params, mesh, image_size, reinit_head=False)
+      params = load_pretrained_params(config, create_params(), mesh, image_size,
+                                      reinit_head=False)
       step, evaluated = 0, config.pretrained_path
     else:  # Only the parameters are read: the optimizer of the run does not matter.
+      step_abstract = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
       restored = resume.Checkpoints(workdir, config.keep_checkpoints).restore_latest(
-          {'params': params, 'step': jnp.int32(0)}, partial=True)
+          {'params': abstract, 'step': step_abstract}, partial=True)
       if restored is None:
         raise ValueError(f'Nothing to evaluate: no pretrained_path and no checkpoint in {workdir}.')
       params, step = restored['params'], int(restored['step'])
       evaluated = os.path.join(workdir, 'checkpoints', str(step))
     record.record_start(config, num_outputs=objective.num_outputs, image_size=image_size,
                         start_step=step)
-    eval_step = make_eval_step(objective, model, params_shardings, mesh)
+    eval_step = make_eval_step(objective, model, shardings_of(abstract), mesh)
     results = evaluate_split(config, eval_step, params, source, mesh, objective)
     writer.write_scalars(step, results)
     logging.info('%s', ', '.join(f'{k} {v:.4f}' for k, v in results.items()))
