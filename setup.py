@@ -12,6 +12,7 @@ setup(
         'absl-py>=2.1,<3',
         'clu>=0.0.12,<0.1',
         'flax>=0.12.8,<0.13',
+        'importlib_resources>=6,<8',  # TFDS imports it when it downloads and prepares a dataset.
         'jax>=0.10.2,<0.11',
         'matplotlib>=3.9,<4',  # The analysis figures.
         'ml_collections>=1.1,<2',

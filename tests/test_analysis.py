@@ -6,6 +6,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from PIL import Image
 
 from helpers import run_main
@@ -120,3 +121,50 @@ def test_inference_time_measures_and_writes(tmp_path):
   written = json.loads((tmp_path / 'inference_time.json').read_text())
   assert len(written) == 1 and written[0]['batch'] == 16 and written[0]['image_size'] == [8, 8]
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(tmp_path))
+
+
+@pytest.mark.parametrize('posemb', ['learn', 'learn_2d', 'sincos2d', 'relative', 'none'])
+@pytest.mark.parametrize('classifier', ['token', 'gap'])
+def test_exports_of_every_variant_describe_themselves(tmp_path, posemb, classifier):
+  config = models.vit_config('tiny', hidden_size=16, mlp_dim=32, num_heads=2, num_layers=1,
+                             patch=4, classifier=classifier)
+  config.transformer.update(posemb=posemb, gelu_approximate=False)
+  model = VisionTransformer(num_classes=3, **config)
+  images = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 12, 3))  # A 2x3 grid.
+  params = model.init(jax.random.PRNGKey(0), images, train=False)['params']
+  params = jax.tree.map(lambda p: p + 0.05, params)
+  path = str(tmp_path / 'model.npz')
+  checkpoint.save(params, path, model_config=config, image_size=(8, 12))
+  loaded, loaded_config, num_classes, image_size = checkpoint.load_model(path)
+  assert (loaded_config.to_dict(), num_classes, image_size) == (config.to_dict(), 3, (8, 12))
+  np.testing.assert_array_equal(
+      VisionTransformer(num_classes=3, **loaded_config).apply({'params': loaded}, images,
+                                                              train=False),
+      model.apply({'params': params}, images, train=False))
+  assert checkpoint.load(path).keys() == params.keys()  # The description is no parameter.
+  figures = analysis.analyse(loaded, model, loaded_config, images, str(tmp_path / 'figures'))
+  assert len(figures) == (4 if posemb in ('learn', 'learn_2d', 'sincos2d') else 3)
+  assert sorted(os.listdir(tmp_path / 'figures')) == sorted(os.path.basename(f) for f in figures)
+  # Without the description, what the shapes say (and a named error where they cannot).
+  if posemb in ('sincos2d', 'none'):
+    with pytest.raises(ValueError, match='cannot tell apart'):
+      checkpoint.infer_model_config(loaded)
+  elif posemb != 'learn':  # The 1D table is taken as square.
+    inferred, _, inferred_size = checkpoint.infer_model_config(loaded)
+    assert (inferred.transformer.posemb, inferred_size) == (posemb, (8, 12))
+
+
+def test_predict_reads_a_model_that_its_parameters_cannot_describe(tmp_path):
+  config = models.vit_config('tiny', hidden_size=16, mlp_dim=32, num_heads=2, num_layers=1,
+                             patch=4)
+  config.transformer.posemb = 'sincos2d'
+  model = VisionTransformer(num_classes=10, **config)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)), train=False)['params']
+  path = str(tmp_path / 'model.npz')
+  checkpoint.save(jax.tree.map(lambda p: p + 0.05, params), path, model_config=config,
+                  image_size=(16, 16))
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'digit.png')
+  result = run_main(module='vit_jax.predict', *(f'--checkpoint={path}', '--dataset=digits',
+                                                str(tmp_path / 'digit.png')))
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert len(result.stdout.splitlines()) == 6

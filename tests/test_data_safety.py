@@ -298,7 +298,8 @@ def test_resuming_keeps_the_config_history(finished, run_copy):
 
 def test_command_line_tools_name_bad_input(finished, tmp_path):
   mpp_export = tmp_path / 'mpp.npz'
-  params = load_npz(finished / 'model.npz')
+  params = load_npz(finished / 'model.npz')  # As an MPP export without its description.
+  del params[checkpoint.DESCRIPTION_KEY]
   params['mask_token'] = np.zeros((1, 1, 16), np.float32)
   np.savez(mpp_export, **params)
   image = tmp_path / 'digit.png'

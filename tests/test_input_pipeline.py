@@ -180,6 +180,22 @@ def test_tfds_errors(tmp_path):
                               'validation')
 
 
+def test_tfds_download_gets_as_far_as_the_network(tmp_path, monkeypatch):
+  """Every import the download path needs is installed (TFDS needs importlib_resources): a real
+  builder's download_and_prepare, through get_source, fails only at the network, here a
+  stand-in that refuses every request."""
+  import requests
+
+  def offline(*args, **kwargs):
+    raise requests.exceptions.ConnectionError('no network in the tests')
+
+  monkeypatch.setattr(requests.adapters.HTTPAdapter, 'send', offline)
+  config = make_config('mnist', tfds_data_dir=str(tmp_path))
+  config.tfds_download = True
+  with pytest.raises(requests.exceptions.ConnectionError, match='no network in the tests'):
+    input_pipeline.get_source(config, 'train')
+
+
 def test_decode_handles_grayscale_and_alpha(tmp_path):
   gray = tmp_path / 'gray.png'
   Image.fromarray(np.full((5, 7), 200, np.uint8)).save(gray)

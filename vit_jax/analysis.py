@@ -169,23 +169,28 @@ def plot_filters(components, path):
 
 
 def analyse(params, model, config, images, outdir) -> list:
-  """Writes the four figures for `params`; returns their paths."""
+  """Writes the figures for `params` (all four, or three for models without absolute position
+  embeddings); returns their paths."""
+  from vit_jax import checkpoint, models
   os.makedirs(outdir, exist_ok=True)
-  patch = tuple(config.patches.size)
-  grid = (images.shape[1] // patch[0], images.shape[2] // patch[1])
+  stride = models.token_stride(config)  # Pixels per token (a hybrid's stem included).
+  grid = (images.shape[1] // stride[0], images.shape[2] // stride[1])
   has_class_token = 'cls' in params
   weights = attention_weights(model, params, images)
-  paths = [os.path.join(outdir, name) for name in (
-      'attention_rollout.png', 'position_embedding_similarity.png', 'attention_distance.png',
-      'embedding_filters.png')]
-  plot_rollout(images, rollout_maps(attention_rollout(weights), grid, has_class_token), paths[0])
-  posemb = np.asarray(params['Transformer']['posembed_input']['pos_embedding'][0])
-  plot_position_similarity(
-      position_embedding_similarity(posemb[int(has_class_token):], grid), paths[1])
-  plot_attention_distance(
-      mean_attention_distance(weights, grid, patch, int(has_class_token)), paths[2])
-  plot_filters(embedding_filter_components(params['embedding']['kernel']), paths[3])
-  return paths
+  path = lambda name: os.path.join(outdir, name)
+  plot_rollout(images, rollout_maps(attention_rollout(weights), grid, has_class_token),
+               path('attention_rollout.png'))
+  paths = [path('attention_rollout.png')]
+  posemb = checkpoint.patch_position_embeddings(params, config, grid)
+  if posemb is not None:
+    plot_position_similarity(position_embedding_similarity(posemb, grid),
+                             path('position_embedding_similarity.png'))
+    paths.append(path('position_embedding_similarity.png'))
+  plot_attention_distance(mean_attention_distance(weights, grid, stride, int(has_class_token)),
+                          path('attention_distance.png'))
+  plot_filters(embedding_filter_components(params['embedding']['kernel']),
+               path('embedding_filters.png'))
+  return paths + [path('attention_distance.png'), path('embedding_filters.png')]
 
 
 def _images(image_paths, image_size, dataset, split, count):
@@ -211,8 +216,7 @@ def main(argv):
     raise app.UsageError(f'--outdir={FLAGS.outdir} is a file, not a directory: name a directory '
                          '(the file is left as it is).')
   from vit_jax.models_vit import VisionTransformer
-  params = checkpoint.load(FLAGS.checkpoint)
-  config, num_classes, image_size = checkpoint.infer_model_config(params)
+  params, config, num_classes, image_size = checkpoint.load_model(FLAGS.checkpoint)
   model = VisionTransformer(num_classes=num_classes, **config)
   images = _images(argv[1:], image_size, FLAGS.dataset, FLAGS.split, FLAGS.num_images)
   for path in analyse(params, model, config, jnp.asarray(images), FLAGS.outdir):

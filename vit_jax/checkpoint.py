@@ -6,6 +6,7 @@ through `tf.io.gfile`; local paths need no TensorFlow.
 """
 
 import io
+import json
 import logging
 import math
 import os
@@ -20,6 +21,7 @@ import numpy as np
 from vit_jax import models
 
 Params = Any
+DESCRIPTION_KEY = 'vit_jax_description'  # The model config inside an exported .npz.
 
 # Newer Flax numbers a block's sub-modules per type; the official files number them per block.
 _NEWER_TO_OFFICIAL = {
@@ -83,23 +85,54 @@ def _to_official_layout(flat: dict) -> dict:
   return layout
 
 
-def load(path: str) -> dict:
-  """Reads an .npz checkpoint into a nested dict of numpy arrays, in the official spelling."""
+def _load(path: str):
+  """(nested parameters in the official layout, the file's description or None)."""
   data = _read_bytes(path)
   try:
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
       flat = {tuple(key.split('/')): npz[key] for key in npz.files}
   except Exception as e:  # np.load raises several types for files that are not .npz archives.
     raise ValueError(f'{path} is not a readable .npz checkpoint ({type(e).__name__}: {e}).') from e
+  description = flat.pop((DESCRIPTION_KEY,), None)
+  if description is not None:
+    description = json.loads(description.tobytes().decode())
   if not flat:
     raise ValueError(f'{path} holds no parameters.')
-  return flax.traverse_util.unflatten_dict(_to_official_layout(flat))
+  return flax.traverse_util.unflatten_dict(_to_official_layout(flat)), description
 
 
-def save(params: Params, path: str):
-  """Writes `params` as an official-layout .npz (float32 where the model runs in bfloat16)."""
+def load(path: str) -> dict:
+  """Reads an .npz checkpoint into a nested dict of numpy arrays, in the official spelling."""
+  return _load(path)[0]
+
+
+def load_model(path: str):
+  """(params, model config, number of classes, image size) of a checkpoint: from the
+  description that exports of this codebase carry, else read off the parameter shapes."""
+  params, description = _load(path)
+  if description is None:
+    return (params,) + infer_model_config(params)
+  as_tuples = lambda x: ({k: as_tuples(v) for k, v in x.items()} if isinstance(x, dict) else
+                        tuple(x) if isinstance(x, list) else x)  # JSON made the tuples lists.
+  config = ml_collections.ConfigDict(as_tuples(description['model']))
+  return params, config, description['num_classes'], tuple(description['image_size'])
+
+
+def save(params: Params, path: str, *, model_config=None, image_size=None):
+  """Writes `params` as an official-layout .npz (float32 where the model runs in bfloat16).
+
+  With `model_config` (and the `image_size` it was trained at) the file describes itself: one
+  more array, `vit_jax_description` (JSON as bytes), which readers of the official layout (the
+  official code, timm) do not look up, and which `load_model` reads back.
+  """
   flat = flax.traverse_util.flatten_dict(jax.device_get(params), sep='/')
   arrays = {}
+  if model_config is not None:
+    head = flat.get('head/kernel')
+    description = {'model': json.loads(model_config.to_json_best_effort()),
+                   'num_classes': None if head is None else int(head.shape[-1]),
+                   'image_size': [int(side) for side in image_size]}
+    arrays[DESCRIPTION_KEY] = np.frombuffer(json.dumps(description).encode(), np.uint8)
   for key, value in flat.items():
     value = np.asarray(value)
     if value.dtype == jnp.bfloat16:  # np.savez cannot store bfloat16 portably.
@@ -251,10 +284,25 @@ def _check_fits(restored: dict, init: dict, path: str):
     raise CheckpointMismatchError('\n'.join(lines))
 
 
+def _posemb_and_grid(encoder: dict, has_class_token: bool):
+  """(posemb variant, patch grid) read off the position-embedding parameters, if any."""
+  table = encoder.get('posembed_input', {})
+  if 'pos_embedding' in table:
+    side = math.isqrt(table['pos_embedding'].shape[1] - has_class_token)
+    return 'learn', (side, side)
+  if 'row_embedding' in table:
+    return 'learn_2d', (len(table['row_embedding']), len(table['column_embedding']))
+  if 'relative_position_0' in encoder:
+    offsets = encoder['relative_position_0']['relative_position_bias'].shape
+    return 'relative', ((offsets[0] + 1) // 2, (offsets[1] + 1) // 2)
+  return None, None
+
+
 def infer_model_config(params: Params, name: str = 'from-checkpoint'):
   """The model config of a ViT checkpoint, read off its parameter shapes, and its image size.
 
-  Returns (config, num_classes, image_size); the image size assumes a square patch grid.
+  Returns (config, num_classes, image_size); a 1D table is taken as a square grid. For files
+  that do not describe themselves (official releases); see load_model.
   """
   try:
     patch_h, patch_w, _, width = params['embedding']['kernel'].shape
@@ -263,23 +311,46 @@ def infer_model_config(params: Params, name: str = 'from-checkpoint'):
     block = encoder['encoderblock_0']
     _, num_heads, _ = block['MultiHeadDotProductAttention_1']['query']['kernel'].shape
     mlp_dim = block['MlpBlock_3']['Dense_0']['kernel'].shape[1]
-    tokens = encoder['posembed_input']['pos_embedding'].shape[1]
   except KeyError as e:
     raise ValueError(f'Not a ViT checkpoint: it has no parameter {e}.') from None
   # Masked patch prediction models (mpp.py) have a [mask] embedding and one output per patch.
   classifier = 'unpooled' if 'mask_token' in params else 'token' if 'cls' in params else 'gap'
+  posemb, grid = _posemb_and_grid(encoder, classifier == 'token')
+  if posemb is None:
+    raise ValueError('The checkpoint has no position-embedding parameters: its model used fixed '
+                     "sincos2d embeddings or none, which the parameters cannot tell apart, nor "
+                     'its resolution. Export it again with this version of vit_jax (exports '
+                     'now carry their model config).')
   config = models.vit_config(
       name, hidden_size=width, mlp_dim=mlp_dim, num_heads=num_heads, num_layers=num_layers,
       patch=patch_h, classifier=classifier,
       representation_size=params['pre_logits']['kernel'].shape[1] if 'pre_logits' in params
       else None)
   config.patches.size = (patch_h, patch_w)
+  config.transformer.posemb = posemb
   if 'conv_root' in params:  # A hybrid: count the units of each ResNet stage.
     stages = sorted(int(k[len('block'):]) for k in params if k.startswith('block'))
     config.resnet = ml_collections.ConfigDict({
         'num_layers': tuple(len(params[f'block{s}']) for s in stages),
         'width_factor': params['conv_root']['kernel'].shape[-1] // 64})
-  grid = math.isqrt(tokens - (classifier == 'token'))
   num_classes = params['head']['kernel'].shape[-1] if 'head' in params else None
   stride_h, stride_w = models.token_stride(config)
-  return config, num_classes, (grid * stride_h, grid * stride_w)
+  return config, num_classes, (grid[0] * stride_h, grid[1] * stride_w)
+
+
+def patch_position_embeddings(params: Params, model_config, grid) -> Optional[np.ndarray]:
+  """Each patch's absolute position embedding, (grid_h * grid_w, D); None for models that
+  have none (posemb 'relative' or 'none')."""
+  posemb = model_config.transformer.posemb
+  table = params['Transformer'].get('posembed_input', {})
+  if posemb == 'learn':
+    return np.asarray(table['pos_embedding'][0, -grid[0] * grid[1]:])
+  if posemb == 'learn_2d':
+    rows, columns = np.asarray(table['row_embedding']), np.asarray(table['column_embedding'])
+    table = np.concatenate([np.repeat(rows[:, None], grid[1], 1),
+                            np.repeat(columns[None], grid[0], 0)], -1)
+    return table.reshape(grid[0] * grid[1], -1)
+  if posemb == 'sincos2d':
+    from vit_jax.models_vit import sincos2d
+    return sincos2d(grid, model_config.hidden_size)
+  return None

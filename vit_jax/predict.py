@@ -58,8 +58,7 @@ def main(argv):
   paths = argv[1:]
   if not paths:
     raise app.UsageError('Name at least one image file.')
-  params = checkpoint.load(FLAGS.checkpoint)
-  config, num_classes, image_size = checkpoint.infer_model_config(params)
+  params, config, num_classes, image_size = checkpoint.load_model(FLAGS.checkpoint)
   if not num_classes or config.classifier == 'unpooled':
     raise ValueError(f'{FLAGS.checkpoint} has no image classification head (classifier='
                      f'{config.classifier!r}, e.g. a masked patch prediction model): fine-tune it '

@@ -150,11 +150,13 @@ def load_pretrained_params(config, params, mesh, image_size, **kwargs):
       restored, params)
 
 
-def export_params(params, path: str, mesh):
-  """Writes the parameters as an official-layout .npz (gathered to every process first)."""
+def export_params(params, path: str, mesh, config):
+  """Writes the parameters as an official-layout .npz that carries its model config
+  (gathered to every process first)."""
   params = _gather(params, mesh)
   if jax.process_index() == 0:
-    checkpoint.save(params, path)
+    checkpoint.save(params, path, model_config=config.model,
+                    image_size=config_lib.image_size(config))
 
 
 # ----------------------------------------------------------------------------------------- loop
@@ -343,7 +345,7 @@ def _train_and_evaluate(config, workdir, mesh, writer) -> dict:
   if not eval_metrics:  # Resumed at the end: evaluate what was restored.
     eval_metrics = evaluate_split(config, eval_step, state['params'], test_source, mesh,
                                   objective)
-  export_params(state['params'], os.path.join(workdir, resume.EXPORT_FILE), mesh)
+  export_params(state['params'], os.path.join(workdir, resume.EXPORT_FILE), mesh, config)
   results = dict(eval_metrics, step=step, train_loss=summary.get('train_loss'),
                  wall_time_sec=time.time() - start_time)
   write_results(workdir, 'results.json', results)
