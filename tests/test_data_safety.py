@@ -7,7 +7,6 @@ existed before is byte-for-byte what it was (and, where the run should go on, th
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 
