@@ -39,4 +39,4 @@ def get_config(stage='pretrain'):
   c.eval_every = c.checkpoint_every = c.total_steps // 2
   c.progress_every = 100
   c.keep_checkpoints = 2
-  return c
+  return c.lock()  # A misspelt key now raises instead of being silently added.

@@ -37,4 +37,4 @@ def get_config(arg='B_16,cifar10'):
   c.eval_every = c.checkpoint_every = max(c.total_steps // 10, 100)
   c.keep_checkpoints = 2
   c.progress_every = 50
-  return c
+  return c.lock()  # A misspelt key now raises instead of being silently added.

@@ -38,4 +38,4 @@ def get_config(arg='B_16,imagenet21k'):
   c.optimizer, c.b1, c.b2, c.weight_decay, c.grad_norm_clip = 'adam', 0.9, 0.999, 0.0, 1.0
   c.decay_type = 'cosine'
   c.keep_checkpoints = 2
-  return c
+  return c.lock()  # A misspelt key now raises instead of being silently added.

@@ -45,4 +45,4 @@ def get_config(arg='B_16,imagenet21k'):
   c.eval_every = c.checkpoint_every = 5_000
   c.keep_checkpoints = 3
   c.progress_every = 500
-  return c
+  return c.lock()  # A misspelt key now raises instead of being silently added.

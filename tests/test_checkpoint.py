@@ -154,6 +154,106 @@ def test_hybrid_official_layout_gives_reference_logits(tmp_path, images, gn_shap
   np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=1e-5)
 
 
+def big_vision_arrays(pool: str, scan: bool, grid=4):
+  """A ViT as big_vision writes it (big_vision/models/vit.py): newer Flax module names, the
+  position embedding at the top level without a class-token slot, `MAPHead_0` for pool 'map',
+  and with scan=True one `Transformer/encoderblock` whose arrays have a leading layer axis."""
+  arrays = official_layout_arrays(seed=2, grid=grid, newer_spelling=True)
+  del arrays['pre_logits/kernel'], arrays['pre_logits/bias'], arrays['cls']
+  posemb = arrays.pop('Transformer/posembed_input/pos_embedding')
+  arrays['pos_embedding'] = posemb[:, 1:]
+  arrays['head/kernel'] = np.random.default_rng(3).normal(size=(WIDTH, CLASSES)).astype(np.float32)
+  if pool == 'tok':
+    arrays['cls'] = np.random.default_rng(4).normal(size=(1, 1, WIDTH)).astype(np.float32)
+  if pool == 'map':
+    rng = np.random.default_rng(5)
+    normal = lambda *shape: rng.normal(scale=0.2, size=shape).astype(np.float32)
+    head = 'MAPHead_0'
+    arrays[f'{head}/probe'] = normal(1, 1, WIDTH)
+    for name in ('query', 'key', 'value'):
+      arrays[f'{head}/MultiHeadDotProductAttention_0/{name}/kernel'] = normal(
+          WIDTH, HEADS, WIDTH // HEADS)
+      arrays[f'{head}/MultiHeadDotProductAttention_0/{name}/bias'] = normal(HEADS, WIDTH // HEADS)
+    arrays[f'{head}/MultiHeadDotProductAttention_0/out/kernel'] = normal(HEADS, WIDTH // HEADS,
+                                                                          WIDTH)
+    arrays[f'{head}/MultiHeadDotProductAttention_0/out/bias'] = normal(WIDTH)
+    arrays[f'{head}/LayerNorm_0/scale'] = 1 + normal(WIDTH)
+    arrays[f'{head}/LayerNorm_0/bias'] = normal(WIDTH)
+    arrays[f'{head}/MlpBlock_0/Dense_0/kernel'] = normal(WIDTH, MLP)
+    arrays[f'{head}/MlpBlock_0/Dense_0/bias'] = normal(MLP)
+    arrays[f'{head}/MlpBlock_0/Dense_1/kernel'] = normal(MLP, WIDTH)
+    arrays[f'{head}/MlpBlock_0/Dense_1/bias'] = normal(WIDTH)
+  if scan:
+    prefix = 'Transformer/encoderblock_0/'
+    for key in [k for k in arrays if k.startswith(prefix)]:
+      rest = key[len(prefix):]
+      arrays[f'Transformer/encoderblock/{rest}'] = np.stack(
+          [arrays.pop(f'Transformer/encoderblock_{i}/{rest}') for i in range(LAYERS)])
+  return arrays
+
+
+def big_vision_reference_logits(p, images, pool):
+  """big_vision's ViT forward pass in plain jax.numpy over per-layer big_vision arrays:
+  position embeddings added before the class token is prepended; 'tok', 'gap' or 'map'
+  pooling; no representation layer."""
+  def layer_norm(x, prefix):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / jnp.sqrt(var + 1e-6) * p[f'{prefix}/scale'] + p[f'{prefix}/bias']
+
+  def attention(queries, inputs, prefix):
+    q, k, v = (jnp.einsum('bnd,dhk->bnhk', x, p[f'{prefix}/{n}/kernel']) + p[f'{prefix}/{n}/bias']
+               for x, n in ((queries, 'query'), (inputs, 'key'), (inputs, 'value')))
+    weights = jax.nn.softmax(jnp.einsum('bqhk,bshk->bhqs', q, k) / jnp.sqrt(WIDTH // HEADS))
+    y = jnp.einsum('bhqs,bshk->bqhk', weights, v)
+    return jnp.einsum('bqhk,hkd->bqd', y, p[f'{prefix}/out/kernel']) + p[f'{prefix}/out/bias']
+
+  def mlp(x, prefix):
+    y = jax.nn.gelu(x @ p[f'{prefix}/Dense_0/kernel'] + p[f'{prefix}/Dense_0/bias'])
+    return y @ p[f'{prefix}/Dense_1/kernel'] + p[f'{prefix}/Dense_1/bias']
+
+  b, h, w, c = images.shape
+  patches = images.reshape(b, h // PATCH, PATCH, w // PATCH, PATCH, c)
+  patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, PATCH * PATCH * c)
+  x = patches @ p['embedding/kernel'].reshape(-1, WIDTH) + p['embedding/bias'] + p['pos_embedding']
+  if pool == 'tok':
+    x = jnp.concatenate([jnp.broadcast_to(p['cls'], (b, 1, WIDTH)), x], axis=1)
+  for i in range(LAYERS):
+    block = f'Transformer/encoderblock_{i}'
+    y = layer_norm(x, f'{block}/LayerNorm_0')
+    x = x + attention(y, y, f'{block}/MultiHeadDotProductAttention_0')
+    x = x + mlp(layer_norm(x, f'{block}/LayerNorm_1'), f'{block}/MlpBlock_0')
+  x = layer_norm(x, 'Transformer/encoder_norm')
+  if pool == 'map':
+    probe = jnp.broadcast_to(p['MAPHead_0/probe'], (b, 1, WIDTH))
+    x = attention(probe, x, 'MAPHead_0/MultiHeadDotProductAttention_0')
+    x = (x + mlp(layer_norm(x, 'MAPHead_0/LayerNorm_0'), 'MAPHead_0/MlpBlock_0'))[:, 0]
+  else:
+    x = x[:, 0] if pool == 'tok' else x.mean(axis=1)
+  return x @ p['head/kernel'] + p['head/bias']
+
+
+@pytest.mark.parametrize('scan', [False, True], ids=['per-layer', 'scanned'])
+@pytest.mark.parametrize('pool', ['tok', 'gap', 'map'])
+def test_big_vision_layout_gives_reference_logits(tmp_path, images, pool, scan):
+  path = str(tmp_path / 'big_vision.npz')
+  np.savez(path, **big_vision_arrays(pool, scan))
+  params, config, num_classes, image_size = checkpoint.load_model(path)
+  assert (config.classifier, num_classes, image_size) == (
+      {'tok': 'token', 'gap': 'gap', 'map': 'map'}[pool], CLASSES, (16, 16))
+  config.transformer.gelu_approximate = True  # big_vision's nn.gelu default, as the official.
+  model = VisionTransformer(num_classes=CLASSES, **config)
+  expected = big_vision_reference_logits(big_vision_arrays(pool, scan=False), images, pool)
+  assert np.abs(expected).max() > 0.1
+  np.testing.assert_allclose(model.apply({'params': params}, images, train=False), expected,
+                             atol=1e-5, rtol=1e-5)
+  # And as a pretrained checkpoint for fine-tuning a model of the same pooling.
+  fine_tuned = checkpoint.load_pretrained(pretrained_path=path, init_params=jax.tree.map(
+      np.zeros_like, params), model_config=config, reinit_head=False)
+  np.testing.assert_array_equal(model.apply({'params': fine_tuned}, images, train=False),
+                                model.apply({'params': params}, images, train=False))
+
+
 @pytest.fixture(scope='module')
 def model():
   return VisionTransformer(num_classes=CLASSES, **small_config())

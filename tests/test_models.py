@@ -185,3 +185,16 @@ def test_registry_dropout_equals_the_official_configs():
   for name, config in models.MODEL_CONFIGS.items():
     assert config.transformer.dropout_rate == (0.1 if name in with_dropout else 0.0), name
     assert config.transformer.attention_dropout_rate == 0.0, name
+
+
+def test_get_model_builds_the_registry_model():
+  model = models.get_model('B_16', num_classes=1000)
+  assert count_parameters(model) == PUBLISHED_PARAMETER_COUNTS['ViT-B_16']
+
+
+def test_recipe_configs_are_locked_against_misspelt_keys():
+  from helpers import parse_config
+  config = parse_config('--config=configs/finetune.py:B_16,cifar10')
+  with pytest.raises(AttributeError, match='crop_size'):
+    config.pp.crop_size = 32
+  config.pp.crop = 32  # Existing keys stay settable.

@@ -70,12 +70,34 @@ def write_bytes(path: str, data: bytes):
     raise
 
 
-def _to_official_layout(flat: dict) -> dict:
-  """{key tuple: array} in the official spelling and shapes: the newer Flax numbering of a
-  block's modules; GroupNorm scales and biases of shape (1, 1, 1, C), as the AugReg hybrids
-  store them (older Flax), as (C,)."""
+def _from_big_vision(flat: dict) -> dict:
+  """big_vision's ViT layout (big_vision/models/vit.py) as the official one:
+  - a scanned encoder, `Transformer/encoderblock/...` with a leading layer axis, per layer;
+  - the top-level `pos_embedding` (added before the class token is prepended, so it has no
+    slot for it) as `Transformer/posembed_input/pos_embedding`, with a zero class-token slot
+    (which computes exactly what big_vision computes);
+  - `Transformer/pos_embedding` (its pre-2022 files, class-token slot included) likewise.
+  Their `MAPHead_0` is this codebase's classifier='map'."""
   layout = {}
   for key, value in flat.items():
+    if key[:2] == ('Transformer', 'encoderblock'):
+      for layer in range(value.shape[0]):
+        layout[('Transformer', f'encoderblock_{layer}') + key[2:]] = value[layer]
+    elif key in (('pos_embedding',), ('Transformer', 'pos_embedding')):
+      if key == ('pos_embedding',) and ('cls',) in flat:
+        value = np.concatenate([np.zeros_like(value[:, :1]), value], axis=1)
+      layout[('Transformer', 'posembed_input', 'pos_embedding')] = value
+    else:
+      layout[key] = value
+  return layout
+
+
+def _to_official_layout(flat: dict) -> dict:
+  """{key tuple: array} in the official spelling and shapes: big_vision's layout (see
+  _from_big_vision); the newer Flax numbering of a block's modules; GroupNorm scales and biases
+  of shape (1, 1, 1, C), as the AugReg hybrids store them (older Flax), as (C,)."""
+  layout = {}
+  for key, value in _from_big_vision(flat).items():
     if len(key) > 2 and key[0] == 'Transformer' and key[1].startswith('encoderblock_'):
       key = key[:2] + (_NEWER_TO_OFFICIAL.get(key[2], key[2]),) + key[3:]
     if (len(key) > 1 and key[-2].startswith('gn') and key[-1] in ('scale', 'bias') and
@@ -249,9 +271,12 @@ def load_pretrained(*, pretrained_path: str, init_params: Params, model_config,
   if reinit_head and any(k[0] == 'head' for k in init):
     logging.info('Fine-tuning %s with a freshly initialised head.', pretrained_path)
     _replace_from_init(restored, init, 'head')
-  for prefix in ('head', 'pre_logits', 'mask_token'):  # mask_token: masked patch prediction.
-    if not any(k[0] == prefix for k in init):
-      _replace_from_init(restored, init, prefix)  # I.e. drop them.
+  # Parts the target does not have are dropped (mask_token: masked patch prediction); an
+  # attention-pooling head the checkpoint does not have starts fresh.
+  for prefix in ('head', 'pre_logits', 'mask_token', 'MAPHead_0'):
+    in_init, in_checkpoint = (any(k[0] == prefix for k in tree) for tree in (init, restored))
+    if not in_init or (prefix == 'MAPHead_0' and not in_checkpoint):
+      _replace_from_init(restored, init, prefix)
 
   _adapt_position_embeddings(restored, init, models.token_stride(model_config), image_size,
                              pretrained_image_size)
@@ -314,7 +339,8 @@ def infer_model_config(params: Params, name: str = 'from-checkpoint'):
   except KeyError as e:
     raise ValueError(f'Not a ViT checkpoint: it has no parameter {e}.') from None
   # Masked patch prediction models (mpp.py) have a [mask] embedding and one output per patch.
-  classifier = 'unpooled' if 'mask_token' in params else 'token' if 'cls' in params else 'gap'
+  classifier = ('unpooled' if 'mask_token' in params else 'map' if 'MAPHead_0' in params else
+                'token' if 'cls' in params else 'gap')
   posemb, grid = _posemb_and_grid(encoder, classifier == 'token')
   if posemb is None:
     raise ValueError('The checkpoint has no position-embedding parameters: its model used fixed '

@@ -6,7 +6,7 @@ ConfigDict is the one of the official ViT code, so configs written for it work h
 
 import ml_collections
 
-from vit_jax.models_vit import VisionTransformer  # noqa: F401  (re-exported for convenience)
+from vit_jax.models_vit import VisionTransformer
 
 # Paper Table 1 (Ti and S from DeiT / AugReg): width D, MLP size, heads, layers.
 SIZES = {
@@ -76,6 +76,12 @@ def token_stride(config) -> tuple:
   if config.get('resnet') is not None:
     stride = 4 * 2**max(len(config.resnet.num_layers) - 1, 0)
   return tuple(p * stride for p in config.patches.size)
+
+
+def get_model(name: str, **kwargs) -> VisionTransformer:
+  """The registry model `name` ('ViT-B_16', 'B_16', 'R50+ViT-B_16', ...), e.g.
+  get_model('ViT-B_16', num_classes=1000); keyword arguments go to VisionTransformer."""
+  return VisionTransformer(**get_config(name), **kwargs)
 
 
 def get_config(name: str) -> ml_collections.ConfigDict:

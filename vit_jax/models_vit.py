@@ -13,6 +13,9 @@ them carry the numeric suffixes that old Flax versions generated (`LayerNorm_2`,
 Position embeddings (paper App. D.4), `transformer.posemb`: 'learn' (1D, the default), 'learn_2d'
 (row and column tables of D/2, concatenated), 'sincos2d' (fixed), 'relative' (a learned bias per
 relative 2D offset and head, added to the attention logits) or 'none'.
+
+Pooling, `classifier`: 'token' (the class token), 'gap' (mean of the tokens), 'map' (multi-head
+attention pooling, as big_vision's ViTs: a learned probe attends to all tokens) or 'unpooled'.
 """
 
 import functools
@@ -28,7 +31,7 @@ from vit_jax import models_resnet
 Dtype = Any
 LAYER_NORM_EPSILON = 1e-6  # As in the official checkpoints; Flax's default is 1e-5.
 POSEMBS = ('learn', 'learn_2d', 'sincos2d', 'relative', 'none')
-CLASSIFIERS = ('token', 'gap', 'unpooled')
+CLASSIFIERS = ('token', 'gap', 'map', 'unpooled')
 
 
 def _check_shape(module: nn.Module, name: str, shape):
@@ -125,7 +128,9 @@ class MultiHeadDotProductAttention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, deterministic: bool, bias=None):
+  def __call__(self, x, *, deterministic: bool, bias=None, inputs_kv=None):
+    """Self-attention over x, or x's queries attending to `inputs_kv` (attention pooling)."""
+    inputs_kv = x if inputs_kv is None else inputs_kv
     width = x.shape[-1]
     if width % self.num_heads:
       raise ValueError(f'hidden_size {width} is not divisible by num_heads {self.num_heads}.')
@@ -134,8 +139,8 @@ class MultiHeadDotProductAttention(nn.Module):
         nn.DenseGeneral, features=(self.num_heads, head_dim), dtype=self.dtype,
         param_dtype=self.param_dtype, kernel_init=nn.initializers.xavier_uniform())
     query = projection(name='query')(x) / jnp.sqrt(head_dim).astype(self.dtype)
-    key = projection(name='key')(x)
-    value = projection(name='value')(x)
+    key = projection(name='key')(inputs_kv)
+    value = projection(name='value')(inputs_kv)
 
     logits = jnp.einsum('bqhd,bkhd->bhqk', query, key)
     if bias is not None:
@@ -171,6 +176,31 @@ class MlpBlock(nn.Module):
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     x = dense(width, name='Dense_1')(x)
     return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+
+
+class MAPHead(nn.Module):
+  """Multi-head attention pooling (big_vision's `MAPHead`): a learned probe token attends to
+  every token, then an MLP with a pre-LayerNorm residual; (batch, tokens, D) -> (batch, D)."""
+  num_heads: int
+  mlp_dim: int
+  gelu_approximate: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    batch, _, width = x.shape
+    probe = self.param('probe', nn.initializers.xavier_uniform(), (1, 1, width), self.param_dtype)
+    probe = jnp.broadcast_to(probe.astype(x.dtype), (batch, 1, width))
+    x = MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
+        name='MultiHeadDotProductAttention_0')(probe, deterministic=True, inputs_kv=x)
+    y = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name='LayerNorm_0')(x)
+    x = x + MlpBlock(mlp_dim=self.mlp_dim, gelu_approximate=self.gelu_approximate,
+                     dtype=self.dtype, param_dtype=self.param_dtype,
+                     name='MlpBlock_0')(y, deterministic=True)
+    return x[:, 0]
 
 
 def drop_path(rate: float):
@@ -332,6 +362,10 @@ class VisionTransformer(nn.Module):
       x = x[:, 0]
     elif self.classifier == 'gap':
       x = jnp.mean(x, axis=1)
+    elif self.classifier == 'map':
+      x = MAPHead(num_heads=self.transformer['num_heads'], mlp_dim=self.transformer['mlp_dim'],
+                  gelu_approximate=self.transformer.get('gelu_approximate', True),
+                  dtype=self.dtype, param_dtype=self.param_dtype, name='MAPHead_0')(x)
 
     if self.representation_size is not None:
       x = nn.Dense(self.representation_size, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -23,7 +23,7 @@ class Classification:
   """Softmax cross-entropy over `num_classes`; top-1 / top-5 accuracy."""
   name = 'classification'
   metric_names = ('accuracy_test', 'accuracy_test_top5', 'loss_test')
-  classifiers = ('token', 'gap')  # The model's pooling: one output per image.
+  classifiers = ('token', 'gap', 'map')  # The model's pooling: one output per image.
 
   def __init__(self, num_classes: int):
     self.num_outputs = num_classes
