@@ -130,3 +130,20 @@ def test_weight_decay_touches_kernels_only():
   np.testing.assert_allclose(new['Dense_0']['kernel'], 1 - 0.1, rtol=1e-6)  # lr x wd x param.
   for unchanged in (new['Dense_0']['bias'], new['LayerNorm_0']['scale'], new['cls']):
     np.testing.assert_array_equal(unchanged, 1.0)
+
+
+@pytest.mark.parametrize('optimizer, moments', [('adam', ('mu',)), ('sgd', ('trace',))])
+def test_optim_dtype_sets_the_first_moment_only(optimizer, moments):
+  params = {'kernel': jnp.ones((4, 4))}
+  dtypes = {}
+  for optim_dtype in ('float32', 'bfloat16'):
+    c = config_lib.base_config()
+    c.update(optimizer=optimizer, optim_dtype=optim_dtype)
+    state = optim.make_optimizer(c).init(params)
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    dtypes[optim_dtype] = {jax.tree_util.keystr(p): x.dtype for p, x in leaves if x.ndim == 2}
+  for path, dtype in dtypes['bfloat16'].items():
+    expected = jnp.bfloat16 if any(f'.{m}' in path for m in moments) else jnp.float32
+    assert dtype == expected, path
+  assert set(dtypes['float32'].values()) == {jnp.dtype(jnp.float32)}
+  assert any(dtype == jnp.bfloat16 for dtype in dtypes['bfloat16'].values())

@@ -1,6 +1,7 @@
 """The training system end to end on a tiny ViT and the embedded digits: results, export,
 resume, accumulation, and the same run on 1 and on 8 (simulated) devices."""
 
+import glob
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ from vit_jax import input_pipeline, objectives, optim, sharding, train
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('run') / 'workdir')
-  results = train.train_and_evaluate(tiny_config(), workdir)
+  results = train.train_and_evaluate(tiny_config('--config.profile_steps=2'), workdir)
   return workdir, results
 
 
@@ -33,6 +34,12 @@ def test_run_writes_results_checkpoints_events_and_export(trained):
   assert os.path.exists(os.path.join(workdir, 'config.json'))
   assert 'Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel' in load_npz(
       os.path.join(workdir, 'model.npz'))
+
+
+def test_profile_steps_write_a_trace_for_tensorboard(trained):
+  workdir, _ = trained
+  traces = glob.glob(os.path.join(workdir, 'profile', 'plugins', 'profile', '*', '*.xplane.pb'))
+  assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
 
 
 def test_exported_model_loads_and_evaluates_the_same(trained, tmp_path):

@@ -66,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer = 'adam'
   c.b1, c.b2 = 0.9, 0.999
   c.momentum = 0.9
+  c.optim_dtype = 'float32'  # Adam's first moment / SGD's momentum ('bfloat16': half the memory).
   c.weight_decay = 0.0  # Decoupled (optax.adamw), on kernels only.
   c.grad_norm_clip = 1.0
   c.base_lr = 1e-3
@@ -84,6 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
   c.progress_every = 100
+  # > 0: a jax.profiler trace of this many steps (from the second of the run: the first
+  # compiles) in <workdir>/profile, for TensorBoard's profile plugin.
+  c.profile_steps = 0
   return c
 
 
@@ -105,6 +109,7 @@ def finetune_recipe(c: ml_collections.ConfigDict):
   decay after a short warm-up, higher resolution than pre-training, a fresh zero head."""
   c.optimizer = 'sgd'
   c.momentum = 0.9
+  c.optim_dtype = 'bfloat16'  # The momentum accumulator, as in the paper's fine-tuning.
   c.weight_decay = 0.0
   c.grad_norm_clip = 1.0
   c.decay_type = 'cosine'
@@ -157,12 +162,15 @@ def check(config, *, device_count: int, process_count: int = 1):
   one_of('loss', config.loss, LOSSES)
   one_of('sharding', config.sharding, SHARDINGS)
   one_of('dtype', config.dtype, DTYPES)
+  one_of('optim_dtype', config.optim_dtype, DTYPES)
   one_of('objective', config.objective, OBJECTIVES)
   one_of('model.classifier', config.model.classifier, objectives.kind(config).classifiers)
 
   if config.fewshot.every and (config.fewshot.seeds < 1 or min(config.fewshot.shots) < 1):
     fail(f'fewshot.seeds={config.fewshot.seeds} and fewshot.shots={config.fewshot.shots} must be '
          'at least 1.')
+  if config.profile_steps < 0:
+    fail(f'profile_steps={config.profile_steps} must be >= 0.')
   for key in ('batch', 'batch_eval', 'accum_steps', 'total_steps', 'eval_every',
               'checkpoint_every', 'keep_checkpoints', 'progress_every', 'shuffle_buffer'):
     if config[key] < 1:

@@ -196,6 +196,29 @@ class Progress:
     return summary
 
 
+class Profile:
+  """A jax.profiler trace of steps [first_step, first_step + num_steps) into `directory`."""
+
+  def __init__(self, directory, *, first_step, num_steps):
+    self.directory, self.first_step, self.num_steps = directory, first_step, num_steps
+    self.tracing = False
+
+  def before(self, step, state):
+    """Called before each step runs (`step` steps done so far)."""
+    if self.num_steps and step == self.first_step:
+      jax.profiler.start_trace(self.directory)
+      self.tracing = True
+    elif self.tracing and step == self.first_step + self.num_steps:
+      jax.block_until_ready(state)
+      self.stop()
+
+  def stop(self):
+    if self.tracing:
+      jax.profiler.stop_trace()
+      self.tracing = False
+      logging.info('Wrote a profile of %d steps to %s.', self.num_steps, self.directory)
+
+
 @contextlib.contextmanager
 def opened_workdir(config, workdir):
   """Checks the config, creates and locks the workdir; yields the mesh and the metric writer.
@@ -300,8 +323,11 @@ def _train_and_evaluate(config, workdir, mesh, writer) -> dict:
     checked.extend(fetched)
     pending = []
 
+  profile = Profile(os.path.join(workdir, 'profile'), first_step=step + 1,
+                    num_steps=config.profile_steps)
   try:
     while step < config.total_steps:
+      profile.before(step, state)
       state, metrics = train_step(state, sharding.to_global(next(batches), mesh))
       pending.append(metrics)
       step += 1
@@ -339,6 +365,7 @@ def _train_and_evaluate(config, workdir, mesh, writer) -> dict:
     checkpoints.finish_quietly()
     raise
   finally:
+    profile.stop()
     preemption.close()
   checkpoints.wait(step)
 
