@@ -19,7 +19,8 @@ TINY = ['--config=configs/digits.py:pretrain',
         '--config.model.transformer.num_layers=1', '--config.pp.crop=8',
         '--config.batch=32', '--config.batch_eval=64', '--config.total_steps=6',
         '--config.warmup_steps=2', '--config.eval_every=3', '--config.checkpoint_every=3',
-        '--config.progress_every=2', '--config.keep_checkpoints=3']
+        '--config.progress_every=2', '--config.keep_checkpoints=3',
+        '--config.compilation_cache_dir=']  # Each test compiles afresh: no state between tests.
 
 
 def parse_config(*args):

@@ -28,11 +28,20 @@ def cpu_env(devices):
 
 @pytest.fixture(scope='module')
 def reference(tmp_path_factory):
-  """The uninterrupted LONG run, in a subprocess like the interrupted ones."""
+  """The uninterrupted LONG run, in a subprocess like the interrupted ones; with a compilation
+  cache (every program cached, however fast it compiled)."""
   workdir = tmp_path_factory.mktemp('reference')
-  result = run_main(*LONG, f'--workdir={workdir}', env=cpu_env(1))
+  cache = tmp_path_factory.mktemp('xla_cache')
+  env = dict(cpu_env(1), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  result = run_main(*LONG, f'--workdir={workdir}', f'--config.compilation_cache_dir={cache}',
+                    env=env)
   assert result.returncode == 0, result.stderr[-3000:]
-  return workdir
+  return workdir, cache
+
+
+def test_compiled_programs_are_cached_for_the_next_start(reference):
+  _, cache = reference
+  assert glob.glob(str(cache / 'jit_train_step-*')), os.listdir(cache)
 
 
 def wait_for(path, process, timeout=300):
@@ -77,7 +86,7 @@ def test_sigkill_then_resume_ends_exactly_like_an_uninterrupted_run(reference, t
   resumed = run_main(*LONG, f'--workdir={tmp_path}', env=cpu_env(1))
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'Resumed from the checkpoint of step' in resumed.stderr
-  assert_same_params(load_npz(tmp_path / 'model.npz'), load_npz(reference / 'model.npz'))
+  assert_same_params(load_npz(tmp_path / 'model.npz'), load_npz(reference[0] / 'model.npz'))
 
 
 def test_sigterm_saves_the_current_step_and_exits_cleanly(reference, tmp_path):
@@ -92,7 +101,7 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(reference, tmp_path):
   assert (tmp_path / 'checkpoints' / str(step)).is_dir() and step < 60
   resumed = run_main(*LONG, f'--workdir={tmp_path}', env=cpu_env(1))
   assert f'Resumed from the checkpoint of step {step}' in resumed.stderr
-  assert_same_params(load_npz(tmp_path / 'model.npz'), load_npz(reference / 'model.npz'))
+  assert_same_params(load_npz(tmp_path / 'model.npz'), load_npz(reference[0] / 'model.npz'))
 
 
 @pytest.fixture(scope='module')

@@ -88,6 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
   # > 0: a jax.profiler trace of this many steps (from the second of the run: the first
   # compiles) in <workdir>/profile, for TensorBoard's profile plugin.
   c.profile_steps = 0
+  # XLA's compiled programs are kept here and reused by the next start of the same run
+  # (resuming after preemption skips most compilation); '' turns the cache off.
+  c.compilation_cache_dir = '~/.cache/vit_jax/xla'
   return c
 
 

@@ -226,6 +226,9 @@ def opened_workdir(config, workdir):
   Every entry point that writes into a workdir opens it here, so two runs never share one.
   """
   config_lib.check(config, device_count=jax.device_count(), process_count=jax.process_count())
+  if config.compilation_cache_dir:  # Before anything of the run compiles.
+    jax.config.update('jax_compilation_cache_dir',
+                      os.path.expanduser(config.compilation_cache_dir))
   if jax.process_index() == 0:
     try:  # Root may write where os.access says no: try it.
       os.makedirs(workdir, exist_ok=True)
