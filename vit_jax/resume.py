@@ -36,7 +36,7 @@ STATE_DEFINING_KEYS = ('model', 'dataset', 'optimizer', 'objective', 'loss')
 PARAMS_DEFINING_KEYS = ('model', 'objective')  # What evaluating the parameters needs.
 SAME_STATE_EITHER_WAY = ('model.transformer.remat',)  # Memory layout only.
 CONFIG_FILE, HISTORY_FILE, LOCK_FILE = 'config.json', 'config_history.json', 'lock'
-EXPORT_FILE = 'model.npz'
+EXPORT_FILE, CHECKPOINT_DIR = 'model.npz', 'checkpoints'
 FILES_RECORD = 'files.json'  # In each checkpoint: the size of each of its files.
 # errno values that say the machine, not the checkpoint, is at fault.
 RESOURCE_ERRORS = (errno.ENOMEM, errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE,
@@ -148,6 +148,14 @@ def read_json(path):
                      'changed.') from None
 
 
+def append_json(path, entry: dict):
+  """Adds `entry` to the JSON list in `path`, atomically: earlier entries are kept."""
+  entries = read_json(path) or []
+  entries = [entries] if isinstance(entries, dict) else entries  # One result, as written before.
+  entries.append(entry)
+  checkpoint.write_bytes(path, json.dumps(entries, indent=1).encode())
+
+
 class Workdir:
   """The record of the configs a workdir ran with."""
 
@@ -168,7 +176,7 @@ class Workdir:
   def check_compatible(self, config, *, num_outputs, image_size, keys=STATE_DEFINING_KEYS):
     """Refuses a config whose state differs from the last training run's, naming each change,
     when the workdir holds what that run made (checkpoints or an export)."""
-    checkpoints = os.path.join(self.path, 'checkpoints')
+    checkpoints = os.path.join(self.path, CHECKPOINT_DIR)
     made = os.path.exists(os.path.join(self.path, EXPORT_FILE)) or (
         os.path.isdir(checkpoints) and any(name.isdigit() for name in os.listdir(checkpoints)))
     last = self.last_training() if made else None
@@ -192,14 +200,10 @@ class Workdir:
     if jax.process_index() > 0:
       return
     config_dict = json.loads(config.to_json_best_effort())
-    history_path = os.path.join(self.path, HISTORY_FILE)
-    history = read_json(history_path) or []
-    history.append({'started': time.strftime('%Y-%m-%d %H:%M:%S'),
-                    'host': socket.gethostname(), 'pid': os.getpid(),
-                    'trainer': config.trainer, 'start_step': start_step,
-                    'num_outputs': num_outputs, 'image_size': list(image_size),
-                    'config': config_dict})
-    checkpoint.write_bytes(history_path, json.dumps(history, indent=1).encode())
+    append_json(os.path.join(self.path, HISTORY_FILE), {
+        'started': time.strftime('%Y-%m-%d %H:%M:%S'), 'host': socket.gethostname(),
+        'pid': os.getpid(), 'trainer': config.trainer, 'start_step': start_step,
+        'num_outputs': num_outputs, 'image_size': list(image_size), 'config': config_dict})
     config_path = os.path.join(self.path, CONFIG_FILE)
     if not os.path.exists(config_path):
       checkpoint.write_bytes(config_path, json.dumps(config_dict, indent=2).encode())
@@ -241,7 +245,7 @@ class Checkpoints:
 
   def __init__(self, workdir: str, keep: int):
     self.workdir = os.path.abspath(workdir)
-    self.directory = os.path.join(self.workdir, 'checkpoints')
+    self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
     self.keep = keep
     self.manager = self._new_manager()
     self.saving = None  # The step of the save in flight.
@@ -250,9 +254,6 @@ class Checkpoints:
     return ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True),
         item_handlers=ocp.StandardCheckpointHandler())
-
-  def latest_step(self):
-    return self.manager.latest_step()
 
   def _item_dir(self, step):
     return os.path.join(self.directory, str(step), 'default')

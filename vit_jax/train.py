@@ -414,7 +414,7 @@ def evaluate(config, workdir: str) -> dict:
       if restored is None:
         raise ValueError(f'Nothing to evaluate: no pretrained_path and no checkpoint in {workdir}.')
       params, step = restored['params'], int(restored['step'])
-      evaluated = os.path.join(workdir, 'checkpoints', str(step))
+      evaluated = os.path.join(workdir, resume.CHECKPOINT_DIR, str(step))
     record.record_start(config, num_outputs=objective.num_outputs, image_size=image_size,
                         start_step=step)
     eval_step = make_eval_step(objective, model, shardings_of(abstract), mesh)
@@ -440,8 +440,5 @@ def append_results(workdir, name, results):
   """Adds `results` to the list in <workdir>/<name>: earlier entries are kept."""
   if jax.process_index() == 0:
     path = os.path.join(workdir, name)
-    entries = resume.read_json(path) or []
-    entries = [entries] if isinstance(entries, dict) else entries  # Written by older versions.
-    entries.append(dict(results, time=time.strftime('%Y-%m-%d %H:%M:%S')))
-    checkpoint.write_bytes(path, json.dumps(entries, indent=2).encode())
+    resume.append_json(path, dict(results, time=time.strftime('%Y-%m-%d %H:%M:%S')))
     logging.info('Added to %s: %s', path, results)
