@@ -3,6 +3,9 @@ r"""Pre-training from scratch, the paper's recipe (Sec. 4.1, App. B.1, Table 3).
 python -m vit_jax.main --config=configs/pretrain.py:B_16,imagenet21k --workdir=...
 python -m vit_jax.main --config=configs/pretrain.py:R50+ViT-B_16,imagenet21k --workdir=...  (hybrid)
 
+On a pod, ViT-L and ViT-H fit with --config.sharding=fsdp --config.model.transformer.scan=True
+--config.model.transformer.remat=full (ViT-H_14: 1.9 GiB per device of 256; benchmarks/plan.py).
+
 Adam (0.9, 0.999), batch 4096, decoupled weight decay on kernels, 10k steps linear warm-up then
 linear decay (cosine for ImageNet-1k), gradient clipping at global norm 1, a representation layer
 of width D, 224 px. ImageNet-21k is multi-label: sigmoid cross-entropy with the head bias at -10.

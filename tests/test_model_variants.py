@@ -1,5 +1,7 @@
 """Position-embedding variants, hybrid ResNet stems, stochastic depth, backbone features."""
 
+import re
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -35,8 +37,8 @@ def posemb_keys(params):
     ('learn', {'Transformer/posembed_input/pos_embedding': (1, 7, 16)}),
     ('learn_2d', {'Transformer/posembed_input/row_embedding': (2, 8),
                   'Transformer/posembed_input/column_embedding': (3, 8)}),
-    ('relative', {'Transformer/relative_position_0/relative_position_bias': (3, 5, 2),
-                  'Transformer/relative_position_1/relative_position_bias': (3, 5, 2)}),
+    ('relative', {'Transformer/encoderblock_0/relative_position/relative_position_bias': (3, 5, 2),
+                  'Transformer/encoderblock_1/relative_position/relative_position_bias': (3, 5, 2)}),
     ('sincos2d', {}),
     ('none', {}),
 ])
@@ -132,14 +134,21 @@ def test_weight_standardisation():
 
 
 def test_drop_path_is_off_in_evaluation_and_keeps_the_expected_rate():
-  from vit_jax.models_vit import drop_path
+  """Layer l of L drops whole examples at rate * l / (L - 1), l traced as under scan, and
+  rescales the kept ones."""
+  from vit_jax.models_vit import DropPath
+  drop = DropPath(rate=0.6, num_layers=4)
   x = jnp.ones((20_000, 3, 4))
-  kept = drop_path(0.25).apply({}, x, deterministic=False, rngs={'dropout': jax.random.PRNGKey(0)})
-  per_example = np.asarray(kept).reshape(len(x), -1)
-  np.testing.assert_allclose(np.unique(per_example), [0.0, 1 / 0.75])  # Rescaled when kept.
-  assert np.all(per_example.min(axis=1) == per_example.max(axis=1))
-  assert abs(np.mean(per_example[:, 0] > 0) - 0.75) < 0.01
-  np.testing.assert_array_equal(drop_path(0.25).apply({}, x, deterministic=True), x)
+  apply = jax.jit(lambda layer, rng: drop.apply({}, x, layer, deterministic=False,
+                                                rngs={'dropout': rng}))
+  for layer, rate in [(0, 0.0), (2, 0.4), (3, 0.6)]:
+    per_example = np.asarray(apply(jnp.int32(layer), jax.random.PRNGKey(layer))).reshape(
+        len(x), -1)
+    assert np.all(per_example.min(axis=1) == per_example.max(axis=1))  # Whole examples.
+    np.testing.assert_allclose(np.unique(per_example[per_example[:, 0] > 0]), 1 / (1 - rate),
+                               rtol=1e-6)  # Rescaled when kept.
+    assert abs(np.mean(per_example[:, 0] == 0) - rate) < 0.015
+  np.testing.assert_array_equal(drop.apply({}, x, 3, deterministic=True), x)
 
   images = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 12, 3))
   plain_model, params = init(small_config())
@@ -161,5 +170,22 @@ def test_backbone_features_are_patch_grids():
   assert {k: v.shape for k, v in features.items()} == {
       'encoded': (2, 2, 3, 16), 'encoderblock_0': (2, 2, 3, 16), 'encoderblock_1': (2, 2, 3, 16)}
   _, state = model.apply({'params': params}, images, train=False, mutable=['intermediates'])
-  last_block = state['intermediates']['Transformer']['encoderblock_1/output'][0]
+  last_block = state['intermediates']['Transformer']['encoderblock_1']['output'][0]
   np.testing.assert_array_equal(features['encoderblock_1'].reshape(2, 6, 16), last_block[:, 1:])
+
+
+def test_relative_tables_of_earlier_exports_load_into_their_blocks(tmp_path):
+  """Exports written before the tables moved into the blocks (`Transformer/relative_position_i`)."""
+  config = small_config('relative')
+  model, params = init(config)
+  params = jax.tree.map(lambda p: p + jnp.sin(jnp.arange(p.size).reshape(p.shape)), params)
+  flat = flax.traverse_util.flatten_dict(params, sep='/')
+  legacy = {re.sub(r'encoderblock_(\d+)/relative_position/', r'relative_position_\1/', k): v
+            for k, v in flat.items()}
+  assert 'Transformer/relative_position_1/relative_position_bias' in legacy
+  np.savez(tmp_path / 'old.npz', **legacy)
+  loaded, inferred, _, _ = checkpoint.load_model(str(tmp_path / 'old.npz'))
+  assert inferred.transformer.posemb == 'relative'
+  images = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 12, 3))
+  np.testing.assert_array_equal(model.apply({'params': loaded}, images, train=False),
+                                model.apply({'params': params}, images, train=False))

@@ -158,18 +158,19 @@ def test_remat_changes_memory_not_results():
     config = tiny_config()
     config.transformer.update(remat=remat, dropout_rate=0.1)
     model = VisionTransformer(num_classes=3, **config)
-    params = model.init(jax.random.PRNGKey(0), images, train=False)['params']
+    params = jax.jit(model.init, static_argnames='train')(jax.random.PRNGKey(0), images,
+                                                         train=False)['params']
 
     def loss(params):
       logits, state = model.apply({'params': params}, images, train=True, mutable='intermediates',
                                   rngs={'dropout': jax.random.PRNGKey(2)})
       return jnp.sum(logits ** 2), state['intermediates']
 
-    (value, intermediates), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    (value, intermediates), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     return params, value, grads, intermediates
 
-  params, value, grads, intermediates = run(False)
-  params_remat, value_remat, grads_remat, intermediates_remat = run(True)
+  params, value, grads, intermediates = run('none')
+  params_remat, value_remat, grads_remat, intermediates_remat = run('full')
   assert jax.tree.structure(params_remat) == jax.tree.structure(params)
   np.testing.assert_allclose(value_remat, value, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),

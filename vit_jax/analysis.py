@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from vit_jax import models_vit
+
 FLAGS = flags.FLAGS
 
 # ------------------------------------------------------------------------------------ values
@@ -24,10 +26,11 @@ FLAGS = flags.FLAGS
 def attention_weights(model, params, images) -> list:
   """Per layer, the attention probabilities (batch, heads, tokens, tokens)."""
   _, state = model.apply({'params': params}, images, train=False, mutable=['intermediates'])
-  encoder = state['intermediates']['Transformer']
-  layers = sorted((k for k in encoder if k.startswith('encoderblock_') and '/' not in k),
-                  key=lambda k: int(k.split('_')[1]))
-  return [encoder[k]['MultiHeadDotProductAttention_1']['attention_weights'][0] for k in layers]
+  blocks = models_vit.block_intermediates(state['intermediates']['Transformer'])
+  if not blocks or 'MultiHeadDotProductAttention_1' not in blocks[0]:
+    raise ValueError('The model keeps no attention probabilities: build it with '
+                     "transformer.attention='einsum'.")
+  return [block['MultiHeadDotProductAttention_1']['attention_weights'][0] for block in blocks]
 
 
 def attention_rollout(weights: list) -> jnp.ndarray:
@@ -175,7 +178,7 @@ def analyse(params, model, config, images, outdir) -> list:
   os.makedirs(outdir, exist_ok=True)
   stride = models.token_stride(config)  # Pixels per token (a hybrid's stem included).
   grid = (images.shape[1] // stride[0], images.shape[2] // stride[1])
-  has_class_token = 'cls' in params
+  has_class_token = config.classifier == 'token'
   weights = attention_weights(model, params, images)
   path = lambda name: os.path.join(outdir, name)
   plot_rollout(images, rollout_maps(attention_rollout(weights), grid, has_class_token),
@@ -215,9 +218,8 @@ def main(argv):
   if os.path.exists(FLAGS.outdir) and not os.path.isdir(FLAGS.outdir):
     raise app.UsageError(f'--outdir={FLAGS.outdir} is a file, not a directory: name a directory '
                          '(the file is left as it is).')
-  from vit_jax.models_vit import VisionTransformer
   params, config, num_classes, image_size = checkpoint.load_model(FLAGS.checkpoint)
-  model = VisionTransformer(num_classes=num_classes, **config)
+  model = models_vit.VisionTransformer(num_classes=num_classes, **config)
   images = _images(argv[1:], image_size, FLAGS.dataset, FLAGS.split, FLAGS.num_images)
   for path in analyse(params, model, config, jnp.asarray(images), FLAGS.outdir):
     print(path)

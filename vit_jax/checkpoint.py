@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vit_jax import models
+from vit_jax import models, models_vit
 
 Params = Any
 DESCRIPTION_KEY = 'vit_jax_description'  # The model config inside an exported .npz.
@@ -70,20 +70,46 @@ def write_bytes(path: str, data: bytes):
     raise
 
 
+SCANNED_BLOCK = ('Transformer', models_vit.SCANNED_BLOCK)  # A scanned encoder's stacked block.
+
+
+def unstack_layers(flat: dict) -> dict:
+  """A scanned encoder's parameters (`Transformer/encoderblock/...`, leading layer axis) as the
+  per-layer blocks `Transformer/encoderblock_{i}/...`; other keys as they are."""
+  layout = {}
+  for key, value in flat.items():
+    if key[:2] == SCANNED_BLOCK:
+      for layer in range(value.shape[0]):
+        layout[('Transformer', f'encoderblock_{layer}') + key[2:]] = value[layer]
+    else:
+      layout[key] = value
+  return layout
+
+
+def stack_layers(flat: dict) -> dict:
+  """The inverse of unstack_layers: per-layer blocks as one stacked `Transformer/encoderblock`."""
+  layout, layers = {}, {}
+  for key, value in flat.items():
+    if key[0] == 'Transformer' and key[1].startswith('encoderblock_'):
+      layers.setdefault(key[2:], {})[int(key[1][len('encoderblock_'):])] = value
+    else:
+      layout[key] = value
+  for rest, values in layers.items():
+    layout[SCANNED_BLOCK + rest] = jnp.stack([values[i] for i in range(len(values))])
+  return layout
+
+
 def _from_big_vision(flat: dict) -> dict:
   """big_vision's ViT layout (big_vision/models/vit.py) as the official one:
-  - a scanned encoder, `Transformer/encoderblock/...` with a leading layer axis, per layer;
+  - a scanned encoder, per layer (unstack_layers);
   - the top-level `pos_embedding` (added before the class token is prepended, so it has no
     slot for it) as `Transformer/posembed_input/pos_embedding`, with a zero class-token slot
     (which computes exactly what big_vision computes);
   - `Transformer/pos_embedding` (its pre-2022 files, class-token slot included) likewise.
   Their `MAPHead_0` is this codebase's classifier='map'."""
   layout = {}
-  for key, value in flat.items():
-    if key[:2] == ('Transformer', 'encoderblock'):
-      for layer in range(value.shape[0]):
-        layout[('Transformer', f'encoderblock_{layer}') + key[2:]] = value[layer]
-    elif key in (('pos_embedding',), ('Transformer', 'pos_embedding')):
+  for key, value in unstack_layers(flat).items():
+    if key in (('pos_embedding',), ('Transformer', 'pos_embedding')):
       if key == ('pos_embedding',) and ('cls',) in flat:
         value = np.concatenate([np.zeros_like(value[:, :1]), value], axis=1)
       layout[('Transformer', 'posembed_input', 'pos_embedding')] = value
@@ -95,9 +121,14 @@ def _from_big_vision(flat: dict) -> dict:
 def _to_official_layout(flat: dict) -> dict:
   """{key tuple: array} in the official spelling and shapes: big_vision's layout (see
   _from_big_vision); the newer Flax numbering of a block's modules; GroupNorm scales and biases
-  of shape (1, 1, 1, C), as the AugReg hybrids store them (older Flax), as (C,)."""
+  of shape (1, 1, 1, C), as the AugReg hybrids store them (older Flax), as (C,); relative
+  position tables of this codebase's earlier exports (`Transformer/relative_position_{i}`) in
+  their block."""
   layout = {}
   for key, value in _from_big_vision(flat).items():
+    if len(key) > 2 and key[0] == 'Transformer' and key[1].startswith('relative_position_'):
+      key = ('Transformer', f'encoderblock_{key[1][len("relative_position_"):]}',
+             'relative_position') + key[2:]
     if len(key) > 2 and key[0] == 'Transformer' and key[1].startswith('encoderblock_'):
       key = key[:2] + (_NEWER_TO_OFFICIAL.get(key[2], key[2]),) + key[3:]
     if (len(key) > 1 and key[-2].startswith('gn') and key[-1] in ('scale', 'bias') and
@@ -136,22 +167,29 @@ def load_model(path: str):
     return (params,) + infer_model_config(params)
   as_tuples = lambda x: ({k: as_tuples(v) for k, v in x.items()} if isinstance(x, dict) else
                         tuple(x) if isinstance(x, list) else x)  # JSON made the tuples lists.
-  config = ml_collections.ConfigDict(as_tuples(description['model']))
+  model = as_tuples(description['model'])
+  # Earlier exports predate these keys; a model read from a file computes the default way.
+  model['transformer'] = {**model['transformer'], **models.IMPLEMENTATION_DEFAULTS}
+  config = ml_collections.ConfigDict(model)
   return params, config, description['num_classes'], tuple(description['image_size'])
 
 
 def save(params: Params, path: str, *, model_config=None, image_size=None):
-  """Writes `params` as an official-layout .npz (float32 where the model runs in bfloat16).
+  """Writes `params` as an official-layout .npz (float32 where the model runs in bfloat16; a
+  scanned encoder per layer).
 
   With `model_config` (and the `image_size` it was trained at) the file describes itself: one
   more array, `vit_jax_description` (JSON as bytes), which readers of the official layout (the
   official code, timm) do not look up, and which `load_model` reads back.
   """
-  flat = flax.traverse_util.flatten_dict(jax.device_get(params), sep='/')
+  flat = unstack_layers(flax.traverse_util.flatten_dict(jax.device_get(params)))
+  flat = {'/'.join(key): value for key, value in flat.items()}
   arrays = {}
   if model_config is not None:
     head = flat.get('head/kernel')
-    description = {'model': json.loads(model_config.to_json_best_effort()),
+    model = json.loads(model_config.to_json_best_effort())
+    model['transformer'].update(models.IMPLEMENTATION_DEFAULTS)  # The file is per-layer.
+    description = {'model': model,
                    'num_classes': None if head is None else int(head.shape[-1]),
                    'image_size': [int(side) for side in image_size]}
     arrays[DESCRIPTION_KEY] = np.frombuffer(json.dumps(description).encode(), np.uint8)
@@ -267,6 +305,8 @@ def load_pretrained(*, pretrained_path: str, init_params: Params, model_config,
   """
   restored = flax.traverse_util.flatten_dict(load(pretrained_path))
   init = flax.traverse_util.flatten_dict(init_params)
+  scanned = any(key[:2] == SCANNED_BLOCK for key in init)
+  init = unstack_layers(init)  # Adapted and checked per layer, stacked again at the end.
 
   if reinit_head and any(k[0] == 'head' for k in init):
     logging.info('Fine-tuning %s with a freshly initialised head.', pretrained_path)
@@ -287,8 +327,8 @@ def load_pretrained(*, pretrained_path: str, init_params: Params, model_config,
     restored.pop(('cls',), None)  # token -> gap.
 
   _check_fits(restored, init, pretrained_path)
-  return flax.traverse_util.unflatten_dict(
-      {k: jnp.asarray(restored[k], dtype=init[k].dtype) for k in init})
+  loaded = {k: jnp.asarray(restored[k], dtype=init[k].dtype) for k in init}
+  return flax.traverse_util.unflatten_dict(stack_layers(loaded) if scanned else loaded)
 
 
 def _check_fits(restored: dict, init: dict, path: str):
@@ -317,8 +357,8 @@ def _posemb_and_grid(encoder: dict, has_class_token: bool):
     return 'learn', (side, side)
   if 'row_embedding' in table:
     return 'learn_2d', (len(table['row_embedding']), len(table['column_embedding']))
-  if 'relative_position_0' in encoder:
-    offsets = encoder['relative_position_0']['relative_position_bias'].shape
+  if 'relative_position' in encoder['encoderblock_0']:
+    offsets = encoder['encoderblock_0']['relative_position']['relative_position_bias'].shape
     return 'relative', ((offsets[0] + 1) // 2, (offsets[1] + 1) // 2)
   return None, None
 
@@ -377,6 +417,5 @@ def patch_position_embeddings(params: Params, model_config, grid) -> Optional[np
                             np.repeat(columns[None], grid[0], 0)], -1)
     return table.reshape(grid[0] * grid[1], -1)
   if posemb == 'sincos2d':
-    from vit_jax.models_vit import sincos2d
-    return sincos2d(grid, model_config.hidden_size)
+    return models_vit.sincos2d(grid, model_config.hidden_size)
   return None

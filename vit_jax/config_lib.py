@@ -7,7 +7,7 @@ import os
 
 import ml_collections
 
-from vit_jax import models, objectives
+from vit_jax import models, models_vit, objectives
 
 # Class count, train-set size and the default splits of the datasets the recipes know by name.
 # Any other TFDS name works too (its class count is then read from the TFDS builder).
@@ -184,10 +184,16 @@ def check(config, *, device_count: int, process_count: int = 1):
     fail(f'base_lr={config.base_lr} must be positive.')
   if not config.grad_norm_clip > 0:  # optax clips to norm 0: every update would be zero.
     fail(f'grad_norm_clip={config.grad_norm_clip} must be positive (1 in the paper\'s recipes).')
+  transformer = config.model.transformer
   for key in ('dropout_rate', 'attention_dropout_rate', 'stochastic_depth'):
-    rate = config.model.transformer.get(key, 0.0)
+    rate = transformer.get(key, 0.0)
     if not 0 <= rate < 1:
       fail(f'model.transformer.{key}={rate} must lie in [0, 1).')
+  one_of('model.transformer.remat', transformer.remat, tuple(models_vit.REMAT_POLICIES))
+  one_of('model.transformer.attention', transformer.attention, models_vit.ATTENTIONS)
+  if transformer.attention == 'dot_product' and transformer.attention_dropout_rate:
+    fail(f'model.transformer.attention_dropout_rate={transformer.attention_dropout_rate} needs '
+         "the attention probabilities: use model.transformer.attention='einsum'.")
   if config.num_classes is not None and config.num_classes < 1:
     fail(f'num_classes={config.num_classes} must be at least 1.')
 

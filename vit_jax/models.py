@@ -8,6 +8,13 @@ import ml_collections
 
 from vit_jax.models_vit import VisionTransformer
 
+# model.transformer keys that choose how, not what, the model computes, with their defaults: an
+# exported model.npz records these (its layout is per-layer whatever the run's `scan` was).
+IMPLEMENTATION_DEFAULTS = dict(
+    remat='none',        # Recompute activations in the backward pass: 'full', 'dots', ...
+    scan=False,          # nn.scan over the blocks: compiles once for all layers.
+    attention='einsum')  # or 'dot_product': fused kernels (cuDNN), no attention weights.
+
 # Paper Table 1 (Ti and S from DeiT / AugReg): width D, MLP size, heads, layers.
 SIZES = {
     'Ti': dict(hidden_size=192, mlp_dim=768, num_heads=3, num_layers=12),
@@ -30,7 +37,7 @@ def vit_config(name: str, *, hidden_size: int, mlp_dim: int, num_heads: int, num
       dropout_rate=0.0, attention_dropout_rate=0.0,
       posemb='learn',         # or 'learn_2d', 'sincos2d', 'relative', 'none' (paper App. D.4)
       stochastic_depth=0.0,   # Drop-path rate of the last block (0 for the first).
-      remat=False))           # Recompute activations in the backward pass: less memory.
+      **IMPLEMENTATION_DEFAULTS))
   config.classifier = classifier
   config.representation_size = representation_size
   config.head_bias_init = 0.0  # -10 for sigmoid (multi-label) pre-training.

@@ -34,6 +34,15 @@ POSEMBS = ('learn', 'learn_2d', 'sincos2d', 'relative', 'none')
 CLASSIFIERS = ('token', 'gap', 'map', 'unpooled')
 
 
+def batch_sharded(x):
+  """x, split along its batch over every device when traced under a mesh (train.py's steps):
+  XLA then gathers an FSDP-sharded weight where it is used instead of gathering the batch."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(mesh.axis_names))
+
+
 def _check_shape(module: nn.Module, name: str, shape):
   """Flax's own error on a shape mismatch does not say what to do about it."""
   if module.has_variable('params', name):
@@ -124,6 +133,7 @@ class MultiHeadDotProductAttention(nn.Module):
   """
   num_heads: int
   attention_dropout_rate: float = 0.0
+  implementation: str = 'einsum'  # or 'dot_product': see ATTENTIONS.
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -142,14 +152,22 @@ class MultiHeadDotProductAttention(nn.Module):
     key = projection(name='key')(inputs_kv)
     value = projection(name='value')(inputs_kv)
 
-    logits = jnp.einsum('bqhd,bkhd->bhqk', query, key)
-    if bias is not None:
-      logits = logits + bias.astype(logits.dtype)
-    # The softmax runs in float32 even for bfloat16 activations: its sum is not robust to rounding.
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-    self.sow('intermediates', 'attention_weights', weights)
-    weights = nn.Dropout(self.attention_dropout_rate)(weights, deterministic=deterministic)
-    heads = jnp.einsum('bhqk,bkhd->bqhd', weights, value)
+    if self.implementation == 'dot_product':
+      # The same softmax(q k^T + bias) v as one call that XLA or cuDNN may fuse (flash attention):
+      # the (heads, tokens, tokens) probabilities are then never stored, nor sown.
+      heads = jax.nn.dot_product_attention(
+          query, key, value, bias=None if bias is None else bias[None].astype(query.dtype),
+          scale=1.0)
+    else:
+      logits = jnp.einsum('bqhd,bkhd->bhqk', query, key)
+      if bias is not None:
+        logits = logits + bias.astype(logits.dtype)
+      # The softmax runs in float32 even for bfloat16 activations: its sum is not robust to
+      # rounding.
+      weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+      self.sow('intermediates', 'attention_weights', weights)
+      weights = nn.Dropout(self.attention_dropout_rate)(weights, deterministic=deterministic)
+      heads = jnp.einsum('bhqk,bkhd->bqhd', weights, value)
 
     return nn.DenseGeneral(
         features=width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
@@ -203,47 +221,97 @@ class MAPHead(nn.Module):
     return x[:, 0]
 
 
-def drop_path(rate: float):
-  """Stochastic depth: drops a residual branch for whole examples (rescaling the kept ones)."""
-  return nn.Dropout(rate, broadcast_dims=(1, 2))
+class DropPath(nn.Module):
+  """Stochastic depth: drops a residual branch for whole examples (rescaling the kept ones).
+
+  The rate grows linearly with depth, from 0 for the first block to `rate` for the last; `layer`
+  may be traced (a scanned encoder's layer index).
+  """
+  rate: float
+  num_layers: int
+
+  @nn.compact
+  def __call__(self, x, layer, *, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate * layer / max(self.num_layers - 1, 1)
+    kept = jax.random.bernoulli(self.make_rng('dropout'), keep, (x.shape[0], 1, 1))
+    return jnp.where(kept, x / keep, 0).astype(x.dtype)
 
 
 class Encoder1DBlock(nn.Module):
-  """One pre-LayerNorm Transformer layer, Eq. (2) and (3)."""
+  """One pre-LayerNorm Transformer layer, Eq. (2) and (3); layer number `layer` of the encoder.
+
+  With posemb='relative' the layer holds its own relative position table (`relative_grid` is
+  then the patch grid). The block's output is sown as intermediates/output.
+  """
   mlp_dim: int
   num_heads: int
+  num_layers: int
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
-  drop_path_rate: float = 0.0
+  stochastic_depth: float = 0.0
   gelu_approximate: bool = True
+  attention: str = 'einsum'
+  relative_grid: Optional[Sequence[int]] = None
+  num_prefix_tokens: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, deterministic: bool, attention_bias=None):
+  def __call__(self, x, layer, deterministic: bool):
+    x = batch_sharded(x)
     layer_norm = functools.partial(nn.LayerNorm, epsilon=LAYER_NORM_EPSILON, dtype=self.dtype,
                                    param_dtype=self.param_dtype)
+    drop_path = DropPath(self.stochastic_depth, self.num_layers)
+    bias = None
+    if self.relative_grid is not None:
+      bias = RelativePositionBias(self.relative_grid, self.num_heads, self.num_prefix_tokens,
+                                  param_dtype=self.param_dtype, name='relative_position')()
     y = layer_norm(name='LayerNorm_0')(x)
     y = MultiHeadDotProductAttention(
         num_heads=self.num_heads, attention_dropout_rate=self.attention_dropout_rate,
-        dtype=self.dtype, param_dtype=self.param_dtype,
-        name='MultiHeadDotProductAttention_1')(y, deterministic=deterministic,
-                                               bias=attention_bias)
+        implementation=self.attention, dtype=self.dtype, param_dtype=self.param_dtype,
+        name='MultiHeadDotProductAttention_1')(y, deterministic=deterministic, bias=bias)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-    x = x + drop_path(self.drop_path_rate)(y, deterministic=deterministic)
+    x = x + drop_path(y, layer, deterministic=deterministic)
 
     y = layer_norm(name='LayerNorm_2')(x)
     y = MlpBlock(
         mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
         gelu_approximate=self.gelu_approximate, dtype=self.dtype, param_dtype=self.param_dtype,
         name='MlpBlock_3')(y, deterministic=deterministic)
-    return x + drop_path(self.drop_path_rate)(y, deterministic=deterministic)
+    x = x + drop_path(y, layer, deterministic=deterministic)
+    self.sow('intermediates', 'output', x)
+    return x
+
+
+class ScannedEncoder1DBlock(Encoder1DBlock):
+  """Encoder1DBlock as the body of nn.scan: (carry, layer) -> (carry, nothing stacked)."""
+
+  def __call__(self, x, layer, deterministic: bool):
+    return super().__call__(x, layer, deterministic), None
+
+
+# model.transformer.remat: what the backward pass keeps of a block (the rest is recomputed).
+REMAT_POLICIES = {
+    'none': None,  # Everything: no recomputation.
+    'full': jax.checkpoint_policies.nothing_saveable,  # Only the block's input.
+    'dots': jax.checkpoint_policies.dots_saveable,  # Matmul outputs; elementwise recomputed.
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # Weight matmuls.
+}
+# model.transformer.attention: 'einsum' (explicit probabilities: analysis needs them) or
+# 'dot_product' (jax.nn.dot_product_attention: fused kernels where the platform has them).
+ATTENTIONS = ('einsum', 'dot_product')
+SCANNED_BLOCK = 'encoderblock'  # The name of a scanned encoder's one block.
 
 
 class Encoder(nn.Module):
   """Position embeddings, `num_layers` blocks and the final LayerNorm (named 'Transformer').
 
-  Each block's output is sown as intermediates/encoderblock_{i}/output (backbone features).
+  The blocks are Python-unrolled (`encoderblock_{i}`, the official layout) or, with `scan`, one
+  `encoderblock` run by nn.scan, whose parameters have a leading layer axis: compilation time
+  and buffer liveness then no longer grow with depth. checkpoint.py converts between the two.
   """
   num_layers: int
   mlp_dim: int
@@ -253,14 +321,19 @@ class Encoder(nn.Module):
   stochastic_depth: float = 0.0  # Drop-path rate of the last block; it grows linearly from 0.
   posemb: str = 'learn'
   gelu_approximate: bool = True
-  remat: bool = False  # Recompute each block's activations for the backward pass.
+  remat: str = 'none'  # A key of REMAT_POLICIES.
+  scan: bool = False
+  attention: str = 'einsum'  # One of ATTENTIONS.
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train: bool, grid: Sequence[int], num_prefix_tokens: int):
-    if self.posemb not in POSEMBS:
-      raise ValueError(f'transformer.posemb={self.posemb!r}; expected one of {POSEMBS}.')
+    for name, value, allowed in [('posemb', self.posemb, POSEMBS),
+                                 ('remat', self.remat, tuple(REMAT_POLICIES)),
+                                 ('attention', self.attention, ATTENTIONS)]:
+      if value not in allowed:
+        raise ValueError(f'transformer.{name}={value!r}; expected one of {allowed}.')
     if self.posemb == 'learn':
       x = AddPositionEmbs(param_dtype=self.param_dtype, name='posembed_input')(x)
     elif self.posemb == 'learn_2d':
@@ -272,22 +345,28 @@ class Encoder(nn.Module):
     # Dropout right after adding the position embeddings (paper App. B.1).
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
 
-    # Rematerialisation keeps one (batch, tokens, D) input per block for the backward pass instead
-    # of all of its intermediates, for about a third more compute; the parameters are the same.
-    block = nn.remat(Encoder1DBlock, static_argnums=(2,)) if self.remat else Encoder1DBlock
-    for i in range(self.num_layers):
-      bias = None
-      if self.posemb == 'relative':  # Each layer learns its own table.
-        bias = RelativePositionBias(grid, self.num_heads, num_prefix_tokens,
-                                    param_dtype=self.param_dtype,
-                                    name=f'relative_position_{i}')()
-      x = block(
-          mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
-          attention_dropout_rate=self.attention_dropout_rate,
-          drop_path_rate=self.stochastic_depth * i / max(self.num_layers - 1, 1),
-          gelu_approximate=self.gelu_approximate, dtype=self.dtype, param_dtype=self.param_dtype,
-          name=f'encoderblock_{i}')(x, not train, bias)
-      self.sow('intermediates', f'encoderblock_{i}/output', x)
+    block = ScannedEncoder1DBlock if self.scan else Encoder1DBlock
+    if self.remat != 'none':
+      # Rematerialisation keeps what the policy saves of each block for the backward pass and
+      # recomputes the rest; the parameters are the same. (Under scan, XLA cannot merge the
+      # recomputation with the forward pass anyway, so CSE prevention is not needed.)
+      block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan,
+                       static_argnums=(3,))
+    block_args = dict(
+        mlp_dim=self.mlp_dim, num_heads=self.num_heads, num_layers=self.num_layers,
+        dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
+        stochastic_depth=self.stochastic_depth, gelu_approximate=self.gelu_approximate,
+        attention=self.attention, num_prefix_tokens=num_prefix_tokens,
+        relative_grid=tuple(grid) if self.posemb == 'relative' else None,
+        dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.scan:
+      block = nn.scan(block, variable_axes={'params': 0, 'intermediates': 0},
+                      split_rngs={'params': True, 'dropout': True},
+                      in_axes=(0, nn.broadcast), length=self.num_layers)
+      x, _ = block(name=SCANNED_BLOCK, **block_args)(x, jnp.arange(self.num_layers), not train)
+    else:
+      for i in range(self.num_layers):
+        x = block(name=f'encoderblock_{i}', **block_args)(x, i, not train)
     return nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype,
                         param_dtype=self.param_dtype, name='encoder_norm')(x)
 
@@ -379,6 +458,17 @@ class VisionTransformer(nn.Module):
     return x
 
 
+def block_intermediates(sown_encoder: dict) -> list:
+  """What each block sowed, in layer order, from intermediates['Transformer'] of an unrolled
+  or a scanned encoder (whose sown arrays have a leading layer axis)."""
+  if 'encoderblock' in sown_encoder:
+    stacked = sown_encoder['encoderblock']
+    num_layers = len(jax.tree.leaves(stacked)[0])
+    return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(num_layers)]
+  blocks = [k for k in sown_encoder if k.startswith('encoderblock_')]
+  return [sown_encoder[k] for k in sorted(blocks, key=lambda k: int(k.split('_')[-1]))]
+
+
 def backbone_features(model: VisionTransformer, params, images, layers: Sequence[int] = ()):
   """Dense features for detection / segmentation heads: {'encoded': the final (normalised)
   patch-token grid, 'encoderblock_{i}': block i's output grid}, each (batch, H/P, W/P, D)."""
@@ -386,8 +476,9 @@ def backbone_features(model: VisionTransformer, params, images, layers: Sequence
   sown = state['intermediates']
   grid = sown['encoded_grid'][0]
   outputs = {'encoded': grid}
+  blocks = block_intermediates(sown['Transformer'])
   for i in layers:
-    tokens = sown['Transformer'][f'encoderblock_{i}/output'][0]
-    outputs[f'encoderblock_{i}'] = tokens[:, tokens.shape[1] - grid.shape[1] * grid.shape[2]:]
-    outputs[f'encoderblock_{i}'] = outputs[f'encoderblock_{i}'].reshape(grid.shape)
+    tokens = blocks[i]['output'][0]
+    tokens = tokens[:, tokens.shape[1] - grid.shape[1] * grid.shape[2]:]
+    outputs[f'encoderblock_{i}'] = tokens.reshape(grid.shape)
   return outputs

@@ -34,7 +34,12 @@ from vit_jax import checkpoint
 # number of outputs, which the data can fix too, are compared as resolved values.
 STATE_DEFINING_KEYS = ('model', 'dataset', 'optimizer', 'objective', 'loss')
 PARAMS_DEFINING_KEYS = ('model', 'objective')  # What evaluating the parameters needs.
-SAME_STATE_EITHER_WAY = ('model.transformer.remat',)  # Memory layout only.
+# How the model computes, not what: a run may resume with others. (`scan` changes the layout
+# of the parameters, so it stays.)
+SAME_STATE_EITHER_WAY = ('model.transformer.remat', 'model.transformer.attention')
+# State-defining keys added since workdirs were first recorded, with the value an older record
+# (which lacks them) meant.
+NEWER_KEYS = {'model.transformer.scan': False}
 CONFIG_FILE, HISTORY_FILE, LOCK_FILE = 'config.json', 'config_history.json', 'lock'
 EXPORT_FILE, CHECKPOINT_DIR = 'model.npz', 'checkpoints'
 FILES_RECORD = 'files.json'  # In each checkpoint: the size of each of its files.
@@ -127,7 +132,7 @@ def _flat(config_dict: dict) -> dict:
 def signature(config_dict: dict, keys, *, num_outputs=None, image_size=None) -> dict:
   """The values under `keys` that fix the state, spelling-independent (JSON types, the crop
   as an image size)."""
-  flat = _flat(json.loads(json.dumps(config_dict)))
+  flat = {**NEWER_KEYS, **_flat(json.loads(json.dumps(config_dict)))}
   values = {k: v for k, v in flat.items() if k not in SAME_STATE_EITHER_WAY and
             any(k == key or k.startswith(key + '.') for key in keys)}
   if num_outputs is not None:

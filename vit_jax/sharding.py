@@ -2,12 +2,17 @@
 
 One mesh axis, 'data', spans every device of every process. Batches are split along it;
 parameters (and the optimizer state, which has their shapes) are either replicated or, with
-FSDP, split along it too: each parameter on its largest dimension that divides evenly.
+FSDP, split along it too: each parameter on its largest dimension that divides evenly (never a
+scanned encoder's layer axis).
 """
+
+import functools
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from vit_jax import models_vit
 
 DATA_AXIS = 'data'
 
@@ -24,8 +29,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def _fsdp_spec(shape, size: int) -> P:
-  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+def _fsdp_spec(shape, size: int, first_dim: int = 0) -> P:
+  for dim in sorted(range(first_dim, len(shape)), key=lambda d: -shape[d]):
     if shape[dim] % size == 0 and shape[dim] >= size:
       spec = [None] * len(shape)
       spec[dim] = DATA_AXIS
@@ -37,12 +42,24 @@ def state_shardings(mesh: Mesh, abstract_state, strategy: str):
   """Shardings for a pytree of arrays (or ShapeDtypeStructs): 'replicate' or 'fsdp'."""
   size = mesh.shape[DATA_AXIS]
 
-  def sharding(leaf):
+  def sharding(path, leaf):
     if strategy == 'fsdp' and leaf.ndim > 0 and size > 1:
-      return NamedSharding(mesh, _fsdp_spec(leaf.shape, size))
+      # A scanned encoder's layer axis stays whole: each step of the scan takes one layer.
+      scanned = any(getattr(k, 'key', None) == models_vit.SCANNED_BLOCK for k in path)
+      return NamedSharding(mesh, _fsdp_spec(leaf.shape, size, first_dim=int(scanned)))
     return replicated(mesh)
 
-  return jax.tree.map(sharding, abstract_state)
+  return jax.tree_util.tree_map_with_path(sharding, abstract_state)
+
+
+def under_mesh(fn, mesh: Mesh):
+  """fn, traced with `mesh` as the abstract mesh: the model then pins its activations to the
+  batch split (models_vit.batch_sharded)."""
+  @functools.wraps(fn)  # Its name names the compiled program (and its cache entry).
+  def traced(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+  return traced
 
 
 def to_global(batch, mesh: Mesh):

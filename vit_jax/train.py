@@ -3,6 +3,10 @@
 Flat and in sections: model, steps, parameters I/O, loop. One jitted train
 step runs over a mesh of every device of every process; each process feeds its share of the
 global batch; only process 0 writes logs, results and the exported model.
+
+The model, state and step sections need JAX, Flax, optax and orbax only: TensorFlow (the input
+pipeline) and clu are imported by the functions that read data and write logs, so that the
+benchmarks run on a bare accelerator install.
 """
 
 import contextlib
@@ -16,10 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from clu import metric_writers, parameter_overview
 
-from vit_jax import (checkpoint, config_lib, fewshot, input_pipeline, objectives, optim, resume,
-                     sharding)
+from vit_jax import checkpoint, config_lib, fewshot, objectives, optim, resume, sharding
 from vit_jax.models_vit import VisionTransformer
 
 
@@ -106,18 +108,20 @@ def make_train_step(config, model, tx, schedule, shardings, mesh, objective):
     return new_state, metrics
 
   batch_sharding = sharding.batch_sharding(mesh)
-  return jax.jit(train_step, in_shardings=(shardings, batch_sharding),
+  return jax.jit(sharding.under_mesh(train_step, mesh), in_shardings=(shardings, batch_sharding),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
 def make_eval_step(objective, model, params_shardings, mesh):
-  return jax.jit(lambda params, batch: objective.eval_sums(model, params, batch),
+  return jax.jit(sharding.under_mesh(lambda params, batch: objective.eval_sums(model, params,
+                                                                            batch), mesh),
                  in_shardings=(params_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh))
 
 
 def evaluate_split(config, eval_step, params, source, mesh, objective):
   """The objective's metrics over every example of the split, each counted once."""
+  from vit_jax import input_pipeline
   local_batch = config.batch_eval // jax.process_count()
   num_steps = input_pipeline.eval_steps(source, batch_size=local_batch,
                                         process_count=jax.process_count())
@@ -239,6 +243,7 @@ def opened_workdir(config, workdir):
     except OSError as e:
       raise ValueError(f'workdir {workdir} is not writable ({e.strerror}).') from None
   with resume.WorkdirLock(workdir):
+    from clu import metric_writers
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     mesh = sharding.make_mesh()
     logging.info('Mesh: %d devices in %d processes, %s.', jax.device_count(),
@@ -250,6 +255,7 @@ def opened_workdir(config, workdir):
 
 
 def _source(config, split):
+  from vit_jax import input_pipeline
   return input_pipeline.get_source(config, split, process_index=jax.process_index(),
                                    process_count=jax.process_count())
 
@@ -301,6 +307,7 @@ def _train_and_evaluate(config, workdir, mesh, writer) -> dict:
   record.record_start(config, num_outputs=objective.num_outputs, image_size=image_size,
                       start_step=step)
   if jax.process_index() == 0:
+    from clu import parameter_overview
     parameter_overview.log_parameter_overview(state['params'])
   writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
                         for k, v in flax.traverse_util.flatten_dict(
@@ -310,6 +317,7 @@ def _train_and_evaluate(config, workdir, mesh, writer) -> dict:
   eval_step = make_eval_step(objective, model, shardings['params'], mesh)
 
   local_batch = config.batch // jax.process_count()
+  from vit_jax import input_pipeline
   batches = input_pipeline.train_batches(config, train_source, batch_size=local_batch,
                                          start_step=step)
   progress = Progress(config.total_steps, config.batch, writer)
