@@ -70,6 +70,12 @@ def tiny_model_checkpoint(tmp_path, num_classes=10):
   return path, model, params, config
 
 
+def test_official_imagenet21k_files_are_read_as_sigmoid_models(tmp_path):
+  for num_classes, multi_label in [(21_843, True), (1000, False)]:
+    path, *_ = tiny_model_checkpoint(tmp_path, num_classes=num_classes)
+    assert checkpoint.load_model(path).multi_label == multi_label
+
+
 def test_infer_model_config_from_a_checkpoint(tmp_path):
   path, _, _, config = tiny_model_checkpoint(tmp_path)
   inferred, num_classes, image_size = checkpoint.infer_model_config(checkpoint.load(path))
@@ -92,8 +98,11 @@ def test_analysis_cli_writes_the_four_figures(tmp_path):
       assert min(image.size) > 100
 
 
-def test_predict_prints_top5_and_names_bad_files(tmp_path):
-  path, model, params, _ = tiny_model_checkpoint(tmp_path)
+@pytest.mark.parametrize('multi_label', [False, True], ids=['softmax', 'sigmoid'])
+def test_predict_prints_top5_and_names_bad_files(tmp_path, multi_label):
+  path, model, params, config = tiny_model_checkpoint(tmp_path)
+  if multi_label:  # A self-describing export of a sigmoid model: one probability per class.
+    checkpoint.save(params, path, model_config=config, image_size=(16, 16), multi_label=True)
   pixels = np.random.default_rng(0).integers(0, 255, (30, 50, 3), dtype=np.uint8)
   Image.fromarray(pixels).save(tmp_path / 'good.jpg')
   (tmp_path / 'bad.png').write_bytes(b'not an image')
@@ -106,7 +115,8 @@ def test_predict_prints_top5_and_names_bad_files(tmp_path):
   # The same probabilities as the model on the eval-preprocessed image.
   from vit_jax import predict
   image = predict.load_image(str(tmp_path / 'good.jpg'), (16, 16))
-  probabilities = jax.nn.softmax(model.apply({'params': params}, image[None], train=False))[0]
+  activation = jax.nn.sigmoid if multi_label else jax.nn.softmax
+  probabilities = activation(model.apply({'params': params}, image[None], train=False))[0]
   top = np.argsort(-np.asarray(probabilities))[:5]
   assert [line.split()[-1] for line in lines[1:]] == [str(i) for i in top]
   assert lines[1].split()[0] == f'{float(probabilities[top[0]]):.2%}'
@@ -135,7 +145,7 @@ def test_exports_of_every_variant_describe_themselves(tmp_path, posemb, classifi
   params = jax.tree.map(lambda p: p + 0.05, params)
   path = str(tmp_path / 'model.npz')
   checkpoint.save(params, path, model_config=config, image_size=(8, 12))
-  loaded, loaded_config, num_classes, image_size = checkpoint.load_model(path)
+  loaded, loaded_config, num_classes, image_size, _ = checkpoint.load_model(path)
   assert (loaded_config.to_dict(), num_classes, image_size) == (config.to_dict(), 3, (8, 12))
   np.testing.assert_array_equal(
       VisionTransformer(num_classes=3, **loaded_config).apply({'params': loaded}, images,

@@ -218,7 +218,7 @@ def main(argv):
   if os.path.exists(FLAGS.outdir) and not os.path.isdir(FLAGS.outdir):
     raise app.UsageError(f'--outdir={FLAGS.outdir} is a file, not a directory: name a directory '
                          '(the file is left as it is).')
-  params, config, num_classes, image_size = checkpoint.load_model(FLAGS.checkpoint)
+  params, config, num_classes, image_size, _ = checkpoint.load_model(FLAGS.checkpoint)
   model = models_vit.VisionTransformer(num_classes=num_classes, **config)
   images = _images(argv[1:], image_size, FLAGS.dataset, FLAGS.split, FLAGS.num_images)
   for path in analyse(params, model, config, jnp.asarray(images), FLAGS.outdir):

@@ -10,7 +10,7 @@ import json
 import logging
 import math
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import flax
 import jax
@@ -159,26 +159,42 @@ def load(path: str) -> dict:
   return _load(path)[0]
 
 
-def load_model(path: str):
-  """(params, model config, number of classes, image size) of a checkpoint: from the
-  description that exports of this codebase carry, else read off the parameter shapes."""
+class Exported(NamedTuple):
+  """What a checkpoint holds and how to use it (see load_model)."""
+  params: Params
+  config: ml_collections.ConfigDict  # The model config: VisionTransformer(**config).
+  num_classes: Optional[int]
+  image_size: tuple
+  multi_label: bool  # Trained with sigmoids (one probability per class) instead of a softmax.
+
+
+IMAGENET21K_CLASSES = 21_843  # The official ImageNet-21k releases were trained with sigmoids.
+
+
+def load_model(path: str) -> Exported:
+  """A checkpoint with its model config, class count, image size and output activation: from
+  the description that exports of this codebase carry, else read off the parameter shapes."""
   params, description = _load(path)
   if description is None:
-    return (params,) + infer_model_config(params)
+    config, num_classes, image_size = infer_model_config(params)
+    return Exported(params, config, num_classes, image_size,
+                    multi_label=num_classes == IMAGENET21K_CLASSES)
   as_tuples = lambda x: ({k: as_tuples(v) for k, v in x.items()} if isinstance(x, dict) else
                         tuple(x) if isinstance(x, list) else x)  # JSON made the tuples lists.
   model = as_tuples(description['model'])
   # Earlier exports predate these keys; a model read from a file computes the default way.
   model['transformer'] = {**model['transformer'], **models.IMPLEMENTATION_DEFAULTS}
-  config = ml_collections.ConfigDict(model)
-  return params, config, description['num_classes'], tuple(description['image_size'])
+  return Exported(params, ml_collections.ConfigDict(model), description['num_classes'],
+                  tuple(description['image_size']), description.get('multi_label', False))
 
 
-def save(params: Params, path: str, *, model_config=None, image_size=None):
+def save(params: Params, path: str, *, model_config=None, image_size=None,
+         multi_label: bool = False):
   """Writes `params` as an official-layout .npz (float32 where the model runs in bfloat16; a
   scanned encoder per layer).
 
-  With `model_config` (and the `image_size` it was trained at) the file describes itself: one
+  With `model_config` (the `image_size` it was trained at, and whether its outputs are
+  sigmoids, `multi_label`) the file describes itself: one
   more array, `vit_jax_description` (JSON as bytes), which readers of the official layout (the
   official code, timm) do not look up, and which `load_model` reads back.
   """
@@ -191,7 +207,8 @@ def save(params: Params, path: str, *, model_config=None, image_size=None):
     model['transformer'].update(models.IMPLEMENTATION_DEFAULTS)  # The file is per-layer.
     description = {'model': model,
                    'num_classes': None if head is None else int(head.shape[-1]),
-                   'image_size': [int(side) for side in image_size]}
+                   'image_size': [int(side) for side in image_size],
+                   'multi_label': bool(multi_label)}
     arrays[DESCRIPTION_KEY] = np.frombuffer(json.dumps(description).encode(), np.uint8)
   for key, value in flat.items():
     value = np.asarray(value)

@@ -108,7 +108,7 @@ def main(argv):
   if FLAGS.seeds < 1 or min(shots) < 1:
     raise app.UsageError(f'--seeds={FLAGS.seeds} and --shots={",".join(FLAGS.shots)} must be at '
                          'least 1.')
-  params, model_config, _, image_size = checkpoint.load_model(FLAGS.checkpoint)
+  params, model_config, _, image_size, _ = checkpoint.load_model(FLAGS.checkpoint)
   config = config_lib.base_config()
   config.update(dataset=FLAGS.dataset, train_split=FLAGS.train_split, test_split=FLAGS.test_split)
   config.pp.crop = image_size[0] if image_size[0] == image_size[1] else tuple(image_size)

@@ -58,7 +58,7 @@ def main(argv):
   paths = argv[1:]
   if not paths:
     raise app.UsageError('Name at least one image file.')
-  params, config, num_classes, image_size = checkpoint.load_model(FLAGS.checkpoint)
+  params, config, num_classes, image_size, multi_label = checkpoint.load_model(FLAGS.checkpoint)
   if not num_classes or config.classifier == 'unpooled':
     raise ValueError(f'{FLAGS.checkpoint} has no image classification head (classifier='
                      f'{config.classifier!r}, e.g. a masked patch prediction model): fine-tune it '
@@ -72,7 +72,9 @@ def main(argv):
                        f'{config.transformer.num_layers} layers.')
   names = label_names(num_classes, FLAGS.labels, FLAGS.dataset)
   model = VisionTransformer(num_classes=num_classes, **config)
-  classify = jax.jit(lambda x: jax.nn.softmax(model.apply({'params': params}, x, train=False)))
+  # One probability per class of a sigmoid (multi-label) model; a distribution otherwise.
+  activation = jax.nn.sigmoid if multi_label else jax.nn.softmax
+  classify = jax.jit(lambda x: activation(model.apply({'params': params}, x, train=False)))
 
   failures = 0
   for path in paths:

@@ -160,7 +160,8 @@ def export_params(params, path: str, mesh, config):
   params = _gather(params, mesh)
   if jax.process_index() == 0:
     checkpoint.save(params, path, model_config=config.model,
-                    image_size=config_lib.image_size(config))
+                    image_size=config_lib.image_size(config),
+                    multi_label=objectives.kind(config) is objectives.MultiLabel)
 
 
 # ----------------------------------------------------------------------------------------- loop
