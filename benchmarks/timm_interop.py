@@ -38,7 +38,8 @@ def main():
   import torch
 
   # Random parameters with a non-zero head, so that every parameter shapes the logits.
-  model = VisionTransformer(num_classes=args.classes, **models.get_config(args.model))
+  config = models.get_config(args.model)
+  model = VisionTransformer(num_classes=args.classes, **config)
   images = jax.random.uniform(jax.random.PRNGKey(1), (4, args.res, args.res, 3), minval=-1)
   params = model.init(jax.random.PRNGKey(0), images[:1], train=False)['params']
   params = jax.tree.map(lambda p, k: p + 0.02 * jax.random.normal(k, p.shape),
@@ -47,7 +48,8 @@ def main():
 
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, 'model.npz')
-    checkpoint.save(params, path)
+    # Self-describing, as every export of a run: timm must not mind the description.
+    checkpoint.save(params, path, model_config=config, image_size=(args.res, args.res))
     # The official weights use GELU's tanh approximation; timm defaults to the exact form.
     theirs_model = timm.create_model(
         f'{TIMM_NAMES[args.model]}_{args.res}', pretrained=False, num_classes=args.classes,
