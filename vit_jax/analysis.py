@@ -26,7 +26,7 @@ FLAGS = flags.FLAGS
 def attention_weights(model, params, images) -> list:
   """Per layer, the attention probabilities (batch, heads, tokens, tokens)."""
   _, state = model.apply({'params': params}, images, train=False, mutable=['intermediates'])
-  blocks = models_vit.block_intermediates(state['intermediates']['Transformer'])
+  blocks = models_vit.block_intermediates(state['intermediates'])
   if not blocks or 'MultiHeadDotProductAttention_1' not in blocks[0]:
     raise ValueError('The model keeps no attention probabilities: build it with '
                      "transformer.attention='einsum'.")
@@ -191,7 +191,7 @@ def analyse(params, model, config, images, outdir) -> list:
     paths.append(path('position_embedding_similarity.png'))
   plot_attention_distance(mean_attention_distance(weights, grid, stride, int(has_class_token)),
                           path('attention_distance.png'))
-  plot_filters(embedding_filter_components(params['embedding']['kernel']),
+  plot_filters(embedding_filter_components(checkpoint.patch_embedding_kernel(params)),
                path('embedding_filters.png'))
   return paths + [path('attention_distance.png'), path('embedding_filters.png')]
 

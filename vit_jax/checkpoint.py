@@ -421,6 +421,16 @@ def infer_model_config(params: Params, name: str = 'from-checkpoint'):
   return config, num_classes, (grid[0] * stride_h, grid[1] * stride_w)
 
 
+def patch_embedding_kernel(params: Params):
+  """The patch embedding E as a convolution kernel (patch_h, patch_w, channels, D)."""
+  return params['embedding']['kernel']
+
+
+def without_head(params: Params) -> Params:
+  """The parameters of the model's representation (what few-shot probes read): no head."""
+  return {k: v for k, v in params.items() if k != 'head'}
+
+
 def patch_position_embeddings(params: Params, model_config, grid) -> Optional[np.ndarray]:
   """Each patch's absolute position embedding, (grid_h * grid_w, D); None for models that
   have none (posemb 'relative' or 'none')."""

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from vit_jax import cpu_tuning
+from vit_jax import checkpoint, cpu_tuning
 
 FLAGS = flags.FLAGS
 
@@ -48,7 +48,7 @@ def fewshot_accuracy(train_x, train_y, test_x, test_y, *, num_classes: int, shot
 
 def representations(model, params, batches):
   """Pre-logits representations and labels of every (unmasked) example of `batches`."""
-  params = {k: v for k, v in params.items() if k != 'head'}
+  params = checkpoint.without_head(params)
   forward = jax.jit(lambda p, x: model.clone(num_classes=None).apply({'params': p}, x,
                                                                        train=False))
   features, labels = [], []
@@ -102,7 +102,7 @@ def evaluate(config, model, params, *, shots=(1, 5, 10, 25), seeds=3, l2_reg=1.0
 
 def main(argv):
   del argv
-  from vit_jax import checkpoint, config_lib
+  from vit_jax import config_lib
   from vit_jax.models_vit import VisionTransformer
   shots = [int(k) for k in FLAGS.shots]
   if FLAGS.seeds < 1 or min(shots) < 1:

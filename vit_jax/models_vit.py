@@ -458,11 +458,12 @@ class VisionTransformer(nn.Module):
     return x
 
 
-def block_intermediates(sown_encoder: dict) -> list:
-  """What each block sowed, in layer order, from intermediates['Transformer'] of an unrolled
-  or a scanned encoder (whose sown arrays have a leading layer axis)."""
-  if 'encoderblock' in sown_encoder:
-    stacked = sown_encoder['encoderblock']
+def block_intermediates(intermediates: dict) -> list:
+  """What each encoder block sowed, in layer order, from a VisionTransformer's intermediates,
+  unrolled or scanned (whose sown arrays have a leading layer axis)."""
+  sown_encoder = intermediates['Transformer']
+  if SCANNED_BLOCK in sown_encoder:
+    stacked = sown_encoder[SCANNED_BLOCK]
     num_layers = len(jax.tree.leaves(stacked)[0])
     return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(num_layers)]
   blocks = [k for k in sown_encoder if k.startswith('encoderblock_')]
@@ -476,7 +477,7 @@ def backbone_features(model: VisionTransformer, params, images, layers: Sequence
   sown = state['intermediates']
   grid = sown['encoded_grid'][0]
   outputs = {'encoded': grid}
-  blocks = block_intermediates(sown['Transformer'])
+  blocks = block_intermediates(sown)
   for i in layers:
     tokens = blocks[i]['output'][0]
     tokens = tokens[:, tokens.shape[1] - grid.shape[1] * grid.shape[2]:]

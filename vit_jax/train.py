@@ -113,8 +113,10 @@ def make_train_step(config, model, tx, schedule, shardings, mesh, objective):
 
 
 def make_eval_step(objective, model, params_shardings, mesh):
-  return jax.jit(sharding.under_mesh(lambda params, batch: objective.eval_sums(model, params,
-                                                                            batch), mesh),
+  def eval_step(params, batch):
+    return objective.eval_sums(model, params, batch)
+
+  return jax.jit(sharding.under_mesh(eval_step, mesh),
                  in_shardings=(params_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh))
 
