@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vit_jax import models, models_vit
+from vit_jax import config_lib, models, models_vit
 
 Params = Any
 DESCRIPTION_KEY = 'vit_jax_description'  # The model config inside an exported .npz.
@@ -168,7 +168,8 @@ class Exported(NamedTuple):
   multi_label: bool  # Trained with sigmoids (one probability per class) instead of a softmax.
 
 
-IMAGENET21K_CLASSES = 21_843  # The official ImageNet-21k releases were trained with sigmoids.
+# The official ImageNet-21k releases (all its classes) were trained with sigmoids.
+IMAGENET21K_CLASSES = config_lib.DATASETS['imagenet21k']['num_classes']
 
 
 def load_model(path: str) -> Exported:
