@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import run_main
-from vit_jax import analysis, checkpoint, models
+from helpers import run_main, tiny_config
+from vit_jax import analysis, checkpoint, fewshot, input_pipeline, models, predict, train
 from vit_jax.models_vit import VisionTransformer
 
 
@@ -133,28 +133,54 @@ def test_inference_time_measures_and_writes(tmp_path):
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(tmp_path))
 
 
+def accuracy(classify, config) -> float:
+  """Top-1 accuracy of `classify` over config's test split, as predict would classify it."""
+  source = input_pipeline.get_source(config, config.test_split)
+  steps = input_pipeline.eval_steps(source, batch_size=config.batch_eval, process_count=1)
+  correct = 0
+  for batch in input_pipeline.eval_batches(config, source, batch_size=config.batch_eval,
+                                           num_steps=steps):
+    hits = np.argmax(np.asarray(classify(batch['image'])), -1) == np.argmax(batch['labels'], -1)
+    correct += np.sum(hits * batch['mask'])
+  return float(correct / source.num_examples)
+
+
 @pytest.mark.parametrize('posemb', ['learn', 'learn_2d', 'sincos2d', 'relative', 'none'])
 @pytest.mark.parametrize('classifier', ['token', 'gap'])
 def test_exports_of_every_variant_describe_themselves(tmp_path, posemb, classifier):
   config = models.vit_config('tiny', hidden_size=16, mlp_dim=32, num_heads=2, num_layers=1,
                              patch=4, classifier=classifier)
   config.transformer.update(posemb=posemb, gelu_approximate=False)
-  model = VisionTransformer(num_classes=3, **config)
+  model = VisionTransformer(num_classes=10, **config)
   images = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 12, 3))  # A 2x3 grid.
-  params = model.init(jax.random.PRNGKey(0), images, train=False)['params']
+  params = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False))(images)['params']
   params = jax.tree.map(lambda p: p + 0.05, params)
   path = str(tmp_path / 'model.npz')
   checkpoint.save(params, path, model_config=config, image_size=(8, 12))
+  apply = lambda model, p: jax.jit(lambda p: model.apply({'params': p}, images, train=False))(p)
+  logits = apply(model, params)
   loaded, loaded_config, num_classes, image_size, _ = checkpoint.load_model(path)
-  assert (loaded_config.to_dict(), num_classes, image_size) == (config.to_dict(), 3, (8, 12))
-  np.testing.assert_array_equal(
-      VisionTransformer(num_classes=3, **loaded_config).apply({'params': loaded}, images,
-                                                              train=False),
-      model.apply({'params': params}, images, train=False))
+  assert (loaded_config.to_dict(), num_classes, image_size) == (config.to_dict(), 10, (8, 12))
+  np.testing.assert_array_equal(apply(VisionTransformer(num_classes=10, **loaded_config), loaded),
+                                logits)
   assert checkpoint.load(path).keys() == params.keys()  # The description is no parameter.
+
+  # The tools, each on the export alone.
   figures = analysis.analyse(loaded, model, loaded_config, images, str(tmp_path / 'figures'))
   assert len(figures) == (4 if posemb in ('learn', 'learn_2d', 'sincos2d') else 3)
   assert sorted(os.listdir(tmp_path / 'figures')) == sorted(os.path.basename(f) for f in figures)
+  classify, size, classes = predict.load_classifier(path)
+  assert (size, classes) == ((8, 12), 10)
+  np.testing.assert_allclose(classify(images), jax.nn.softmax(logits), atol=1e-6)
+  few = fewshot.evaluate_checkpoint(path, dataset='digits', shots=(1, 5), seeds=1)
+  assert few.keys() == {'fewshot_1shot', 'fewshot_5shot'} and 0 <= few['fewshot_5shot'] <= 1
+  # The recipe's config.model is another model (learned 1D posemb, class token): the export's
+  # own description decides what is evaluated.
+  config = tiny_config('--config.trainer=evaluate', f'--config.pretrained_path={path}',
+                       '--config.pp.crop=(8, 12)')
+  evaluated = train.evaluate(config, str(tmp_path / 'evaluate'))
+  assert evaluated['accuracy_test'] == pytest.approx(accuracy(classify, config), abs=1e-6)
+
   # Without the description, what the shapes say (and a named error where they cannot).
   if posemb in ('sincos2d', 'none'):
     with pytest.raises(ValueError, match='cannot tell apart'):

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import official_reference
 from vit_jax import checkpoint, models
 from vit_jax.models_vit import VisionTransformer
 
@@ -58,65 +59,6 @@ def official_layout_arrays(seed=0, grid=4, newer_spelling=False):
   return arrays
 
 
-def reference_logits(p, images, patch=PATCH):
-  """The paper's Eq. (1)-(4) in plain jax.numpy over official-layout arrays."""
-
-  def layer_norm(x, prefix):
-    mean = x.mean(-1, keepdims=True)
-    var = ((x - mean) ** 2).mean(-1, keepdims=True)
-    return (x - mean) / jnp.sqrt(var + 1e-6) * p[f'{prefix}/scale'] + p[f'{prefix}/bias']
-
-  def gelu_tanh(x):
-    return 0.5 * x * (1 + jnp.tanh(jnp.sqrt(2 / jnp.pi) * (x + 0.044715 * x ** 3)))
-
-  b, h, w, c = images.shape
-  patches = images.reshape(b, h // patch, patch, w // patch, patch, c)
-  patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, patch * patch * c)
-  x = patches @ p['embedding/kernel'].reshape(-1, WIDTH) + p['embedding/bias']
-  x = jnp.concatenate([jnp.broadcast_to(p['cls'], (b, 1, WIDTH)), x], axis=1)
-  x = x + p['Transformer/posembed_input/pos_embedding']
-  for i in range(LAYERS):
-    block = f'Transformer/encoderblock_{i}'
-    att = f'{block}/MultiHeadDotProductAttention_1'
-    y = layer_norm(x, f'{block}/LayerNorm_0')
-    q, k, v = (jnp.einsum('bnd,dhk->bnhk', y, p[f'{att}/{n}/kernel']) + p[f'{att}/{n}/bias']
-               for n in ('query', 'key', 'value'))
-    weights = jax.nn.softmax(jnp.einsum('bqhk,bshk->bhqs', q, k) / jnp.sqrt(WIDTH // HEADS))
-    y = jnp.einsum('bhqs,bshk->bqhk', weights, v)
-    x = x + jnp.einsum('bqhk,hkd->bqd', y, p[f'{att}/out/kernel']) + p[f'{att}/out/bias']
-    y = layer_norm(x, f'{block}/LayerNorm_2')
-    y = gelu_tanh(y @ p[f'{block}/MlpBlock_3/Dense_0/kernel'] + p[f'{block}/MlpBlock_3/Dense_0/bias'])
-    x = x + y @ p[f'{block}/MlpBlock_3/Dense_1/kernel'] + p[f'{block}/MlpBlock_3/Dense_1/bias']
-  y = layer_norm(x, 'Transformer/encoder_norm')[:, 0]
-  y = jnp.tanh(y @ p['pre_logits/kernel'] + p['pre_logits/bias'])
-  return y @ p['head/kernel'] + p['head/bias']
-
-
-def reference_stem(p, images):
-  """The hybrids' BiT stem as the official code computes it (root, one stage of one unit), in
-  plain jax.numpy: kernels standardised as (w - mean) / (std + 1e-5), GroupNorm of 32 groups."""
-  def conv(x, name, stride=1):
-    w = p[name] - p[name].mean(axis=(0, 1, 2))
-    w = w / (w.std(axis=(0, 1, 2)) + 1e-5)
-    return jax.lax.conv_general_dilated(x, w, (stride, stride), 'SAME',
-                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-
-  def group_norm(x, name, groups=32):
-    g = x.reshape(x.shape[:3] + (groups, -1))
-    g = (g - g.mean(axis=(1, 2, 4), keepdims=True)) / jnp.sqrt(
-        g.var(axis=(1, 2, 4), keepdims=True) + 1e-6)
-    return g.reshape(x.shape) * p[f'{name}/scale'].reshape(-1) + p[f'{name}/bias'].reshape(-1)
-
-  relu = jax.nn.relu
-  x = relu(group_norm(conv(images, 'conv_root/kernel', stride=2), 'gn_root'))
-  x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), 'SAME')
-  unit = 'block1/unit1'
-  residual = group_norm(conv(x, f'{unit}/conv_proj/kernel'), f'{unit}/gn_proj')
-  y = relu(group_norm(conv(x, f'{unit}/conv1/kernel'), f'{unit}/gn1'))
-  y = relu(group_norm(conv(y, f'{unit}/conv2/kernel'), f'{unit}/gn2'))
-  return relu(residual + group_norm(conv(y, f'{unit}/conv3/kernel'), f'{unit}/gn3'))
-
-
 def hybrid_layout_arrays(gn_shape):
   """A hybrid (BiT root + one unit of 64 features, 4 pixels per token) in the official layout,
   with small kernels, so that where the standardisation's eps sits matters."""
@@ -149,7 +91,7 @@ def test_hybrid_official_layout_gives_reference_logits(tmp_path, images, gn_shap
   params = checkpoint.load_pretrained(pretrained_path=path, init_params=init_params(config),
                                       model_config=config, reinit_head=False)
   logits = model.apply({'params': params}, images, train=False)
-  expected = reference_logits(arrays, reference_stem(arrays, images), patch=1)
+  expected = official_reference.logits(arrays, images, num_heads=HEADS)
   assert np.abs(expected).max() > 0.1  # Logits that carry signal.
   np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=1e-5)
 
@@ -196,10 +138,7 @@ def big_vision_reference_logits(p, images, pool):
   """big_vision's ViT forward pass in plain jax.numpy over per-layer big_vision arrays:
   position embeddings added before the class token is prepended; 'tok', 'gap' or 'map'
   pooling; no representation layer."""
-  def layer_norm(x, prefix):
-    mean = x.mean(-1, keepdims=True)
-    var = ((x - mean) ** 2).mean(-1, keepdims=True)
-    return (x - mean) / jnp.sqrt(var + 1e-6) * p[f'{prefix}/scale'] + p[f'{prefix}/bias']
+  layer_norm = lambda x, name: official_reference.layer_norm(p, x, name)
 
   def attention(queries, inputs, prefix):
     q, k, v = (jnp.einsum('bnd,dhk->bnhk', x, p[f'{prefix}/{n}/kernel']) + p[f'{prefix}/{n}/bias']
@@ -283,7 +222,7 @@ def test_official_layout_gives_reference_logits(tmp_path, apply, images, newer_s
   block = params['Transformer']['encoderblock_1']
   assert sorted(block) == ['LayerNorm_0', 'LayerNorm_2', 'MlpBlock_3',
                            'MultiHeadDotProductAttention_1']
-  expected = reference_logits(official_layout_arrays(), images)
+  expected = official_reference.logits(official_layout_arrays(), images, num_heads=HEADS)
   np.testing.assert_allclose(apply(params, images), expected, atol=1e-5, rtol=1e-5)
 
 

@@ -39,16 +39,20 @@ def _is_remote(path: str) -> bool:
   return '://' in path
 
 
-def _read_bytes(path: str) -> bytes:
+def _open(path: str):
+  """The file at a local or remote (gs://...) path, opened for binary reading."""
   if _is_remote(path):
     import tensorflow as tf  # Only remote paths pay for importing TensorFlow.
     if not tf.io.gfile.exists(path):
       raise FileNotFoundError(f'Checkpoint not found: {path}')
-    with tf.io.gfile.GFile(path, 'rb') as f:
-      return f.read()
+    return tf.io.gfile.GFile(path, 'rb')
   if not os.path.isfile(path):
     raise FileNotFoundError(f'Checkpoint not found: {path}')
-  with open(path, 'rb') as f:
+  return open(path, 'rb')
+
+
+def _read_bytes(path: str) -> bytes:
+  with _open(path) as f:
     return f.read()
 
 
@@ -180,6 +184,25 @@ def load_model(path: str) -> Exported:
     config, num_classes, image_size = infer_model_config(params)
     return Exported(params, config, num_classes, image_size,
                     multi_label=num_classes == IMAGENET21K_CLASSES)
+  return _described(params, description)
+
+
+def read_description(path: str) -> Optional[Exported]:
+  """What an export of this codebase says it holds, without reading its parameters (`params`
+  is None); None for a file without a description (e.g. an official release)."""
+  try:
+    with _open(path) as f, np.load(f, allow_pickle=False) as npz:  # Reads one member only.
+      if DESCRIPTION_KEY not in npz.files:
+        return None
+      description = json.loads(npz[DESCRIPTION_KEY].tobytes().decode())
+  except FileNotFoundError:
+    raise
+  except Exception as e:  # As in _load: np.load raises several types for other files.
+    raise ValueError(f'{path} is not a readable .npz checkpoint ({type(e).__name__}: {e}).') from e
+  return _described(None, description)
+
+
+def _described(params, description: dict) -> Exported:
   as_tuples = lambda x: ({k: as_tuples(v) for k, v in x.items()} if isinstance(x, dict) else
                         tuple(x) if isinstance(x, list) else x)  # JSON made the tuples lists.
   model = as_tuples(description['model'])

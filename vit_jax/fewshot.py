@@ -100,23 +100,33 @@ def evaluate(config, model, params, *, shots=(1, 5, 10, 25), seeds=3, l2_reg=1.0
   return results
 
 
-def main(argv):
-  del argv
+def evaluate_checkpoint(path: str, *, dataset: str, train_split='train', test_split='test',
+                        random_init=False, **kwargs) -> dict:
+  """`evaluate` of the model in an .npz (architecture and resolution read off the file), or with
+  random_init of the same architecture untrained (the baseline)."""
   from vit_jax import config_lib
   from vit_jax.models_vit import VisionTransformer
+  params, model_config, _, image_size, _ = checkpoint.load_model(path)
+  config = config_lib.base_config()
+  config.update(dataset=dataset, train_split=train_split, test_split=test_split)
+  config.pp.crop = image_size[0] if image_size[0] == image_size[1] else tuple(image_size)
+  model = VisionTransformer(num_classes=None, **model_config)
+  if random_init:
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(image_size) + (3,)),
+                        train=False)['params']
+  return evaluate(config, model, params, **kwargs)
+
+
+def main(argv):
+  del argv
   shots = [int(k) for k in FLAGS.shots]
   if FLAGS.seeds < 1 or min(shots) < 1:
     raise app.UsageError(f'--seeds={FLAGS.seeds} and --shots={",".join(FLAGS.shots)} must be at '
                          'least 1.')
-  params, model_config, _, image_size, _ = checkpoint.load_model(FLAGS.checkpoint)
-  config = config_lib.base_config()
-  config.update(dataset=FLAGS.dataset, train_split=FLAGS.train_split, test_split=FLAGS.test_split)
-  config.pp.crop = image_size[0] if image_size[0] == image_size[1] else tuple(image_size)
-  model = VisionTransformer(num_classes=None, **model_config)
-  if FLAGS.random_init:  # The baseline: the same architecture, untrained.
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(image_size) + (3,)),
-                        train=False)['params']
-  results = evaluate(config, model, params, shots=shots, seeds=FLAGS.seeds, l2_reg=FLAGS.l2_reg)
+  results = evaluate_checkpoint(
+      FLAGS.checkpoint, dataset=FLAGS.dataset, train_split=FLAGS.train_split,
+      test_split=FLAGS.test_split, random_init=FLAGS.random_init, shots=shots,
+      seeds=FLAGS.seeds, l2_reg=FLAGS.l2_reg)
   for name, accuracy in results.items():
     print(f'{name}: {accuracy:.4f}')
 

@@ -162,9 +162,10 @@ class MultiHeadDotProductAttention(nn.Module):
       logits = jnp.einsum('bqhd,bkhd->bhqk', query, key)
       if bias is not None:
         logits = logits + bias.astype(logits.dtype)
-      # The softmax runs in float32 even for bfloat16 activations: its sum is not robust to
-      # rounding.
-      weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+      # The softmax runs in float32 (at least) even for bfloat16 activations: its sum is not
+      # robust to rounding.
+      precise = jnp.promote_types(logits.dtype, jnp.float32)
+      weights = jax.nn.softmax(logits.astype(precise), axis=-1).astype(self.dtype)
       self.sow('intermediates', 'attention_weights', weights)
       weights = nn.Dropout(self.attention_dropout_rate)(weights, deterministic=deterministic)
       heads = jnp.einsum('bhqk,bkhd->bqhd', weights, value)

@@ -54,27 +54,33 @@ def load_image(path: str, image_size) -> np.ndarray:
   return preprocess.to_value_range(image).numpy()
 
 
+def load_classifier(checkpoint_path: str, model_name=None):
+  """(classify: images -> class probabilities, image size, class count) of a checkpoint; the
+  probabilities are sigmoids for a multi-label model, a softmax distribution otherwise."""
+  params, config, num_classes, image_size, multi_label = checkpoint.load_model(checkpoint_path)
+  if not num_classes or config.classifier == 'unpooled':
+    raise ValueError(f'{checkpoint_path} has no image classification head (classifier='
+                     f'{config.classifier!r}, e.g. a masked patch prediction model): fine-tune it '
+                     'on labelled images first (configs/finetune.py).')
+  if model_name:
+    expected = models.get_config(model_name)
+    if (expected.hidden_size, tuple(expected.patches.size), expected.transformer.num_layers) != (
+        config.hidden_size, tuple(config.patches.size), config.transformer.num_layers):
+      raise ValueError(f'{checkpoint_path} does not hold a {model_name}: width '
+                       f'{config.hidden_size}, patch {tuple(config.patches.size)}, '
+                       f'{config.transformer.num_layers} layers.')
+  model = VisionTransformer(num_classes=num_classes, **config)
+  activation = jax.nn.sigmoid if multi_label else jax.nn.softmax
+  classify = jax.jit(lambda x: activation(model.apply({'params': params}, x, train=False)))
+  return classify, image_size, num_classes
+
+
 def main(argv):
   paths = argv[1:]
   if not paths:
     raise app.UsageError('Name at least one image file.')
-  params, config, num_classes, image_size, multi_label = checkpoint.load_model(FLAGS.checkpoint)
-  if not num_classes or config.classifier == 'unpooled':
-    raise ValueError(f'{FLAGS.checkpoint} has no image classification head (classifier='
-                     f'{config.classifier!r}, e.g. a masked patch prediction model): fine-tune it '
-                     'on labelled images first (configs/finetune.py).')
-  if FLAGS.model:
-    expected = models.get_config(FLAGS.model)
-    if (expected.hidden_size, tuple(expected.patches.size), expected.transformer.num_layers) != (
-        config.hidden_size, tuple(config.patches.size), config.transformer.num_layers):
-      raise ValueError(f'{FLAGS.checkpoint} does not hold a {FLAGS.model}: width '
-                       f'{config.hidden_size}, patch {tuple(config.patches.size)}, '
-                       f'{config.transformer.num_layers} layers.')
+  classify, image_size, num_classes = load_classifier(FLAGS.checkpoint, FLAGS.model)
   names = label_names(num_classes, FLAGS.labels, FLAGS.dataset)
-  model = VisionTransformer(num_classes=num_classes, **config)
-  # One probability per class of a sigmoid (multi-label) model; a distribution otherwise.
-  activation = jax.nn.sigmoid if multi_label else jax.nn.softmax
-  classify = jax.jit(lambda x: activation(model.apply({'params': params}, x, train=False)))
 
   failures = 0
   for path in paths:

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vit_jax import checkpoint, config_lib, fewshot, objectives, optim, resume, sharding
+from vit_jax import (checkpoint, config_lib, fewshot, models, objectives, optim, resume,
+                     sharding)
 from vit_jax.models_vit import VisionTransformer
 
 
@@ -402,8 +403,34 @@ def abstract_params(config, model, mesh, image_size, objective):
   return sharded(init, mesh, config.sharding, jax.random.PRNGKey(config.seed))
 
 
+def with_exported_model(config):
+  """The config with the model an export describes (the recipe's config.model may be another
+  one: a model trained with posemb='sincos2d' has no parameter that says so); how it computes
+  (remat, scan, attention) stays the config's. Files without a description are unchanged."""
+  export = checkpoint.read_description(config.pretrained_path)
+  if export is None:
+    return config
+  model = export.config
+  for key in models.IMPLEMENTATION_DEFAULTS:
+    model.transformer[key] = config.model.transformer[key]
+  described, configured = (flax.traverse_util.flatten_dict(c.to_dict(), sep='.')
+                           for c in (model, config.model))
+  differing = sorted(k for k in described.keys() | configured.keys()
+                     if described.get(k) != configured.get(k))
+  if differing:
+    logging.info('Evaluating %s as the model it describes (model.%s differ from the config).',
+                 config.pretrained_path, ', model.'.join(differing))
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model = model
+  return config
+
+
 def evaluate(config, workdir: str) -> dict:
   """Evaluates config.pretrained_path (.npz), or else the latest checkpoint in workdir."""
+  if config.pretrained_path:
+    config_lib.check(config, device_count=jax.device_count(), process_count=jax.process_count())
+    config = with_exported_model(config)
   with opened_workdir(config, workdir) as (mesh, writer):
     source = _source(config, config.test_split)
     objective = objectives.from_config(config, source.num_classes)
