@@ -204,3 +204,54 @@ def test_decode_handles_grayscale_and_alpha(tmp_path):
   for path in (gray, rgba):
     image = input_pipeline.preprocess.decode(tf.io.read_file(str(path))).numpy()
     assert image.shape == (5, 7, 3)
+
+
+def write_imagenet2012_archives(manual_dir, rng):
+  """ILSVRC2012_img_train.tar (one tar of JPEGs per synset) and ILSVRC2012_img_val.tar (flat
+  JPEGs, labelled by TFDS's bundled validation_labels.txt in file-name order), as image-net.org
+  ships them, with a few tiny images."""
+  import io
+  import tarfile
+
+  def add(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+  def jpeg():
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(buffer, 'JPEG')
+    return buffer.getvalue()
+
+  manual_dir.mkdir()
+  with tarfile.open(manual_dir / 'ILSVRC2012_img_train.tar', 'w') as train:
+    for synset in ('n01440764', 'n01443537'):  # Classes 0 and 1 of labels.txt.
+      inner = io.BytesIO()
+      with tarfile.open(fileobj=inner, mode='w') as images:
+        for i in range(3):
+          add(images, f'{synset}_{i}.JPEG', jpeg())
+      add(train, f'{synset}.tar', inner.getvalue())
+  with tarfile.open(manual_dir / 'ILSVRC2012_img_val.tar', 'w') as val:
+    for i in range(1, 3):
+      add(val, f'ILSVRC2012_val_{i:08d}.JPEG', jpeg())
+
+
+def test_imagenet2012_prepared_from_a_manual_dir(tmp_path):
+  """The real TFDS imagenet2012 builder, from archives in config.tfds_manual_dir."""
+  config = make_config('imagenet2012', crop=16, tfds_data_dir=str(tmp_path / 'data'),
+                       tfds_download=True)
+  with pytest.raises(ValueError, match=r"(?s)'imagenet2012' cannot be prepared: .*ILSVRC2012_"
+                                       r"img_train.tar.*set tfds_manual_dir"):
+    input_pipeline.get_source(config, 'train')
+  write_imagenet2012_archives(tmp_path / 'manual', np.random.default_rng(0))
+  config.tfds_manual_dir = str(tmp_path / 'manual')
+  train = input_pipeline.get_source(config, 'train')
+  validation = input_pipeline.get_source(config, 'validation')
+  assert (train.num_examples, validation.num_examples, train.num_classes) == (6, 2, 1000)
+  batch = next(input_pipeline.train_batches(config, train, batch_size=6))
+  assert batch['image'].shape == (6, 16, 16, 3)
+  assert sorted(batch['labels'].argmax(-1)) == [0, 0, 0, 1, 1, 1]
+  labels = [tfds.builder('imagenet2012').info.features['label'].str2int(synset)
+            for synset in ('n01751748', 'n09193705')]  # validation_labels.txt, lines 1 and 2.
+  batch = next(input_pipeline.eval_batches(config, validation, batch_size=2, num_steps=1))
+  assert sorted(batch['labels'].argmax(-1)) == sorted(labels)

@@ -44,6 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_classes = ml_collections.FieldReference(None, field_type=int)  # None: from the dataset.
   c.tfds_data_dir = ml_collections.FieldReference(None, field_type=str)
   c.tfds_download = False
+  # Where TFDS finds archives it cannot download itself (ImageNet-1k: ILSVRC2012_img_train.tar,
+  # ILSVRC2012_img_val.tar); default <tfds_data_dir>/downloads/manual.
+  c.tfds_manual_dir = ml_collections.FieldReference(None, field_type=str)
   c.shuffle_buffer = 50_000
   c.pp = ml_collections.ConfigDict(dict(
       # Training and evaluation resolution: an int, or (height, width).

@@ -129,7 +129,7 @@ def _numpy_batches(dataset: tf.data.Dataset, source: Source) -> Iterator:
 
 
 def _tfds(name: str, split: str, process_index: int, process_count: int, *, data_dir, download,
-          seed) -> Source:
+          manual_dir, seed) -> Source:
   import tensorflow_datasets as tfds
   try:
     builder = tfds.builder(name, data_dir=data_dir)
@@ -140,7 +140,14 @@ def _tfds(name: str, split: str, process_index: int, process_count: int, *, data
     if not download:
       raise ValueError(f'TFDS dataset {name!r} is not prepared in {builder.data_dir}; set '
                        'tfds_download=True or tfds_data_dir to where it is.')
-    builder.download_and_prepare()
+    # Datasets behind a licence (ImageNet) are prepared from archives the user downloaded.
+    download_config = tfds.download.DownloadConfig(
+        manual_dir=os.path.expanduser(manual_dir) if manual_dir else None)
+    try:
+      builder.download_and_prepare(download_config=download_config)
+    except AssertionError as e:  # How TFDS says that manual files are missing.
+      raise ValueError(f'TFDS dataset {name!r} cannot be prepared: {e}\nPut the files it names '
+                       'in one folder and set tfds_manual_dir to it.') from None
   info = builder.info
   try:
     num_examples = info.splits[split].num_examples
@@ -174,7 +181,8 @@ def get_source(config, split: str, *, process_index: int = 0, process_count: int
     source = _folder(name[len('folder:'):], split, process_index, process_count)
   else:
     source = _tfds(name, split, process_index, process_count, data_dir=config.tfds_data_dir,
-                   download=config.tfds_download, seed=config.seed)
+                   download=config.tfds_download, manual_dir=config.tfds_manual_dir,
+                   seed=config.seed)
   if source.num_examples < process_count:
     raise ValueError(f'Split {split!r} of {name} has {source.num_examples} examples: too few '
                      f'for {process_count} processes.')
