@@ -255,3 +255,32 @@ def test_imagenet2012_prepared_from_a_manual_dir(tmp_path):
             for synset in ('n01751748', 'n09193705')]  # validation_labels.txt, lines 1 and 2.
   batch = next(input_pipeline.eval_batches(config, validation, batch_size=2, num_steps=1))
   assert sorted(batch['labels'].argmax(-1)) == sorted(labels)
+
+
+def photo_jpeg(rng, size):
+  """A JPEG cut from one of the photographs scikit-learn ships (china.jpg, flower.jpg)."""
+  import io
+  from sklearn.datasets import load_sample_images
+  photo = load_sample_images().images[rng.integers(2)]  # (427, 640, 3)
+  top, left = rng.integers(0, 427 - size[0]), rng.integers(0, 640 - size[1])
+  buffer = io.BytesIO()
+  Image.fromarray(photo[top:top + size[0], left:left + size[1]]).save(buffer, 'JPEG', quality=90)
+  return buffer.getvalue()
+
+
+def test_crop_decode_gives_the_full_decodes_crop():
+  """Training decodes only the crop of a JPEG: for every seed the same window as cropping the
+  fully decoded image, and the same pixels (up to the decoder's rounding at the window's edge)."""
+  from vit_jax import preprocess
+  rng = np.random.default_rng(0)
+  for i in range(20):
+    data = photo_jpeg(rng, (int(rng.integers(60, 200)), int(rng.integers(60, 200))))
+    seed = tf.constant([7, i], tf.int64)
+    crop = preprocess.decode_and_inception_crop(tf.constant(data), (32, 32), seed).numpy()
+    full = preprocess.inception_crop(preprocess.decode(tf.constant(data)), (32, 32), seed).numpy()
+    assert np.abs(crop - full).mean() < 0.5 and np.abs(crop - full).max() < 12, i
+  png = tf.io.encode_png(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8))
+  seed = tf.constant([1, 2], tf.int64)
+  np.testing.assert_array_equal(
+      preprocess.decode_and_inception_crop(png, (16, 16), seed),
+      preprocess.inception_crop(preprocess.decode(png), (16, 16), seed))

@@ -39,6 +39,7 @@ class Source:
   stream_size: int = 0                       # of this many examples.
   multi_label: bool = False                  # 'label' is then a list of class ids.
   find_unreadable: Optional[Callable] = None  # () -> files that fail to decode, for errors.
+  encoded: Optional[Callable] = None  # An example's 'image' -> its file's bytes (None: pixels).
 
   def shard(self) -> tf.data.Dataset:
     """This process' disjoint share of the split, in order (for evaluation)."""
@@ -95,7 +96,7 @@ def _folder(root: str, split: str, process_index: int, process_count: int) -> So
   if not paths:
     raise ValueError(f'Split folder {split_dir} holds no class folders with images.')
   return Source(decode=lambda path: preprocess.decode(tf.io.read_file(path)),
-                num_examples=len(paths), num_classes=len(classes), process_index=process_index,
+                encoded=tf.io.read_file, num_examples=len(paths), num_classes=len(classes), process_index=process_index,
                 process_count=process_count,
                 examples={'image': np.array(paths), 'label': np.array(labels, np.int64)},
                 find_unreadable=lambda: _unreadable(paths))
@@ -167,7 +168,8 @@ def _tfds(name: str, split: str, process_index: int, process_count: int, *, data
   num_classes = info.features[label_key].feature.num_classes if multi_label else \
       info.features[label_key].num_classes
   dataset = dataset.map(lambda ex: {'image': ex['image'], 'label': ex[label_key]})
-  return Source(decode=preprocess.decode, num_examples=num_examples, num_classes=num_classes,
+  return Source(decode=preprocess.decode, encoded=lambda image: image,
+                num_examples=num_examples, num_classes=num_classes,
                 process_index=process_index, process_count=process_count, stream=dataset,
                 stream_size=stream_size, multi_label=multi_label)
 
@@ -251,8 +253,12 @@ def train_batches(config, source: Source, *, batch_size: int, start_step: int = 
   def augment(position, example):
     crop_seed, flip_seed = tf.unstack(
         tf.random.experimental.stateless_split(tf.stack([tf.cast(seed, tf.int64), position]), 2))
-    image = preprocess.inception_crop(source.decode(example['image']), size, crop_seed,
-                                      min_area=config.pp.crop_min_area)
+    if source.encoded is None:
+      image = preprocess.inception_crop(source.decode(example['image']), size, crop_seed,
+                                        min_area=config.pp.crop_min_area)
+    else:
+      image = preprocess.decode_and_inception_crop(source.encoded(example['image']), size,
+                                                   crop_seed, min_area=config.pp.crop_min_area)
     if config.pp.flip:
       image = preprocess.random_flip(image, flip_seed)
     if config.pp.randaug_layers:

@@ -13,16 +13,43 @@ def decode(image_bytes):
   return tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
 
 
-def inception_crop(image, size, seed, *, min_area=0.05, aspect_ratio=(3 / 4, 4 / 3)):
-  """A random crop covering min_area..100% of the image (Szegedy et al.), resized to `size`."""
+def _crop_window(shape, seed, min_area, aspect_ratio):
+  """A random (begin, size) covering min_area..100% of an image of `shape` (Szegedy et al.)."""
   begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      tf.shape(image), tf.zeros([0, 0, 4], tf.float32), seed=seed,
-      area_range=(min_area, 1.0), aspect_ratio_range=aspect_ratio, min_object_covered=0,
-      use_image_if_no_bounding_boxes=True)
-  crop = tf.slice(image, begin, crop_size)
+      shape, tf.zeros([0, 0, 4], tf.float32), seed=seed, area_range=(min_area, 1.0),
+      aspect_ratio_range=aspect_ratio, min_object_covered=0, use_image_if_no_bounding_boxes=True)
+  return begin, crop_size
+
+
+def _resized(crop, size):
   crop = tf.image.resize(crop, size, method='bilinear', antialias=True)
   crop.set_shape(list(size) + [3])
   return crop
+
+
+def inception_crop(image, size, seed, *, min_area=0.05, aspect_ratio=(3 / 4, 4 / 3)):
+  """A random crop of a decoded image, resized to `size`."""
+  begin, crop_size = _crop_window(tf.shape(image), seed, min_area, aspect_ratio)
+  return _resized(tf.slice(image, begin, crop_size), size)
+
+
+def decode_and_inception_crop(image_bytes, size, seed, *, min_area=0.05,
+                              aspect_ratio=(3 / 4, 4 / 3)):
+  """inception_crop(decode(image_bytes), ...), the same crop for the same seed; of a JPEG only
+  the crop is decoded (most of a training image is thrown away: decoding it is the pipeline's
+  largest cost)."""
+  def jpeg():
+    begin, crop_size = _crop_window(tf.image.extract_jpeg_shape(image_bytes), seed, min_area,
+                                    aspect_ratio)
+    window = tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
+    return tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
+
+  def other():
+    image = decode(image_bytes)
+    begin, crop_size = _crop_window(tf.shape(image), seed, min_area, aspect_ratio)
+    return tf.slice(image, begin, crop_size)
+
+  return _resized(tf.cond(tf.image.is_jpeg(image_bytes), jpeg, other), size)
 
 
 def resize_and_central_crop(image, resize_size, crop_size):
