@@ -20,7 +20,8 @@ TINY = ['--config=configs/digits.py:pretrain',
         '--config.batch=32', '--config.batch_eval=64', '--config.total_steps=6',
         '--config.warmup_steps=2', '--config.eval_every=3', '--config.checkpoint_every=3',
         '--config.progress_every=2', '--config.keep_checkpoints=3',
-        '--config.compilation_cache_dir=']  # Each test compiles afresh: no state between tests.
+        '--config.compilation_cache_dir=',  # Each test compiles afresh: no state between tests.
+        '--config.folder_index_dir=']
 
 
 def parse_config(*args):

@@ -15,6 +15,7 @@ def make_config(dataset='digits', crop=8, **kwargs):
   c.pp.crop = crop
   c.pp.flip = True
   c.shuffle_buffer = 500
+  c.folder_index_dir = ''  # No index written outside the test's folders.
   c.update(kwargs)
   return c
 
@@ -121,7 +122,56 @@ def test_image_folder(tmp_path):
   assert batch['image'].shape == (4, 16, 16, 3)
   eval_batch = next(input_pipeline.eval_batches(config, source, batch_size=8, num_steps=1))
   np.testing.assert_array_equal(eval_batch['mask'], [1] * 6 + [0] * 2)
-  np.testing.assert_array_equal(eval_batch['labels'][:6].argmax(-1), [0, 0, 0, 1, 1, 1])
+  np.testing.assert_array_equal(sorted(eval_batch['labels'][:6].argmax(-1)), [0, 0, 0, 1, 1, 1])
+
+
+def write_class_folders(root, classes=('cat', 'dog', 'owl'), per_class=10):
+  """<root>/<class>/*.jpg without split folders, as the ImageNet-21k release unpacks."""
+  rng = np.random.default_rng(1)
+  for name in classes:
+    (root / name).mkdir(parents=True)
+    for i in range(per_class):
+      Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(
+          root / name / f'{name}_{i}.jpg')
+  return root
+
+
+def test_class_folders_without_splits_are_sliced_like_tfds(tmp_path):
+  root = write_class_folders(tmp_path / 'in21k')
+  config = make_config(f'folder:{root}')
+  train = input_pipeline.get_source(config, 'train[:80%]')
+  held_out = input_pipeline.get_source(config, 'train[80%:]')
+  whole = input_pipeline.get_source(config, 'train')
+  assert (train.num_examples, held_out.num_examples, whole.num_examples) == (24, 6, 30)
+  assert train.num_classes == held_out.num_classes == 3
+  assert not set(train.examples['image']) & set(held_out.examples['image'])
+  assert set(train.examples['image']) | set(held_out.examples['image']) == set(
+      whole.examples['image'])
+  # Ordered by a hash of the path, not by class: the held-out part draws from every class.
+  assert len(set(held_out.examples['label'])) > 1
+  for path, label in zip(whole.examples['image'], whole.examples['label']):
+    assert path.split('/')[-2] == ['cat', 'dog', 'owl'][label]
+  with pytest.raises(ValueError, match=r"has no split 'test'; it has no split folders: its one "
+                                       r"split is 'train'"):
+    input_pipeline.get_source(config, 'test')
+  with pytest.raises(ValueError, match=r"Split 'train\[x\]' of image folder .*in21k"):
+    input_pipeline.get_source(config, 'train[x]')
+
+
+def test_folder_listing_is_indexed_once(tmp_path, monkeypatch):
+  root = write_class_folders(tmp_path / 'in21k')
+  config = make_config(f'folder:{root}', folder_index_dir=str(tmp_path / 'index'))
+  first = input_pipeline.get_source(config, 'train[:50%]')
+  assert len(list((tmp_path / 'index').iterdir())) == 1
+  listed = []
+  listdir = tf.io.gfile.listdir
+  monkeypatch.setattr(tf.io.gfile, 'listdir', lambda d: listed.append(d) or listdir(d))
+  again = input_pipeline.get_source(config, 'train[:50%]')
+  np.testing.assert_array_equal(again.examples['image'], first.examples['image'])
+  # The layout costs two listings (the root, its first folder); the classes are not listed.
+  assert str(root / 'owl') not in listed and len(listed) == 2
+  Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(root / 'cat' / 'new.jpg')
+  assert input_pipeline.get_source(config, 'train').num_examples == 31  # Out of date: relisted.
 
 
 def test_image_folder_errors_name_the_place(tmp_path):

@@ -126,3 +126,20 @@ def test_eight_devices_give_the_same_run_as_one(trained, tmp_path, strategy):
   assert eight['train_loss'] == pytest.approx(results['train_loss'], rel=1e-5)
   assert eight['accuracy_test'] == results['accuracy_test']
   assert_same_params(load_npz(tmp_path / 'model.npz'), load_npz(f'{workdir}/model.npz'), atol=5e-6)
+
+
+def test_class_folders_with_sliced_splits_train_and_evaluate(tmp_path):
+  """An ImageNet-21k-like folder (<root>/<class>/*.jpg, no split folders): trained on
+  train[:80%], evaluated on the held-out train[80%:]."""
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  for name in ('cat', 'dog', 'owl'):
+    (tmp_path / 'data' / name).mkdir(parents=True)
+    for i in range(10):
+      Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(
+          tmp_path / 'data' / name / f'{i}.jpg')
+  config = tiny_config(f'--config.dataset=folder:{tmp_path / "data"}',
+                       '--config.train_split=train[:80%]', '--config.test_split=train[80%:]')
+  results = train.train_and_evaluate(config, str(tmp_path / 'workdir'))
+  assert results['step'] == 6 and 0 <= results['accuracy_test'] <= 1
+  assert load_npz(tmp_path / 'workdir' / 'model.npz')['head/kernel'].shape == (16, 3)

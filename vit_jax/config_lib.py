@@ -17,8 +17,9 @@ DATASETS = {
     'cifar100': dict(num_classes=100, train_size=50_000, train='train[:98%]', test='test'),
     'imagenet2012': dict(num_classes=1000, train_size=1_281_167, train='train[:99%]',
                          test='validation'),
+    # No TFDS builder: the release unpacked into one folder per class (README, "ImageNet-21k").
     'imagenet21k': dict(num_classes=21_843, train_size=13_155_000, train='train[:99%]',
-                        test='train[99%:]', multi_label=True),
+                        test='train[99%:]', multi_label=True, dataset='folder:~/imagenet21k'),
     'oxford_iiit_pet': dict(num_classes=37, train_size=3_680, train='train[:90%]', test='test'),
     'oxford_flowers102': dict(num_classes=102, train_size=1_020, train='train', test='test'),
 }
@@ -38,7 +39,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.trainer = 'train'
   c.seed = 0
 
-  c.dataset = 'digits'  # 'digits', a TFDS name, or 'folder:<dir>' with <dir>/<split>/<class>/*.jpg
+  # 'digits', a TFDS name, or 'folder:<dir>' with <dir>/<split>/<class>/*.jpg or, without split
+  # folders, <dir>/<class>/*.jpg (its split is 'train'); splits may be sliced: 'train[:99%]'.
+  c.dataset = 'digits'
   c.train_split = 'train'
   c.test_split = 'test'
   c.num_classes = ml_collections.FieldReference(None, field_type=int)  # None: from the dataset.
@@ -47,6 +50,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Where TFDS finds archives it cannot download itself (ImageNet-1k: ILSVRC2012_img_train.tar,
   # ILSVRC2012_img_val.tar); default <tfds_data_dir>/downloads/manual.
   c.tfds_manual_dir = ml_collections.FieldReference(None, field_type=str)
+  # An image folder's file list is kept here after the first listing ('' = list at every start).
+  c.folder_index_dir = '~/.cache/vit_jax/folder_index'
   c.shuffle_buffer = 50_000
   c.pp = ml_collections.ConfigDict(dict(
       # Training and evaluation resolution: an int, or (height, width).
@@ -142,7 +147,7 @@ def dataset_info(name: str) -> dict:
 def set_dataset(c: ml_collections.ConfigDict, name: str):
   """A named dataset with its default splits, downloaded by TFDS on first use."""
   info = dataset_info(name)
-  c.dataset = name
+  c.dataset = info.get('dataset', name)
   c.train_split = info.get('train', 'train')
   c.test_split = info.get('test', 'test')
   c.tfds_download = True

@@ -14,9 +14,8 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import tensorflow as tf
 
-from vit_jax import config_lib, preprocess
+from vit_jax import config_lib, image_folder, preprocess
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 DIGITS_TEST_EVERY = 5  # The embedded digits' fixed split: every 5th image is a test image.
 
 
@@ -64,40 +63,12 @@ def _digits(split: str, process_index: int, process_count: int) -> Source:
                 examples={'image': images, 'label': labels})
 
 
-def folder_classes(root: str) -> list:
-  """Class names: the sorted union of the class folders of every split under `root`."""
-  if not tf.io.gfile.isdir(root):
-    raise ValueError(f'Image folder {root} does not exist.')
-  names = set()
-  for split in tf.io.gfile.listdir(root):
-    split_dir = os.path.join(root, split.rstrip('/'))
-    if tf.io.gfile.isdir(split_dir):
-      names.update(c.rstrip('/') for c in tf.io.gfile.listdir(split_dir)
-                   if tf.io.gfile.isdir(os.path.join(split_dir, c)))
-  return sorted(names)
-
-
-def _folder(root: str, split: str, process_index: int, process_count: int) -> Source:
-  classes = folder_classes(root)
-  split_dir = os.path.join(root, split)
-  if not tf.io.gfile.isdir(split_dir):
-    raise ValueError(f'Image folder {root} has no split {split!r} (no directory {split_dir}).')
-  paths, labels = [], []
-  for label, name in enumerate(classes):
-    class_dir = os.path.join(split_dir, name)
-    if not tf.io.gfile.isdir(class_dir):
-      continue
-    files = sorted(f for f in tf.io.gfile.listdir(class_dir)
-                   if f.lower().endswith(IMAGE_EXTENSIONS))
-    if not files:
-      raise ValueError(f'Class folder {class_dir} holds no {"/".join(IMAGE_EXTENSIONS)} images.')
-    paths += [os.path.join(class_dir, f) for f in files]
-    labels += [label] * len(files)
-  if not paths:
-    raise ValueError(f'Split folder {split_dir} holds no class folders with images.')
+def _folder(root: str, split: str, process_index: int, process_count: int,
+            index_dir: str) -> Source:
+  paths, labels, classes = image_folder.split_files(root, split, index_dir)
   return Source(decode=lambda path: preprocess.decode(tf.io.read_file(path)),
-                encoded=tf.io.read_file, num_examples=len(paths), num_classes=len(classes), process_index=process_index,
-                process_count=process_count,
+                encoded=tf.io.read_file, num_examples=len(paths), num_classes=len(classes),
+                process_index=process_index, process_count=process_count,
                 examples={'image': np.array(paths), 'label': np.array(labels, np.int64)},
                 find_unreadable=lambda: _unreadable(paths))
 
@@ -180,7 +151,8 @@ def get_source(config, split: str, *, process_index: int = 0, process_count: int
   if name == 'digits':
     source = _digits(split, process_index, process_count)
   elif name.startswith('folder:'):
-    source = _folder(name[len('folder:'):], split, process_index, process_count)
+    source = _folder(os.path.expanduser(name[len('folder:'):]), split, process_index,
+                     process_count, config.folder_index_dir)
   else:
     source = _tfds(name, split, process_index, process_count, data_dir=config.tfds_data_dir,
                    download=config.tfds_download, manual_dir=config.tfds_manual_dir,

@@ -29,8 +29,8 @@ def label_names(num_classes, labels_path=None, dataset=None) -> list:
   elif dataset == 'digits':
     names = [str(i) for i in range(10)]
   elif dataset and dataset.startswith('folder:'):
-    from vit_jax import input_pipeline
-    names = input_pipeline.folder_classes(dataset[len('folder:'):])
+    from vit_jax import image_folder
+    names = image_folder.layout(dataset[len('folder:'):])[1]
   elif dataset:
     import tensorflow_datasets as tfds
     names = tfds.builder(dataset).info.features['label'].names
