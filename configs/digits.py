@@ -9,7 +9,7 @@ python -m vit_jax.main --config=configs/digits.py:finetune --workdir=runs/digits
     --config.pretrained_path=runs/digits/pretrain/model.npz
 """
 
-from vit_jax import config_lib, models
+from vit_jax import config_lib, evaluators, models
 
 
 def get_config(stage='pretrain'):
@@ -37,6 +37,8 @@ def get_config(stage='pretrain'):
     raise ValueError(f"configs/digits.py takes 'pretrain' or 'finetune', not {stage!r}.")
 
   c.eval_every = c.checkpoint_every = c.total_steps // 2
+  # Few-shot linear evaluation (paper Sec. 4.1), off unless --config.evals.fewshot.every=N.
+  c.evals.fewshot = evaluators.few_shot({'digits': ('digits', 'train', 'test')}, every=0)
   c.progress_every = 100
   c.keep_checkpoints = 2
   return c.lock()  # A misspelt key now raises instead of being silently added.

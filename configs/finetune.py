@@ -36,5 +36,7 @@ def get_config(arg='B_16,cifar10'):
   c.batch_eval = 512
   c.eval_every = c.checkpoint_every = max(c.total_steps // 10, 100)
   c.keep_checkpoints = 2
+  if dataset == 'imagenet2012':
+    config_lib.add_imagenet_variants(c)
   c.progress_every = 50
   return c.lock()  # A misspelt key now raises instead of being silently added.

@@ -12,7 +12,7 @@ of width D, 224 px. ImageNet-21k is multi-label: sigmoid cross-entropy with the 
 Datasets other than imagenet2012 / imagenet21k get the JFT-300M row of Table 3.
 """
 
-from vit_jax import config_lib, models
+from vit_jax import config_lib, evaluators, models
 
 # Table 3, JFT-300M rows: the base learning rate per model (7 epochs, weight decay 0.1).
 JFT_LEARNING_RATES = {'Ti_16': 8e-4, 'S_16': 8e-4, 'S_32': 8e-4, 'B_8': 8e-4, 'B_16': 8e-4,
@@ -46,6 +46,16 @@ def get_config(arg='B_16,imagenet21k'):
 
   c.batch_eval = 1024
   c.eval_every = c.checkpoint_every = 5_000
+  if dataset == 'imagenet2012':
+    config_lib.add_imagenet_variants(c)
+  # The paper's few-shot evaluations (Sec. 4.1, App. D.1) on small datasets TFDS downloads.
+  # ImageNet's needs its manual download: add 'imagenet': ('imagenet2012', 'train[:65000]',
+  # 'validation') (its first 65k images hold at least 30 of each class).
+  c.evals.fewshot = evaluators.few_shot({
+      'cifar100': ('cifar100', 'train', 'test'),
+      'pets': ('oxford_iiit_pet', 'train', 'test'),
+      'flowers': ('oxford_flowers102', 'train', 'test'),
+  }, every=c.get_ref('eval_every'))
   c.keep_checkpoints = 3
   c.progress_every = 500
   return c.lock()  # A misspelt key now raises instead of being silently added.

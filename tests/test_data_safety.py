@@ -69,7 +69,7 @@ def test_evaluate_with_another_optimizer_reads_only_the_parameters(run_copy, fin
   results = train.evaluate(tiny_config('--config.trainer=evaluate', '--config.optimizer=sgd'),
                            str(workdir))
   trained = json.loads((finished / 'results.json').read_text())
-  assert results['accuracy_test'] == pytest.approx(trained['accuracy_test'], abs=1e-6)
+  assert results['accuracy_test'] == pytest.approx(trained['test']['accuracy_test'], abs=1e-6)
   assert_unchanged(before, workdir, except_for=[HISTORY])
   history = json.loads((workdir / HISTORY).read_text())
   assert [entry['trainer'] for entry in history] == ['train', 'evaluate']
@@ -85,7 +85,8 @@ def test_evaluate_of_an_mpp_workdir_reports_mpp_metrics(tmp_path):
   results = train.evaluate(parse_config(*mpp_args, '--config.trainer=evaluate'), str(tmp_path))
   trained = json.loads((tmp_path / 'results.json').read_text())
   assert set(results) == {'mpp_accuracy_test', 'mpp_accuracy_test_top5', 'loss_test'}
-  assert results['mpp_accuracy_test'] == pytest.approx(trained['mpp_accuracy_test'], abs=1e-6)
+  assert results['mpp_accuracy_test'] == pytest.approx(trained['test']['mpp_accuracy_test'],
+                                                       abs=1e-6)
   assert_unchanged(before, tmp_path, except_for=[HISTORY])
 
 
@@ -249,7 +250,8 @@ def test_a_failed_export_keeps_the_old_file_and_leaves_no_temporary(finished, sm
     (['--config.grad_norm_clip=0'], r'grad_norm_clip=0.0 must be positive'),
     (['--config.model.transformer.dropout_rate=1.5'],
      r'model.transformer.dropout_rate=1.5 must lie in \[0, 1\)'),
-    (['--config.fewshot.every=3', '--config.fewshot.seeds=0'], r'fewshot.seeds=0'),
+    (['--config.evals.fewshot.every=3', '--config.evals.fewshot.seeds=0'],
+     r'evals.fewshot.seeds=0'),
 ])
 def test_impossible_values_are_named_and_change_nothing(run_copy, overrides, message):
   workdir, before = run_copy

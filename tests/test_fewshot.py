@@ -33,10 +33,10 @@ def test_solver_matches_ridge_regression_in_closed_form():
 
 def test_periodic_fewshot_evaluation_during_training(tmp_path, caplog):
   caplog.set_level(logging.INFO)
-  config = tiny_config('--config.fewshot.every=6', '--config.fewshot.seeds=2')
-  config.fewshot.shots = (1, 5)
-  train.train_and_evaluate(config, str(tmp_path))
+  config = tiny_config('--config.evals.fewshot.every=6', '--config.evals.fewshot.seeds=2')
+  config.evals.fewshot.shots = (1, 5)
+  results = train.train_and_evaluate(config, str(tmp_path))
   lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith('step 6: fewshot')]
-  assert len(lines) == 1 and 'fewshot_5shot' in lines[0]
-  accuracy = float(lines[0].split('fewshot_1shot ')[1].split(',')[0])
-  assert 0.0 < accuracy <= 1.0
+  assert len(lines) == 1 and 'digits_5shot' in lines[0]
+  assert results['fewshot'].keys() == {'digits_1shot', 'digits_5shot'}
+  assert 0.0 < results['fewshot']['digits_1shot'] <= 1.0

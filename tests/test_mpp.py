@@ -41,7 +41,7 @@ def test_short_mpp_run_lowers_its_loss_and_fine_tunes(tmp_path, caplog):
   losses = [float(r.getMessage().split('train_loss ')[1].split(',')[0])
             for r in caplog.records if ', train_loss ' in r.getMessage()]
   assert len(losses) == 6 and losses[-1] < losses[0] - 0.5, losses
-  assert results['mpp_accuracy_test'] > 1 / 512
+  assert results['test']['mpp_accuracy_test'] > 1 / 512
 
   exported = checkpoint.load(str(tmp_path / 'model.npz'))
   assert exported['mask_token'].shape == (1, 1, 64) and exported['head']['kernel'].shape == (64, 512)

@@ -25,10 +25,11 @@ def test_run_writes_results_checkpoints_events_and_export(trained):
   workdir, results = trained
   with open(os.path.join(workdir, 'results.json')) as f:
     written = json.load(f)
-  assert written == pytest.approx(results)
-  assert set(written) >= {'accuracy_test', 'accuracy_test_top5', 'loss_test', 'step',
-                          'wall_time_sec'}
-  assert written['step'] == 6 and 0 <= written['accuracy_test'] <= written['accuracy_test_top5']
+  assert written['test'] == pytest.approx(results['test'])
+  assert set(written) == {'test', 'step', 'train_loss', 'wall_time_sec'}
+  test = written['test']
+  assert set(test) == {'accuracy_test', 'accuracy_test_top5', 'loss_test'}
+  assert written['step'] == 6 and 0 <= test['accuracy_test'] <= test['accuracy_test_top5']
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '6']
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
   assert os.path.exists(os.path.join(workdir, 'config.json'))
@@ -48,7 +49,7 @@ def test_exported_model_loads_and_evaluates_the_same(trained, tmp_path):
                        f'--config.pretrained_path={workdir}/model.npz')
   evaluated = train.evaluate(config, str(tmp_path))
   for key in ('accuracy_test', 'accuracy_test_top5', 'loss_test'):
-    assert evaluated[key] == pytest.approx(results[key], abs=1e-6)
+    assert evaluated[key] == pytest.approx(results['test'][key], abs=1e-6)
   with open(tmp_path / 'eval_results.json') as f:
     entries = json.load(f)
   assert len(entries) == 1 and entries[0]['split'] == 'test'
@@ -124,7 +125,7 @@ def test_eight_devices_give_the_same_run_as_one(trained, tmp_path, strategy):
   with open(tmp_path / 'results.json') as f:
     eight = json.load(f)
   assert eight['train_loss'] == pytest.approx(results['train_loss'], rel=1e-5)
-  assert eight['accuracy_test'] == results['accuracy_test']
+  assert eight['test'] == results['test']
   assert_same_params(load_npz(tmp_path / 'model.npz'), load_npz(f'{workdir}/model.npz'), atol=5e-6)
 
 
@@ -141,5 +142,5 @@ def test_class_folders_with_sliced_splits_train_and_evaluate(tmp_path):
   config = tiny_config(f'--config.dataset=folder:{tmp_path / "data"}',
                        '--config.train_split=train[:80%]', '--config.test_split=train[80%:]')
   results = train.train_and_evaluate(config, str(tmp_path / 'workdir'))
-  assert results['step'] == 6 and 0 <= results['accuracy_test'] <= 1
+  assert results['step'] == 6 and 0 <= results['test']['accuracy_test'] <= 1
   assert load_npz(tmp_path / 'workdir' / 'model.npz')['head/kernel'].shape == (16, 3)

@@ -7,7 +7,7 @@ import os
 
 import ml_collections
 
-from vit_jax import models, models_vit, objectives
+from vit_jax import evaluators, models, models_vit, objectives
 
 # Class count, train-set size and the default splits of the datasets the recipes know by name.
 # Any other TFDS name works too (its class count is then read from the TFDS builder).
@@ -87,9 +87,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.accum_steps = 1
   c.sharding = 'replicate'
 
-  # Few-shot linear evaluation on the train / test splits of `dataset` (paper Sec. 4.1).
-  c.fewshot = ml_collections.ConfigDict(dict(every=0, shots=(1, 5, 10, 25), seeds=3, l2_reg=1.0))
   c.eval_every = 1000
+  # What the run measures, by name (evaluators.py): the test split of the dataset, and whatever
+  # a recipe adds (ImageNet ReaL / v2, few-shot on other datasets, ...).
+  c.evals = ml_collections.ConfigDict({'test': evaluators.classification(
+      c.get_ref('test_split'), every=c.get_ref('eval_every'))})
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
   c.progress_every = 100
@@ -127,6 +129,15 @@ def finetune_recipe(c: ml_collections.ConfigDict):
   c.warmup_steps = 500
   c.batch = 512
   c.model.representation_size = None
+
+
+def add_imagenet_variants(c: ml_collections.ConfigDict):
+  """ImageNet-1k runs report ReaL (Beyer et al. 2020) and ImageNet-v2 next to the validation
+  split (TFDS prepares both from the ImageNet manual download and the network)."""
+  every = c.get_ref('eval_every')
+  c.evals.real = evaluators.classification('validation', dataset='imagenet2012_real',
+                                           label_key='real_label', every=every)
+  c.evals.v2 = evaluators.classification('test', dataset='imagenet_v2', every=every)
 
 
 def recipe_args(arg: str, recipe: str, usage: str, alternative: str = '') -> list:
@@ -177,9 +188,17 @@ def check(config, *, device_count: int, process_count: int = 1):
   one_of('objective', config.objective, OBJECTIVES)
   one_of('model.classifier', config.model.classifier, objectives.kind(config).classifiers)
 
-  if config.fewshot.every and (config.fewshot.seeds < 1 or min(config.fewshot.shots) < 1):
-    fail(f'fewshot.seeds={config.fewshot.seeds} and fewshot.shots={config.fewshot.shots} must be '
-         'at least 1.')
+  for name, spec in config.evals.items():
+    one_of(f'evals.{name}.type', spec.type, evaluators.TYPES)
+    if name in ('step', 'train_loss', 'wall_time_sec') or spec.every < 0:
+      fail(f'evals.{name}: the name is taken by results.json or every={spec.every} < 0.')
+    if spec.type == 'fewshot' and spec.every:
+      if spec.seeds < 1 or min(spec.shots) < 1:
+        fail(f'evals.{name}.seeds={spec.seeds} and evals.{name}.shots={tuple(spec.shots)} must '
+             'be at least 1.')
+      if not spec.datasets or any(len(d) != 3 for d in spec.datasets.values()):
+        fail(f'evals.{name}.datasets={spec.datasets}: expected {{name: (dataset, train_split, '
+             'test_split)}.')
   if config.profile_steps < 0:
     fail(f'profile_steps={config.profile_steps} must be >= 0.')
   for key in ('batch', 'batch_eval', 'accum_steps', 'total_steps', 'eval_every',

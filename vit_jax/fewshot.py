@@ -72,49 +72,48 @@ def usable_shots(source, shots) -> list:
   return usable
 
 
-def evaluate(config, model, params, *, shots=(1, 5, 10, 25), seeds=3, l2_reg=1.0,
-             batch_size=256) -> dict:
-  """{'fewshot_<k>shot': accuracy} on config.dataset's train (to fit) and test splits."""
+def evaluate(config, model, params, train_source, test_source, *, shots=(1, 5, 10, 25), seeds=3,
+             l2_reg=1.0, batch_size=256) -> dict:
+  """{k: accuracy} for each k of `shots` that every class of train_source has enough examples
+  for: fitted on `train_source`, measured on `test_source` (preprocessed as config says)."""
   from vit_jax import input_pipeline
-  sources = {split: input_pipeline.get_source(config, split)
-             for split in (config.train_split, config.test_split)}
-  shots = usable_shots(sources[config.train_split], shots)
+  shots = usable_shots(train_source, shots)
   if not shots:
-    raise ValueError(f'No few-shot evaluation possible: some class of {config.dataset}:'
-                     f'{config.train_split} has fewer examples than the fewest shots asked for.')
-  data = {}
-  for split, source in sources.items():
+    raise ValueError('No few-shot evaluation possible: some class of the training split has '
+                     'fewer examples than the fewest shots asked for.')
+  data = []
+  for source in (train_source, test_source):
     steps = input_pipeline.eval_steps(source, batch_size=batch_size, process_count=1)
-    data[split] = representations(model, params, input_pipeline.eval_batches(
-        config, source, batch_size=batch_size, num_steps=steps))
-  num_classes = sources[config.train_split].num_classes
-  (train_x, train_y), (test_x, test_y) = data[config.train_split], data[config.test_split]
+    data.append(representations(model, params, input_pipeline.eval_batches(
+        config, source, batch_size=batch_size, num_steps=steps)))
+  (train_x, train_y), (test_x, test_y) = data
   results = {}
   for k in shots:
-    if np.bincount(train_y, minlength=num_classes).min() < k:
+    if np.bincount(train_y, minlength=train_source.num_classes).min() < k:
       logging.warning('Few-shot: skipping %d shots, too few examples of some class.', k)
       continue
-    results[f'fewshot_{k}shot'] = fewshot_accuracy(
-        train_x, train_y, test_x, test_y, num_classes=num_classes, shots=k, seeds=seeds,
-        l2_reg=l2_reg)
+    results[k] = fewshot_accuracy(train_x, train_y, test_x, test_y,
+                                  num_classes=train_source.num_classes, shots=k, seeds=seeds,
+                                  l2_reg=l2_reg)
   return results
 
 
 def evaluate_checkpoint(path: str, *, dataset: str, train_split='train', test_split='test',
                         random_init=False, **kwargs) -> dict:
-  """`evaluate` of the model in an .npz (architecture and resolution read off the file), or with
-  random_init of the same architecture untrained (the baseline)."""
-  from vit_jax import config_lib
+  """`evaluate` ({shots: accuracy}) of the model in an .npz (architecture and resolution read
+  off the file), or with random_init of the same architecture untrained (the baseline)."""
+  from vit_jax import config_lib, input_pipeline
   from vit_jax.models_vit import VisionTransformer
   params, model_config, _, image_size, _ = checkpoint.load_model(path)
   config = config_lib.base_config()
-  config.update(dataset=dataset, train_split=train_split, test_split=test_split)
+  config.dataset = dataset
   config.pp.crop = image_size[0] if image_size[0] == image_size[1] else tuple(image_size)
   model = VisionTransformer(num_classes=None, **model_config)
   if random_init:
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(image_size) + (3,)),
                         train=False)['params']
-  return evaluate(config, model, params, **kwargs)
+  train, test = (input_pipeline.get_source(config, split) for split in (train_split, test_split))
+  return evaluate(config, model, params, train, test, **kwargs)
 
 
 def main(argv):
@@ -127,8 +126,8 @@ def main(argv):
       FLAGS.checkpoint, dataset=FLAGS.dataset, train_split=FLAGS.train_split,
       test_split=FLAGS.test_split, random_init=FLAGS.random_init, shots=shots,
       seeds=FLAGS.seeds, l2_reg=FLAGS.l2_reg)
-  for name, accuracy in results.items():
-    print(f'{name}: {accuracy:.4f}')
+  for shots, accuracy in results.items():
+    print(f'{shots}-shot: {accuracy:.4f}')
 
 
 def define_flags():

@@ -101,7 +101,7 @@ def _numpy_batches(dataset: tf.data.Dataset, source: Source) -> Iterator:
 
 
 def _tfds(name: str, split: str, process_index: int, process_count: int, *, data_dir, download,
-          manual_dir, seed) -> Source:
+          manual_dir, seed, label_key) -> Source:
   import tensorflow_datasets as tfds
   try:
     builder = tfds.builder(name, data_dir=data_dir)
@@ -134,10 +134,13 @@ def _tfds(name: str, split: str, process_index: int, process_count: int, *, data
   read_config = tfds.ReadConfig(shuffle_seed=seed, shuffle_reshuffle_each_iteration=False)
   dataset = builder.as_dataset(split=process_split, shuffle_files=True, read_config=read_config,
                                decoders={'image': tfds.decode.SkipDecoding()})
-  multi_label = 'labels' in info.features and 'label' not in info.features
-  label_key = 'labels' if multi_label else 'label'
-  num_classes = info.features[label_key].feature.num_classes if multi_label else \
-      info.features[label_key].num_classes
+  label_key = label_key or ('label' if 'label' in info.features else 'labels')
+  if label_key not in info.features:
+    raise ValueError(f'TFDS dataset {name!r} has no feature {label_key!r}; it has '
+                     f'{sorted(info.features)}.')
+  feature = info.features[label_key]
+  multi_label = isinstance(feature, tfds.features.Sequence)  # e.g. ImageNet ReaL's real_label.
+  num_classes = feature.feature.num_classes if multi_label else feature.num_classes
   dataset = dataset.map(lambda ex: {'image': ex['image'], 'label': ex[label_key]})
   return Source(decode=preprocess.decode, encoded=lambda image: image,
                 num_examples=num_examples, num_classes=num_classes,
@@ -145,9 +148,11 @@ def _tfds(name: str, split: str, process_index: int, process_count: int, *, data
                 stream_size=stream_size, multi_label=multi_label)
 
 
-def get_source(config, split: str, *, process_index: int = 0, process_count: int = 1) -> Source:
-  """This process' shard of `split` of config.dataset."""
-  name = config.dataset
+def get_source(config, split: str, *, process_index: int = 0, process_count: int = 1,
+               dataset: str = '', label_key: str = '') -> Source:
+  """This process' shard of `split` of `dataset` (default config.dataset); a TFDS dataset's
+  labels are its feature `label_key` (default 'label', else 'labels')."""
+  name = dataset or config.dataset
   if name == 'digits':
     source = _digits(split, process_index, process_count)
   elif name.startswith('folder:'):
@@ -156,19 +161,20 @@ def get_source(config, split: str, *, process_index: int = 0, process_count: int
   else:
     source = _tfds(name, split, process_index, process_count, data_dir=config.tfds_data_dir,
                    download=config.tfds_download, manual_dir=config.tfds_manual_dir,
-                   seed=config.seed)
+                   seed=config.seed, label_key=label_key)
   if source.num_examples < process_count:
     raise ValueError(f'Split {split!r} of {name} has {source.num_examples} examples: too few '
                      f'for {process_count} processes.')
-  if config.num_classes is not None and config.num_classes != source.num_classes:
+  if (config.num_classes is not None and name == config.dataset and
+      config.num_classes != source.num_classes):
     raise ValueError(f'num_classes={config.num_classes}, but {name} has {source.num_classes}.')
   return source
 
 
 def _targets(label, num_classes: int, multi_label: bool):
   """One-hot (single label) or multi-hot (list of labels) float targets."""
-  if multi_label:
-    return tf.reduce_max(tf.one_hot(label, num_classes), axis=0)
+  if multi_label:  # An empty list gives all zeros (an example that is then not scored).
+    return tf.minimum(tf.reduce_sum(tf.one_hot(label, num_classes), axis=0), 1.0)
   return tf.one_hot(label, num_classes)
 
 

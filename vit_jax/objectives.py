@@ -41,14 +41,17 @@ class Classification:
     return self.per_example_loss(logits.astype(jnp.float32), batch['labels']).mean()
 
   def eval_sums(self, model, params, batch) -> dict:
+    """Sums over the batch: `examples` read, `count` scored. An example without any label (in
+    ImageNet ReaL, those the re-labelling left unlabelled) is read but not scored."""
     mask = batch['mask']
+    scored = mask * (batch['labels'].sum(-1) > 0)
     logits = model.apply({'params': params}, batch['image'], train=False).astype(jnp.float32)
     _, top = jax.lax.top_k(logits, min(5, logits.shape[-1]))
     # Correct if a true class is among the top k (multi-label: any of them).
     hits = jnp.take_along_axis(batch['labels'], top, axis=-1) > 0
-    return {'top1': jnp.sum(hits[:, 0] * mask), 'top5': jnp.sum(hits.any(-1) * mask),
-            'loss': jnp.sum(self.per_example_loss(logits, batch['labels']) * mask),
-            'count': jnp.sum(mask)}
+    return {'top1': jnp.sum(hits[:, 0] * scored), 'top5': jnp.sum(hits.any(-1) * scored),
+            'loss': jnp.sum(self.per_example_loss(logits, batch['labels']) * scored),
+            'count': jnp.sum(scored), 'examples': jnp.sum(mask)}
 
   def metrics(self, totals) -> dict:
     count = float(totals['count'])
@@ -91,7 +94,7 @@ class MaskedPatchPrediction(Classification):
     losses, top1, top5 = mpp.loss_and_accuracy(model, params, batch['image'],
                                                jax.random.PRNGKey(0), train=False)
     return {'top1': jnp.sum(top1 * mask), 'top5': jnp.sum(top5 * mask),
-            'loss': jnp.sum(losses * mask), 'count': jnp.sum(mask)}
+            'loss': jnp.sum(losses * mask), 'count': jnp.sum(mask), 'examples': jnp.sum(mask)}
 
 
 def kind(config):

@@ -1,4 +1,7 @@
-"""Prints the results.json of one or more workdirs as a table: python -m vit_jax.report DIR..."""
+"""Prints the results.json of one or more workdirs as a table: python -m vit_jax.report DIR...
+
+One row per workdir: its test evaluator's metrics; further evaluators (results.json[name]) are
+listed under it."""
 
 import json
 import os
@@ -10,8 +13,13 @@ def main(workdirs):
   for workdir in workdirs:
     with open(os.path.join(workdir, 'results.json')) as f:
       r = json.load(f)
-    print(f'{workdir:<32} {r["step"]:>6} {r["accuracy_test"]:>7.2%} '
-          f'{r["accuracy_test_top5"]:>7.2%} {r["loss_test"]:>7.4f} {r["wall_time_sec"]:>7.0f}s')
+    test = r.get('test', {})
+    print(f'{workdir:<32} {r["step"]:>6} {test.get("accuracy_test", float("nan")):>7.2%} '
+          f'{test.get("accuracy_test_top5", float("nan")):>7.2%} '
+          f'{test.get("loss_test", float("nan")):>7.4f} {r["wall_time_sec"]:>7.0f}s')
+    for name, metrics in r.items():
+      if isinstance(metrics, dict) and name != 'test':
+        print(f'  {name}: ' + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
 
 
 if __name__ == '__main__':

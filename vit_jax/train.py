@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vit_jax import (checkpoint, config_lib, fewshot, models, objectives, optim, resume,
+from vit_jax import (checkpoint, config_lib, evaluators, models, objectives, optim, resume,
                      sharding)
 from vit_jax.models_vit import VisionTransformer
 
@@ -122,34 +122,11 @@ def make_eval_step(objective, model, params_shardings, mesh):
                  out_shardings=sharding.replicated(mesh))
 
 
-def evaluate_split(config, eval_step, params, source, mesh, objective):
-  """The objective's metrics over every example of the split, each counted once."""
-  from vit_jax import input_pipeline
-  local_batch = config.batch_eval // jax.process_count()
-  num_steps = input_pipeline.eval_steps(source, batch_size=local_batch,
-                                        process_count=jax.process_count())
-  totals = None
-  for batch in input_pipeline.eval_batches(config, source, batch_size=local_batch,
-                                           num_steps=num_steps):
-    sums = eval_step(params, sharding.to_global(batch, mesh))
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(totals)
-  count = int(totals['count'])
-  if count != source.num_examples:
-    raise RuntimeError(f'Evaluation counted {count} examples, the split has {source.num_examples}.')
-  return objective.metrics(totals)
-
-
 # ------------------------------------------------------------------------------ parameters I/O
-
-def _gather(tree, mesh):
-  """Every process gets the whole of each (possibly FSDP-sharded) array."""
-  return jax.device_get(jax.jit(lambda t: t, out_shardings=sharding.replicated(mesh))(tree))
-
 
 def load_pretrained_params(config, params, mesh, image_size, **kwargs):
   restored = checkpoint.load_pretrained(
-      pretrained_path=config.pretrained_path, init_params=_gather(params, mesh),
+      pretrained_path=config.pretrained_path, init_params=evaluators.gather(params, mesh),
       model_config=config.model, image_size=image_size, **kwargs)
   return jax.tree.map(
       lambda value, like: jax.make_array_from_callback(value.shape, like.sharding,
@@ -160,7 +137,7 @@ def load_pretrained_params(config, params, mesh, image_size, **kwargs):
 def export_params(params, path: str, mesh, config):
   """Writes the parameters as an official-layout .npz that carries its model config
   (gathered to every process first)."""
-  params = _gather(params, mesh)
+  params = evaluators.gather(params, mesh)
   if jax.process_index() == 0:
     checkpoint.save(params, path, model_config=config.model,
                     image_size=config_lib.image_size(config),
@@ -283,20 +260,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 def _train_and_evaluate(config, workdir, mesh, writer) -> dict:
   start_time = time.time()
-  train_source, test_source = _source(config, config.train_split), _source(config, config.test_split)
+  train_source = _source(config, config.train_split)
   objective = objectives.from_config(config, train_source.num_classes)
   image_size = config_lib.image_size(config)
   record = resume.Workdir(workdir)
   record.check_compatible(config, num_outputs=objective.num_outputs, image_size=image_size)
-  if config.fewshot.every and not fewshot.usable_shots(train_source, config.fewshot.shots):
-    raise ValueError(f'fewshot.shots={config.fewshot.shots}: some class of {config.dataset}:'
-                     f'{config.train_split} has fewer examples than that.')
 
   model = create_model(config, objective.num_outputs)
   schedule = optim.make_schedule(config)
   tx = optim.make_optimizer(config)
   abstract, create_state = abstract_state(config, model, tx, mesh, image_size, objective)
   shardings = shardings_of(abstract)
+  eval_step = make_eval_step(objective, model, shardings['params'], mesh)
+  evals = evaluators.build(config, model, objective, eval_step, mesh)  # Opens their data now.
 
   checkpoints = resume.Checkpoints(workdir, config.keep_checkpoints)
   state = checkpoints.restore_latest(abstract)
@@ -318,7 +294,6 @@ def _train_and_evaluate(config, workdir, mesh, writer) -> dict:
                             config.to_dict(), sep='.').items()})
 
   train_step = make_train_step(config, model, tx, schedule, shardings, mesh, objective)
-  eval_step = make_eval_step(objective, model, shardings['params'], mesh)
 
   local_batch = config.batch // jax.process_count()
   from vit_jax import input_pipeline
@@ -328,8 +303,8 @@ def _train_and_evaluate(config, workdir, mesh, writer) -> dict:
   progress.start(step)
   preemption = resume.Preemption()
   # Metrics of the steps since the last report: `pending` still on device, `checked` fetched
-  # and found finite.
-  pending, checked, summary, eval_metrics = [], [], {}, {}
+  # and found finite. `evaluated`: each evaluator's latest metrics and their step.
+  pending, checked, summary, evaluated = [], [], {}, {}
 
   def check_pending():
     nonlocal pending
@@ -351,21 +326,10 @@ def _train_and_evaluate(config, workdir, mesh, writer) -> dict:
         check_pending()
         summary = progress.report(step, checked)
         checked.clear()
-      if step % config.eval_every == 0 or step == config.total_steps:
-        eval_metrics = evaluate_split(config, eval_step, state['params'], test_source, mesh,
-                                      objective)
-        writer.write_scalars(step, eval_metrics)
-        logging.info('step %d: %s', step,
-                     ', '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()))
-        progress.start(step)  # Evaluation time is not training throughput.
-      if config.fewshot.every and (step % config.fewshot.every == 0 or
-                                   step == config.total_steps):
-        few = fewshot.evaluate(config, model, _gather(state['params'], mesh),
-                               shots=config.fewshot.shots, seeds=config.fewshot.seeds,
-                               l2_reg=config.fewshot.l2_reg)
-        writer.write_scalars(step, few)
-        logging.info('step %d: %s', step, ', '.join(f'{k} {v:.4f}' for k, v in few.items()))
-        progress.start(step)
+      for name, evaluator in evals.items():
+        if step % evaluator.every == 0 or step == config.total_steps:
+          evaluated[name] = run_evaluator(name, evaluator, state['params'], step, writer)
+          progress.start(step)  # Evaluation time is not training throughput.
       preempted = preemption.reached(step)
       if step % config.checkpoint_every == 0 or step == config.total_steps or preempted:
         check_pending()
@@ -384,15 +348,23 @@ def _train_and_evaluate(config, workdir, mesh, writer) -> dict:
     preemption.close()
   checkpoints.wait(step)
 
-  if not eval_metrics:  # Resumed at the end: evaluate what was restored.
-    eval_metrics = evaluate_split(config, eval_step, state['params'], test_source, mesh,
-                                  objective)
+  for name, evaluator in evals.items():  # Resumed at the end: evaluate what was restored.
+    if name not in evaluated:
+      evaluated[name] = run_evaluator(name, evaluator, state['params'], step, writer)
   export_params(state['params'], os.path.join(workdir, resume.EXPORT_FILE), mesh, config)
-  results = dict(eval_metrics, step=step, train_loss=summary.get('train_loss'),
-                 wall_time_sec=time.time() - start_time)
+  results = dict(step=step, train_loss=summary.get('train_loss'),
+                 wall_time_sec=time.time() - start_time, **evaluated)
   write_results(workdir, 'results.json', results)
   writer.flush()
   return results
+
+
+def run_evaluator(name, evaluator, params, step, writer) -> dict:
+  metrics = evaluator.run(params)
+  writer.write_scalars(step, {f'{name}/{k}': v for k, v in metrics.items()})
+  logging.info('step %d: %s: %s', step, name,
+               ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
+  return metrics
 
 
 def abstract_params(config, model, mesh, image_size, objective):
@@ -456,7 +428,7 @@ def evaluate(config, workdir: str) -> dict:
     record.record_start(config, num_outputs=objective.num_outputs, image_size=image_size,
                         start_step=step)
     eval_step = make_eval_step(objective, model, shardings_of(abstract), mesh)
-    results = evaluate_split(config, eval_step, params, source, mesh, objective)
+    results = evaluators.evaluate_split(config, eval_step, params, source, mesh, objective)
     writer.write_scalars(step, results)
     logging.info('%s', ', '.join(f'{k} {v:.4f}' for k, v in results.items()))
     append_results(workdir, 'eval_results.json', dict(
