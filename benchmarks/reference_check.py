@@ -31,6 +31,8 @@ def main():
   parser.add_argument('--res', type=int, default=224)
   parser.add_argument('--dtype', default='float64', choices=('float64', 'float32'))
   parser.add_argument('--tolerance', type=float, default=1e-6)
+  parser.add_argument('--conv_scale', type=float, default=1e-3,
+                      help="Scale of the hybrids' ResNet kernels (0.02 normal draws times this).")
   args = parser.parse_args()
 
   worst = 0.0
@@ -40,7 +42,7 @@ def main():
       start = time.perf_counter()
       difference, largest = official_reference.compare_registry_model(
           name, os.path.join(directory, 'model.npz'), image_size=(args.res, args.res),
-          dtype=args.dtype)
+          dtype=args.dtype, conv_scale=args.conv_scale)
       layers = models.get_config(name).transformer.num_layers
       print(f'{name:22s} {layers:6d} {largest:12.4f} {difference:17.2e} '
             f'{time.perf_counter() - start:6.1f}', flush=True)

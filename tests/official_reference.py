@@ -100,11 +100,11 @@ def logits(p, images, *, num_heads: int):
 
 
 def compare_registry_model(name: str, path: str, *, num_layers=None, image_size=None,
-                           num_classes=7, seed=0, dtype='float32'):
+                           num_classes=7, seed=0, dtype='float32', conv_scale=1e-3):
   """(max |logit difference|, max |logit|) between vit_jax's registry model `name` and the
   reference above, on random images, over random parameters written to `path` as official
   .npz. Token models get a representation layer (as the ImageNet-21k releases); hybrids' kernels
-  are scaled down, where the standardisation's eps matters. `num_layers` / `image_size` (default:
+  are scaled by `conv_scale` (small: where the standardisation's eps matters). `num_layers` / `image_size` (default:
   the registry's depth, 224 px) make it cheaper. With dtype='float64' (under
   jax.enable_x64) both sides compute in double precision: what remains is a formula difference,
   not float32 rounding in another summation order."""
@@ -127,7 +127,7 @@ def compare_registry_model(name: str, path: str, *, num_layers=None, image_size=
     if name == 'scale':  # LayerNorm / GroupNorm gains around 1.
       value += 1
     if name == 'kernel' and len(leaf.shape) == 4 and path[0].key != 'embedding':
-      value *= 1e-3  # ResNet kernels (hybrids): small, as where eps placement matters.
+      value *= conv_scale  # ResNet kernels (hybrids): small, where eps placement matters.
     return value
   params = jax.tree_util.tree_map_with_path(draw, shapes)
   checkpoint.save(params, path)

@@ -145,8 +145,9 @@ def accuracy(classify, config) -> float:
   return float(correct / source.num_examples)
 
 
-@pytest.mark.parametrize('posemb', ['learn', 'learn_2d', 'sincos2d', 'relative', 'none'])
-@pytest.mark.parametrize('classifier', ['token', 'gap'])
+@pytest.mark.parametrize('posemb, classifier', [
+    (posemb, classifier) for classifier in ('token', 'gap')
+    for posemb in ('learn', 'learn_2d', 'sincos2d', 'relative', 'none')] + [('learn', 'map')])
 def test_exports_of_every_variant_describe_themselves(tmp_path, posemb, classifier):
   config = models.vit_config('tiny', hidden_size=16, mlp_dim=32, num_heads=2, num_layers=1,
                              patch=4, classifier=classifier)

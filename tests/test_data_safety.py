@@ -252,6 +252,8 @@ def test_a_failed_export_keeps_the_old_file_and_leaves_no_temporary(finished, sm
      r'model.transformer.dropout_rate=1.5 must lie in \[0, 1\)'),
     (['--config.evals.fewshot.every=3', '--config.evals.fewshot.seeds=0'],
      r'evals.fewshot.seeds=0'),
+    (['--config.objective=mpp', '--config.model.classifier=unpooled',
+      '--config.evals.fewshot.every=3'], r'evals.fewshot: few-shot evaluation needs pooled'),
 ])
 def test_impossible_values_are_named_and_change_nothing(run_copy, overrides, message):
   workdir, before = run_copy

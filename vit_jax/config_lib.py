@@ -193,6 +193,9 @@ def check(config, *, device_count: int, process_count: int = 1):
     if name in ('step', 'train_loss', 'wall_time_sec') or spec.every < 0:
       fail(f'evals.{name}: the name is taken by results.json or every={spec.every} < 0.')
     if spec.type == 'fewshot' and spec.every:
+      if config.objective == 'mpp':
+        fail(f'evals.{name}: few-shot evaluation needs pooled representations; objective=mpp '
+             'has one output per patch.')
       if spec.seeds < 1 or min(spec.shots) < 1:
         fail(f'evals.{name}.seeds={spec.seeds} and evals.{name}.shots={tuple(spec.shots)} must '
              'be at least 1.')

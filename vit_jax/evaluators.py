@@ -35,11 +35,6 @@ def few_shot(datasets: dict, *, every=0, shots=(1, 5, 10, 25), seeds=3,
                                         shots=shots, seeds=seeds, l2_reg=l2_reg))
 
 
-def gather(tree, mesh):
-  """Every process gets the whole of each (possibly FSDP-sharded) array."""
-  return jax.device_get(jax.jit(lambda t: t, out_shardings=sharding.replicated(mesh))(tree))
-
-
 def evaluate_split(config, eval_step, params, source, mesh, objective):
   """The objective's metrics over every example of the split, each read once."""
   from vit_jax import input_pipeline
@@ -88,7 +83,7 @@ class FewShot:
                                                                      dataset=dataset))
 
     def run(params):
-      params = gather(params, mesh)
+      params = sharding.gather(params, mesh)
       results = {}
       for dataset_name, (train, test) in self.sources.items():
         accuracies = fewshot.evaluate(config, model, params, train, test, shots=spec.shots,

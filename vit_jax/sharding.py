@@ -66,3 +66,8 @@ def to_global(batch, mesh: Mesh):
   """This process' numpy batch -> global jax.Arrays sharded over the data axis."""
   sharding = batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def gather(tree, mesh: Mesh):
+  """Every process gets the whole of each (possibly FSDP-sharded) array, as numpy."""
+  return jax.device_get(jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree))

@@ -126,7 +126,7 @@ def make_eval_step(objective, model, params_shardings, mesh):
 
 def load_pretrained_params(config, params, mesh, image_size, **kwargs):
   restored = checkpoint.load_pretrained(
-      pretrained_path=config.pretrained_path, init_params=evaluators.gather(params, mesh),
+      pretrained_path=config.pretrained_path, init_params=sharding.gather(params, mesh),
       model_config=config.model, image_size=image_size, **kwargs)
   return jax.tree.map(
       lambda value, like: jax.make_array_from_callback(value.shape, like.sharding,
@@ -137,7 +137,7 @@ def load_pretrained_params(config, params, mesh, image_size, **kwargs):
 def export_params(params, path: str, mesh, config):
   """Writes the parameters as an official-layout .npz that carries its model config
   (gathered to every process first)."""
-  params = evaluators.gather(params, mesh)
+  params = sharding.gather(params, mesh)
   if jax.process_index() == 0:
     checkpoint.save(params, path, model_config=config.model,
                     image_size=config_lib.image_size(config),
@@ -303,7 +303,7 @@ def _train_and_evaluate(config, workdir, mesh, writer) -> dict:
   progress.start(step)
   preemption = resume.Preemption()
   # Metrics of the steps since the last report: `pending` still on device, `checked` fetched
-  # and found finite. `evaluated`: each evaluator's latest metrics and their step.
+  # and found finite. `evaluated`: each evaluator's latest metrics.
   pending, checked, summary, evaluated = [], [], {}, {}
 
   def check_pending():
