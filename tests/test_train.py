@@ -144,3 +144,17 @@ def test_class_folders_with_sliced_splits_train_and_evaluate(tmp_path):
   results = train.train_and_evaluate(config, str(tmp_path / 'workdir'))
   assert results['step'] == 6 and 0 <= results['test']['accuracy_test'] <= 1
   assert load_npz(tmp_path / 'workdir' / 'model.npz')['head/kernel'].shape == (16, 3)
+
+
+def test_report_prints_each_evaluator(trained, tmp_path, capsys):
+  from vit_jax import report
+  workdir, results = trained
+  earlier = tmp_path / 'earlier'  # results.json as runs before evaluators wrote it.
+  earlier.mkdir()
+  (earlier / 'results.json').write_text(json.dumps(dict(results['test'], step=3,
+                                                        wall_time_sec=1.0)))
+  report.main([workdir, str(earlier)])
+  lines = capsys.readouterr().out.splitlines()
+  assert len(lines) == 3 and lines[1].split()[1:3] == [
+      '6', f'{results["test"]["accuracy_test"]:.2%}']
+  assert lines[2].split()[1:3] == ['3', f'{results["test"]["accuracy_test"]:.2%}']

@@ -13,7 +13,7 @@ def main(workdirs):
   for workdir in workdirs:
     with open(os.path.join(workdir, 'results.json')) as f:
       r = json.load(f)
-    test = r.get('test', {})
+    test = r.get('test', r)  # Earlier runs wrote the test metrics at the top level.
     print(f'{workdir:<32} {r["step"]:>6} {test.get("accuracy_test", float("nan")):>7.2%} '
           f'{test.get("accuracy_test_top5", float("nan")):>7.2%} '
           f'{test.get("loss_test", float("nan")):>7.4f} {r["wall_time_sec"]:>7.0f}s')
