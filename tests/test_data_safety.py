@@ -254,6 +254,10 @@ def test_a_failed_export_keeps_the_old_file_and_leaves_no_temporary(finished, sm
      r'evals.fewshot.seeds=0'),
     (['--config.objective=mpp', '--config.model.classifier=unpooled',
       '--config.evals.fewshot.every=3'], r'evals.fewshot: few-shot evaluation needs pooled'),
+    # An evaluator's data, opened before anything is restored or written.
+    (['--config.test_split=validation'], r"Unknown split 'validation' of dataset 'digits'"),
+    (['--config.evals.fewshot.every=3', '--config.evals.fewshot.shots=(1000,)'],
+     r'evals.fewshot: some class of digits:train has fewer examples than the fewest of'),
 ])
 def test_impossible_values_are_named_and_change_nothing(run_copy, overrides, message):
   workdir, before = run_copy
