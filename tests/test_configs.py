@@ -35,6 +35,12 @@ def test_pretrain_recipe_follows_table_3():
   i1k = parse('pretrain.py:B_16,imagenet2012')
   assert (i1k.base_lr, i1k.weight_decay, i1k.decay_type) == (3e-3, 0.3, 'cosine')
   assert i1k.total_steps == 93_836  # 300 epochs.
+  classification = {name: (e.dataset, e.split, e.label_key) for name, e in i1k.evals.items()
+                    if e.type == 'classification'}
+  assert classification == {'test': ('', 'validation', ''),
+                            'real': ('imagenet2012_real', 'validation', 'real_label'),
+                            'v2': ('imagenet_v2', 'test', '')}
+  assert set(c.evals.fewshot.datasets) == {'cifar100', 'pets', 'flowers'}
 
 
 def test_finetune_recipe_follows_table_4():
