@@ -180,7 +180,7 @@ def test_exports_of_every_variant_describe_themselves(tmp_path, posemb, classifi
   config = tiny_config('--config.trainer=evaluate', f'--config.pretrained_path={path}',
                        '--config.pp.crop=(8, 12)')
   evaluated = train.evaluate(config, str(tmp_path / 'evaluate'))
-  assert evaluated['accuracy_test'] == pytest.approx(accuracy(classify, config), abs=1e-6)
+  assert evaluated['test']['accuracy_test'] == pytest.approx(accuracy(classify, config), abs=1e-6)
 
   # Without the description, what the shapes say (and a named error where they cannot).
   if posemb in ('sincos2d', 'none'):

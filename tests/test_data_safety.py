@@ -69,7 +69,7 @@ def test_evaluate_with_another_optimizer_reads_only_the_parameters(run_copy, fin
   results = train.evaluate(tiny_config('--config.trainer=evaluate', '--config.optimizer=sgd'),
                            str(workdir))
   trained = json.loads((finished / 'results.json').read_text())
-  assert results['accuracy_test'] == pytest.approx(trained['test']['accuracy_test'], abs=1e-6)
+  assert results['test'] == pytest.approx(trained['test'], abs=1e-6)
   assert_unchanged(before, workdir, except_for=[HISTORY])
   history = json.loads((workdir / HISTORY).read_text())
   assert [entry['trainer'] for entry in history] == ['train', 'evaluate']
@@ -84,9 +84,8 @@ def test_evaluate_of_an_mpp_workdir_reports_mpp_metrics(tmp_path):
   before = snapshot(tmp_path)
   results = train.evaluate(parse_config(*mpp_args, '--config.trainer=evaluate'), str(tmp_path))
   trained = json.loads((tmp_path / 'results.json').read_text())
-  assert set(results) == {'mpp_accuracy_test', 'mpp_accuracy_test_top5', 'loss_test'}
-  assert results['mpp_accuracy_test'] == pytest.approx(trained['test']['mpp_accuracy_test'],
-                                                       abs=1e-6)
+  assert set(results['test']) == {'mpp_accuracy_test', 'mpp_accuracy_test_top5', 'loss_test'}
+  assert results['test'] == pytest.approx(trained['test'], abs=1e-6)
   assert_unchanged(before, tmp_path, except_for=[HISTORY])
 
 

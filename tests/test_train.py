@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from helpers import TINY, assert_same_params, load_npz, run_main, tiny_config
-from vit_jax import input_pipeline, objectives, optim, sharding, train
+from vit_jax import evaluators, input_pipeline, objectives, optim, sharding, train
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
@@ -47,12 +47,15 @@ def test_exported_model_loads_and_evaluates_the_same(trained, tmp_path):
   workdir, results = trained
   config = tiny_config('--config.trainer=evaluate',
                        f'--config.pretrained_path={workdir}/model.npz')
+  with config.unlocked():  # Every listed evaluator, side by side (as validation, ReaL, v2).
+    config.evals.train = evaluators.classification('train', every=1)
   evaluated = train.evaluate(config, str(tmp_path))
-  for key in ('accuracy_test', 'accuracy_test_top5', 'loss_test'):
-    assert evaluated[key] == pytest.approx(results['test'][key], abs=1e-6)
+  assert evaluated.keys() == {'test', 'train'}
+  assert evaluated['test'] == pytest.approx(results['test'], abs=1e-6)
+  assert evaluated['train'] != evaluated['test']
   with open(tmp_path / 'eval_results.json') as f:
     entries = json.load(f)
-  assert len(entries) == 1 and entries[0]['split'] == 'test'
+  assert len(entries) == 1 and entries[0]['test'] == pytest.approx(results['test'], abs=1e-6)
   assert entries[0]['evaluated'] == f'{workdir}/model.npz'
 
 

@@ -190,8 +190,10 @@ def check(config, *, device_count: int, process_count: int = 1):
 
   for name, spec in config.evals.items():
     one_of(f'evals.{name}.type', spec.type, evaluators.TYPES)
-    if name in ('step', 'train_loss', 'wall_time_sec') or spec.every < 0:
-      fail(f'evals.{name}: the name is taken by results.json or every={spec.every} < 0.')
+    if name in ('step', 'train_loss', 'wall_time_sec', 'evaluated', 'dataset', 'time'):
+      fail(f'evals.{name}: the name is taken by results.json / eval_results.json.')
+    if spec.every < 0:
+      fail(f'evals.{name}.every={spec.every} must be >= 0.')
     if spec.type == 'fewshot' and spec.every:
       if config.objective == 'mpp':
         fail(f'evals.{name}: few-shot evaluation needs pooled representations; objective=mpp '

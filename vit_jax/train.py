@@ -399,7 +399,9 @@ def with_exported_model(config):
 
 
 def evaluate(config, workdir: str) -> dict:
-  """Evaluates config.pretrained_path (.npz), or else the latest checkpoint in workdir."""
+  """{evaluator name: metrics} of config.pretrained_path (.npz), or else of the latest checkpoint
+  in workdir: every evaluator of config.evals that is on (an ImageNet-1k recipe: validation,
+  ReaL and v2)."""
   if config.pretrained_path:
     config_lib.check(config, device_count=jax.device_count(), process_count=jax.process_count())
     config = with_exported_model(config)
@@ -413,6 +415,8 @@ def evaluate(config, workdir: str) -> dict:
       record.check_compatible(config, num_outputs=objective.num_outputs, image_size=image_size,
                               keys=resume.PARAMS_DEFINING_KEYS)
     abstract, create_params = abstract_params(config, model, mesh, image_size, objective)
+    eval_step = make_eval_step(objective, model, shardings_of(abstract), mesh)
+    evals = evaluators.build(config, model, objective, eval_step, mesh)  # Opens their data.
     if config.pretrained_path:
       params = load_pretrained_params(config, create_params(), mesh, image_size,
                                       reinit_head=False)
@@ -427,13 +431,10 @@ def evaluate(config, workdir: str) -> dict:
       evaluated = os.path.join(workdir, resume.CHECKPOINT_DIR, str(step))
     record.record_start(config, num_outputs=objective.num_outputs, image_size=image_size,
                         start_step=step)
-    eval_step = make_eval_step(objective, model, shardings_of(abstract), mesh)
-    results = evaluators.evaluate_split(config, eval_step, params, source, mesh, objective)
-    writer.write_scalars(step, results)
-    logging.info('%s', ', '.join(f'{k} {v:.4f}' for k, v in results.items()))
+    results = {name: run_evaluator(name, evaluator, params, step, writer)
+               for name, evaluator in evals.items()}
     append_results(workdir, 'eval_results.json', dict(
-        results, evaluated=evaluated, dataset=config.dataset, split=config.test_split,
-        step=step))
+        results, evaluated=evaluated, dataset=config.dataset, step=step))
     writer.flush()
     return results
 
