@@ -111,10 +111,9 @@ def split_files(root: str, split: str, index_dir: str = ''):
   files = {}
   for name in {part.split('[')[0].strip() for part in split.split('+')}:
     if name not in splits:
-      layout_name = ('has no split folders: its one split is '
-                     f'{SPLITLESS!r}' if list(splits) == [SPLITLESS] and splits[SPLITLESS] == root
-                     else f'has the splits {sorted(splits)}')
-      raise ValueError(f'Image folder {root} has no split {name!r}; it {layout_name}.')
+      has = (f'no split folders: its one split is {SPLITLESS!r}' if splits == {SPLITLESS: root}
+             else f'the splits {sorted(splits)}')
+      raise ValueError(f'Image folder {root} has no split {name!r}; it has {has}.')
     files[name] = indexed_files(splits[name], classes, index_dir)
   infos = {name: tfds.core.SplitInfo(name=name, shard_lengths=[len(f)], num_bytes=0)
            for name, f in files.items()}
