@@ -28,7 +28,6 @@ class Source:
   process taking its slice of every global batch. Streamed sources (TFDS) hold this process'
   shard of the split, read in order.
   """
-  decode: Callable              # An example's 'image' -> uint8 (h, w, 3).
   num_examples: int             # In the whole split, over all processes.
   num_classes: int
   process_index: int = 0
@@ -39,6 +38,10 @@ class Source:
   multi_label: bool = False                  # 'label' is then a list of class ids.
   find_unreadable: Optional[Callable] = None  # () -> files that fail to decode, for errors.
   encoded: Optional[Callable] = None  # An example's 'image' -> its file's bytes (None: pixels).
+
+  def decode(self, image):
+    """An example's 'image' -> uint8 (h, w, 3)."""
+    return image if self.encoded is None else preprocess.decode(self.encoded(image))
 
   def shard(self) -> tf.data.Dataset:
     """This process' disjoint share of the split, in order (for evaluation)."""
@@ -58,7 +61,7 @@ def _digits(split: str, process_index: int, process_count: int) -> Source:
   images = np.round(digits.images[keep] * (255 / 16)).astype(np.uint8)  # Values are 0..16.
   images = np.repeat(images[..., None], 3, axis=-1)
   labels = digits.target[keep].astype(np.int64)
-  return Source(decode=lambda image: image, num_examples=len(labels), num_classes=10,
+  return Source(num_examples=len(labels), num_classes=10,
                 process_index=process_index, process_count=process_count,
                 examples={'image': images, 'label': labels})
 
@@ -66,8 +69,7 @@ def _digits(split: str, process_index: int, process_count: int) -> Source:
 def _folder(root: str, split: str, process_index: int, process_count: int,
             index_dir: str) -> Source:
   paths, labels, classes = image_folder.split_files(root, split, index_dir)
-  return Source(decode=lambda path: preprocess.decode(tf.io.read_file(path)),
-                encoded=tf.io.read_file, num_examples=len(paths), num_classes=len(classes),
+  return Source(encoded=tf.io.read_file, num_examples=len(paths), num_classes=len(classes),
                 process_index=process_index, process_count=process_count,
                 examples={'image': np.array(paths), 'label': np.array(labels, np.int64)},
                 find_unreadable=lambda: _unreadable(paths))
@@ -142,8 +144,7 @@ def _tfds(name: str, split: str, process_index: int, process_count: int, *, data
   multi_label = isinstance(feature, tfds.features.Sequence)  # e.g. ImageNet ReaL's real_label.
   num_classes = feature.feature.num_classes if multi_label else feature.num_classes
   dataset = dataset.map(lambda ex: {'image': ex['image'], 'label': ex[label_key]})
-  return Source(decode=preprocess.decode, encoded=lambda image: image,
-                num_examples=num_examples, num_classes=num_classes,
+  return Source(encoded=lambda image: image, num_examples=num_examples, num_classes=num_classes,
                 process_index=process_index, process_count=process_count, stream=dataset,
                 stream_size=stream_size, multi_label=multi_label)
 
