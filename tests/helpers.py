@@ -37,6 +37,20 @@ def tiny_config(*overrides):
   return parse_config(*TINY, *overrides)
 
 
+def write_class_folders(root, classes=('cat', 'dog', 'owl'), per_class=10, size=12,
+                        suffix='jpg', seed=1):
+  """<root>/<class>/<class>_<i>.<suffix> of random pixels, without split folders (as the
+  ImageNet-21k release unpacks)."""
+  from PIL import Image
+  rng = np.random.default_rng(seed)
+  for name in classes:
+    (root / name).mkdir(parents=True)
+    for i in range(per_class):
+      Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(
+          root / name / f'{name}_{i}.{suffix}')
+  return root
+
+
 def load_npz(path):
   with np.load(path) as npz:
     return {k: npz[k] for k in npz.files}

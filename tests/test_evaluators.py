@@ -9,7 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from helpers import tiny_config
+from helpers import tiny_config, write_class_folders
 from vit_jax import evaluators, objectives, train
 
 
@@ -50,12 +50,7 @@ def test_unlabelled_examples_are_read_but_not_scored():
 
 def test_a_run_writes_every_listed_evaluator(tmp_path):
   LocalReal(data_dir=str(tmp_path / 'tfds')).download_and_prepare()
-  rng = np.random.default_rng(0)
-  for name in ('cat', 'dog', 'owl'):  # Another dataset, for few-shot.
-    (tmp_path / 'animals' / name).mkdir(parents=True)
-    for i in range(6):
-      Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(
-          tmp_path / 'animals' / name / f'{i}.png')
+  write_class_folders(tmp_path / 'animals', per_class=6, size=8, suffix='png')  # For few-shot.
   config = tiny_config(f'--config.tfds_data_dir={tmp_path / "tfds"}')
   with config.unlocked():
     config.evals.train = evaluators.classification('train', every=2)

@@ -6,6 +6,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from helpers import write_class_folders
 from vit_jax import config_lib, input_pipeline
 
 
@@ -123,17 +124,6 @@ def test_image_folder(tmp_path):
   eval_batch = next(input_pipeline.eval_batches(config, source, batch_size=8, num_steps=1))
   np.testing.assert_array_equal(eval_batch['mask'], [1] * 6 + [0] * 2)
   np.testing.assert_array_equal(sorted(eval_batch['labels'][:6].argmax(-1)), [0, 0, 0, 1, 1, 1])
-
-
-def write_class_folders(root, classes=('cat', 'dog', 'owl'), per_class=10):
-  """<root>/<class>/*.jpg without split folders, as the ImageNet-21k release unpacks."""
-  rng = np.random.default_rng(1)
-  for name in classes:
-    (root / name).mkdir(parents=True)
-    for i in range(per_class):
-      Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(
-          root / name / f'{name}_{i}.jpg')
-  return root
 
 
 def test_class_folders_without_splits_are_sliced_like_tfds(tmp_path):

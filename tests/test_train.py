@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import TINY, assert_same_params, load_npz, run_main, tiny_config
+from helpers import (TINY, assert_same_params, load_npz, run_main, tiny_config,
+                     write_class_folders)
 from vit_jax import evaluators, input_pipeline, objectives, optim, sharding, train
 
 @pytest.fixture(scope='module')
@@ -135,13 +136,7 @@ def test_eight_devices_give_the_same_run_as_one(trained, tmp_path, strategy):
 def test_class_folders_with_sliced_splits_train_and_evaluate(tmp_path):
   """An ImageNet-21k-like folder (<root>/<class>/*.jpg, no split folders): trained on
   train[:80%], evaluated on the held-out train[80%:]."""
-  from PIL import Image
-  rng = np.random.default_rng(0)
-  for name in ('cat', 'dog', 'owl'):
-    (tmp_path / 'data' / name).mkdir(parents=True)
-    for i in range(10):
-      Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(
-          tmp_path / 'data' / name / f'{i}.jpg')
+  write_class_folders(tmp_path / 'data')
   config = tiny_config(f'--config.dataset=folder:{tmp_path / "data"}',
                        '--config.train_split=train[:80%]', '--config.test_split=train[80%:]')
   results = train.train_and_evaluate(config, str(tmp_path / 'workdir'))
