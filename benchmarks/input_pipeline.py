@@ -2,6 +2,7 @@ r"""Throughput of the training input pipeline (decode + inception crop + flip + 
 of JPEG photographs, per core.
 
 python benchmarks/input_pipeline.py [--images 512] [--size 500] [--crop 224] [--batch 64]
+                                    [--antialias]
 
 Unless --folder names one, writes a temporary image folder (`<dir>/train/<class>/*.jpg`) of
 photographs: windows of about --size px (the long side) cut at native resolution from the two
@@ -48,6 +49,7 @@ def main():
   parser.add_argument('--crop', type=int, default=224)
   parser.add_argument('--batch', type=int, default=64)
   parser.add_argument('--batches', type=int, default=20)
+  parser.add_argument('--antialias', action='store_true', help='config.pp.antialias=True.')
   args = parser.parse_args()
 
   with tempfile.TemporaryDirectory() as tmp:
@@ -57,6 +59,8 @@ def main():
     config = config_lib.base_config()
     config.dataset = f'folder:{root}'
     config.pp.crop = args.crop
+    if args.antialias:
+      config.pp.antialias = True
     source = input_pipeline.get_source(config, 'train')
     batches = input_pipeline.train_batches(config, source, batch_size=args.batch)
     next(batches)  # Warm-up: builds the pipeline and fills the prefetch buffer.
@@ -69,7 +73,7 @@ def main():
   cores = os.cpu_count()
   print(f'input pipeline: {images_per_second:.1f} img/s on {cores} cores = '
         f'{images_per_second / cores:.1f} img/s/core ({args.size}px JPEG photographs -> '
-        f'{args.crop}px crop)')
+        f'{args.crop}px crop{", antialiased" if args.antialias else ""})')
 
 
 if __name__ == '__main__':

@@ -324,3 +324,23 @@ def test_crop_decode_gives_the_full_decodes_crop():
   np.testing.assert_array_equal(
       preprocess.decode_and_inception_crop(png, (16, 16), seed),
       preprocess.inception_crop(preprocess.decode(png), (16, 16), seed))
+
+
+@pytest.mark.parametrize('suffix', ['jpg', 'png'])
+def test_antialias_reaches_training_crops_and_eval(tmp_path, suffix):
+  """pp.antialias=False (the paper's pipeline) shrinks 1-pixel stripes by sampling them: much of
+  their contrast stays (all of it in eval's exact 3x shrink); True averages them: near grey. Both
+  on the train crop (the crop-decode path for a JPEG) and the eval resize."""
+  stripes = np.broadcast_to(np.tile([0, 255], 48)[None, :, None], (96, 96, 3)).astype(np.uint8)
+  folder = tmp_path / 'stripes' / 'train' / 'only'
+  folder.mkdir(parents=True)
+  Image.fromarray(stripes).save(folder / f'0.{suffix}', quality=100)
+  spread = {}
+  for antialias in (False, True):
+    config = make_config(f'folder:{tmp_path / "stripes"}', crop=32, flip=False, crop_min_area=1.0)
+    config.pp.antialias = antialias
+    source = input_pipeline.get_source(config, 'train')
+    train = next(input_pipeline.train_batches(config, source, batch_size=1))['image']
+    test = next(input_pipeline.eval_batches(config, source, batch_size=1, num_steps=1))['image']
+    spread[antialias] = train.std(), test.std()
+  assert min(spread[False]) > 0.4 and max(spread[True]) < 0.2, spread

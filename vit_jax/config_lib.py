@@ -59,6 +59,10 @@ def base_config() -> ml_collections.ConfigDict:
       resize_eval=0,       # Eval: resize to this, then central crop to `crop`; 0 = resize to crop.
       crop_min_area=0.05,  # Inception crop: smallest fraction of the image kept.
       flip=True,
+      # Bilinear resize (train crops and eval) without antialiasing, as in the paper's pipeline;
+      # True averages detail that a shrink would alias (big_vision's advice for new recipes), at
+      # twice the resize cost (ImageNet-sized JPEGs: 415 instead of 615 img/s per core).
+      antialias=False,
       randaug_layers=0,       # RandAugment: operations per image (AugReg uses 2); 0 = off.
       randaug_magnitude=10.0,  # Their strength: 0 (none) to 10 (rotations of 30 degrees, ...).
       mixup_alpha=0.0,        # Mixup's Beta(alpha, alpha) (AugReg: 0.2 or 0.5); 0 = off.

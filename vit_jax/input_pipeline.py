@@ -234,10 +234,12 @@ def train_batches(config, source: Source, *, batch_size: int, start_step: int = 
         tf.random.experimental.stateless_split(tf.stack([tf.cast(seed, tf.int64), position]), 2))
     if source.encoded is None:
       image = preprocess.inception_crop(source.decode(example['image']), size, crop_seed,
-                                        min_area=config.pp.crop_min_area)
+                                        min_area=config.pp.crop_min_area,
+                                        antialias=config.pp.antialias)
     else:
       image = preprocess.decode_and_inception_crop(source.encoded(example['image']), size,
-                                                   crop_seed, min_area=config.pp.crop_min_area)
+                                                   crop_seed, min_area=config.pp.crop_min_area,
+                                                   antialias=config.pp.antialias)
     if config.pp.flip:
       image = preprocess.random_flip(image, flip_seed)
     if config.pp.randaug_layers:
@@ -268,7 +270,8 @@ def eval_batches(config, source: Source, *, batch_size: int, num_steps: int) -> 
   resize = (config.pp.resize_eval,) * 2 if config.pp.resize_eval else size
 
   def prepare(example):
-    image = preprocess.resize_and_central_crop(source.decode(example['image']), resize, size)
+    image = preprocess.resize_and_central_crop(source.decode(example['image']), resize, size,
+                                               antialias=config.pp.antialias)
     return {'image': preprocess.to_value_range(image),
             'labels': _targets(example['label'], source.num_classes, source.multi_label),
             'mask': tf.constant(1.0)}

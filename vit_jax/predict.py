@@ -50,7 +50,9 @@ def load_image(path: str, image_size) -> np.ndarray:
   except (tf.errors.OpError, ValueError) as e:
     reason = re.sub(r'\{\{.*?\}\}|\[Op:.*', '', getattr(e, 'message', str(e))).strip()
     raise ValueError(f'{path}: not a readable JPEG/PNG/GIF/BMP image ({reason}).') from None
-  image = preprocess.resize_and_central_crop(image, image_size, image_size)
+  # A photograph may be many times the model's resolution: without a low-pass filter its
+  # resize would keep one pixel in n and drop the rest.
+  image = preprocess.resize_and_central_crop(image, image_size, image_size, antialias=True)
   return preprocess.to_value_range(image).numpy()
 
 
