@@ -124,6 +124,10 @@ def test_image_folder(tmp_path):
   eval_batch = next(input_pipeline.eval_batches(config, source, batch_size=8, num_steps=1))
   np.testing.assert_array_equal(eval_batch['mask'], [1] * 6 + [0] * 2)
   np.testing.assert_array_equal(sorted(eval_batch['labels'][:6].argmax(-1)), [0, 0, 0, 1, 1, 1])
+  both = input_pipeline.get_source(config, 'train+test[:50%]')  # Files named under the root.
+  assert sorted(n.decode().split('/')[0] for n in both.examples['image']) == ['test'] * 3 + [
+      'train'] * 6
+  assert len(list(both.shard().map(lambda ex: both.decode(ex['image'])))) == 9
 
 
 def test_class_folders_without_splits_are_sliced_like_tfds(tmp_path):
@@ -140,7 +144,7 @@ def test_class_folders_without_splits_are_sliced_like_tfds(tmp_path):
   # Ordered by a hash of the path, not by class: the held-out part draws from every class.
   assert len(set(held_out.examples['label'])) > 1
   for path, label in zip(whole.examples['image'], whole.examples['label']):
-    assert path.split('/')[-2] == ['cat', 'dog', 'owl'][label]
+    assert path.decode().split('/')[-2] == ['cat', 'dog', 'owl'][label]
   with pytest.raises(ValueError, match=r"has no split 'test'; it has no split folders: its one "
                                        r"split is 'train'"):
     input_pipeline.get_source(config, 'test')
@@ -162,6 +166,10 @@ def test_folder_listing_is_indexed_once(tmp_path, monkeypatch):
   assert str(root / 'owl') not in listed and len(listed) == 2
   Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(root / 'cat' / 'new.jpg')
   assert input_pipeline.get_source(config, 'train').num_examples == 31  # Out of date: relisted.
+  index, = (tmp_path / 'index').iterdir()
+  index.write_bytes(index.read_bytes()[:100])  # Torn (a full disk): listed again, not fatal.
+  assert input_pipeline.get_source(config, 'train').num_examples == 31
+  assert index.stat().st_size > 100
 
 
 def test_image_folder_errors_name_the_place(tmp_path):
