@@ -59,12 +59,13 @@ def start(workdir):
 
 def test_two_processes_give_the_same_run_as_one(tmp_path):
   port = free_port()
+  run = [*TINY, '--config.evals.fewshot.every=6']  # Each process embeds its share.
   processes = [subprocess.Popen(
-      main_command(*TINY, f'--workdir={tmp_path / "2x2"}', f'--coordinator_address=127.0.0.1:{port}',
+      main_command(*run, f'--workdir={tmp_path / "2x2"}', f'--coordinator_address=127.0.0.1:{port}',
                    '--num_processes=2', f'--process_id={i}'),
       cwd=ROOT, env=cpu_env(2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
       for i in range(2)]
-  one = run_main(*TINY, f'--workdir={tmp_path / "1x4"}', env=cpu_env(4))
+  one = run_main(*run, f'--workdir={tmp_path / "1x4"}', env=cpu_env(4))
   errors = [p.communicate(timeout=600)[1] for p in processes]
   assert [p.returncode for p in processes] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
   assert one.returncode == 0, one.stderr[-3000:]
@@ -75,6 +76,7 @@ def test_two_processes_give_the_same_run_as_one(tmp_path):
   assert len(glob.glob(str(tmp_path / '2x2' / 'events.out.tfevents*'))) == 1
   two, single = (json.loads((tmp_path / d / 'results.json').read_text()) for d in ('2x2', '1x4'))
   assert two['test'] == single['test']
+  assert two['fewshot'] == single['fewshot'] and len(two['fewshot']) == 4
 
 
 def test_sigkill_then_resume_ends_exactly_like_an_uninterrupted_run(reference, tmp_path):

@@ -70,30 +70,32 @@ class Classification:
 
 class FewShot:
 
-  def __init__(self, name, spec, config, model, mesh):
+  def __init__(self, name, spec, config, model, mesh, params_shardings):
     from vit_jax import fewshot, input_pipeline
     self.every = spec.every
     self.sources = {}
     for dataset_name, (dataset, train_split, test_split) in spec.datasets.items():
-      train = input_pipeline.get_source(config, train_split, dataset=dataset)
+      train, test = (input_pipeline.get_source(
+          config, split, process_index=jax.process_index(), process_count=jax.process_count(),
+          dataset=dataset) for split in (train_split, test_split))
       if not fewshot.usable_shots(train, spec.shots):
         raise ValueError(f'evals.{name}: some class of {dataset}:{train_split} has fewer '
                          f'examples than the fewest of shots={tuple(spec.shots)}.')
-      self.sources[dataset_name] = (train, input_pipeline.get_source(config, test_split,
-                                                                     dataset=dataset))
+      self.sources[dataset_name] = (train, test)
+    embed_step = fewshot.make_embed_step(model, mesh, params_shardings)
 
     def run(params):
-      params = sharding.gather(params, mesh)
       results = {}
       for dataset_name, (train, test) in self.sources.items():
-        accuracies = fewshot.evaluate(config, model, params, train, test, shots=spec.shots,
-                                      seeds=spec.seeds, l2_reg=spec.l2_reg)
+        accuracies = fewshot.evaluate(
+            config, embed_step, params, train, test, mesh, shots=spec.shots, seeds=spec.seeds,
+            l2_reg=spec.l2_reg, batch_size=config.batch_eval // jax.process_count())
         results.update({f'{dataset_name}_{k}shot': v for k, v in accuracies.items()})
       return results
     self.run = run
 
 
-def build(config, model, objective, eval_step, mesh) -> dict:
+def build(config, model, objective, eval_step, mesh, params_shardings) -> dict:
   """{name: evaluator} of every entry of config.evals that is on (every > 0)."""
   built = {}
   for name, spec in config.evals.items():
@@ -102,6 +104,6 @@ def build(config, model, objective, eval_step, mesh) -> dict:
     if spec.type == 'classification':
       built[name] = Classification(name, spec, config, objective, eval_step, mesh)
     else:
-      built[name] = FewShot(name, spec, config, model, mesh)
+      built[name] = FewShot(name, spec, config, model, mesh, params_shardings)
     logging.info('Evaluator %s: %s every %d steps.', name, spec.type, spec.every)
   return built

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from vit_jax import checkpoint, cpu_tuning
+from vit_jax import checkpoint, cpu_tuning, sharding
 
 FLAGS = flags.FLAGS
 
@@ -46,17 +46,43 @@ def fewshot_accuracy(train_x, train_y, test_x, test_y, *, num_classes: int, shot
   return float(np.mean(accuracies))
 
 
-def representations(model, params, batches):
-  """Pre-logits representations and labels of every (unmasked) example of `batches`."""
-  params = checkpoint.without_head(params)
-  forward = jax.jit(lambda p, x: model.clone(num_classes=None).apply({'params': p}, x,
-                                                                       train=False))
-  features, labels = [], []
+def make_embed_step(model, mesh, params_shardings=None):
+  """Jitted (params, global batch) -> (pre-logits features, labels, mask, index) of the whole
+  batch on every process; each device embeds its part of the batch, with the parameters as
+  sharded (`params_shardings`, default replicated)."""
+  def embed(params, batch):
+    features = model.clone(num_classes=None).apply(
+        {'params': checkpoint.without_head(params)}, batch['image'], train=False)
+    return features, batch['labels'], batch['mask'], batch['index']
+
+  return jax.jit(sharding.under_mesh(embed, mesh),
+                 in_shardings=(params_shardings or sharding.replicated(mesh),
+                               sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.replicated(mesh))
+
+
+def _with_positions(batches, source, batch_size: int):
+  """Each batch with its examples' positions in the split: process p's shard of a
+  random-access source holds positions p, p + P, p + 2P, ... (for a TFDS stream, whose shards
+  are file ranges read in a shuffled order, the same formula only gives a fixed order)."""
+  for step, batch in enumerate(batches):
+    local = step * batch_size + np.arange(batch_size)
+    yield dict(batch, index=local * source.process_count + source.process_index)
+
+
+def representations(embed_step, params, batches, mesh):
+  """Pre-logits features and labels of every (unmasked) example of every process' `batches`,
+  ordered by position: the same examples in the same order, whatever the number of processes
+  (so the few-shot draws are the same too)."""
+  features, labels, positions = [], [], []
   for batch in batches:
-    keep = batch['mask'] > 0
-    features.append(np.asarray(forward(params, jnp.asarray(batch['image'])))[keep])
-    labels.append(batch['labels'][keep].argmax(-1))
-  return np.concatenate(features).astype(np.float64), np.concatenate(labels)
+    x, y, mask, index = jax.device_get(embed_step(params, sharding.to_global(batch, mesh)))
+    keep = mask > 0
+    features.append(np.asarray(x, np.float64)[keep])
+    labels.append(y[keep].argmax(-1))
+    positions.append(index[keep])
+  order = np.argsort(np.concatenate(positions), kind='stable')
+  return np.concatenate(features)[order], np.concatenate(labels)[order]
 
 
 def usable_shots(source, shots) -> list:
@@ -72,10 +98,11 @@ def usable_shots(source, shots) -> list:
   return usable
 
 
-def evaluate(config, model, params, train_source, test_source, *, shots=(1, 5, 10, 25), seeds=3,
-             l2_reg=1.0, batch_size=256) -> dict:
+def evaluate(config, embed_step, params, train_source, test_source, mesh, *,
+             shots=(1, 5, 10, 25), seeds=3, l2_reg=1.0, batch_size=256) -> dict:
   """{k: accuracy} for each k of `shots` that every class of train_source has enough examples
-  for: fitted on `train_source`, measured on `test_source` (preprocessed as config says)."""
+  for: fitted on `train_source`, measured on `test_source` (this process' shards of them,
+  preprocessed as config says, `batch_size` examples per process and step)."""
   from vit_jax import input_pipeline
   shots = usable_shots(train_source, shots)
   if not shots:
@@ -83,9 +110,11 @@ def evaluate(config, model, params, train_source, test_source, *, shots=(1, 5, 1
                      'fewer examples than the fewest shots asked for.')
   data = []
   for source in (train_source, test_source):
-    steps = input_pipeline.eval_steps(source, batch_size=batch_size, process_count=1)
-    data.append(representations(model, params, input_pipeline.eval_batches(
-        config, source, batch_size=batch_size, num_steps=steps)))
+    steps = input_pipeline.eval_steps(source, batch_size=batch_size,
+                                      process_count=source.process_count)
+    batches = input_pipeline.eval_batches(config, source, batch_size=batch_size, num_steps=steps)
+    data.append(representations(embed_step, params, _with_positions(batches, source, batch_size),
+                                mesh))
   (train_x, train_y), (test_x, test_y) = data
   results = {}
   for k in shots:
@@ -101,7 +130,8 @@ def evaluate(config, model, params, train_source, test_source, *, shots=(1, 5, 1
 def evaluate_checkpoint(path: str, *, dataset: str, train_split='train', test_split='test',
                         random_init=False, **kwargs) -> dict:
   """`evaluate` ({shots: accuracy}) of the model in an .npz (architecture and resolution read
-  off the file), or with random_init of the same architecture untrained (the baseline)."""
+  off the file), or with random_init of the same architecture untrained (the baseline), on
+  every local device."""
   from vit_jax import config_lib, input_pipeline
   from vit_jax.models_vit import VisionTransformer
   params, model_config, _, image_size, _ = checkpoint.load_model(path)
@@ -113,7 +143,10 @@ def evaluate_checkpoint(path: str, *, dataset: str, train_split='train', test_sp
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(image_size) + (3,)),
                         train=False)['params']
   train, test = (input_pipeline.get_source(config, split) for split in (train_split, test_split))
-  return evaluate(config, model, params, train, test, **kwargs)
+  mesh = sharding.make_mesh()
+  devices = mesh.devices.size
+  return evaluate(config, make_embed_step(model, mesh), params, train, test, mesh,
+                  batch_size=-(-256 // devices) * devices, **kwargs)
 
 
 def main(argv):

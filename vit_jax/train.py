@@ -272,7 +272,8 @@ def _train_and_evaluate(config, workdir, mesh, writer) -> dict:
   abstract, create_state = abstract_state(config, model, tx, mesh, image_size, objective)
   shardings = shardings_of(abstract)
   eval_step = make_eval_step(objective, model, shardings['params'], mesh)
-  evals = evaluators.build(config, model, objective, eval_step, mesh)  # Opens their data now.
+  # Opens their data now.
+  evals = evaluators.build(config, model, objective, eval_step, mesh, shardings['params'])
 
   checkpoints = resume.Checkpoints(workdir, config.keep_checkpoints)
   state = checkpoints.restore_latest(abstract)
@@ -415,8 +416,9 @@ def evaluate(config, workdir: str) -> dict:
       record.check_compatible(config, num_outputs=objective.num_outputs, image_size=image_size,
                               keys=resume.PARAMS_DEFINING_KEYS)
     abstract, create_params = abstract_params(config, model, mesh, image_size, objective)
-    eval_step = make_eval_step(objective, model, shardings_of(abstract), mesh)
-    evals = evaluators.build(config, model, objective, eval_step, mesh)  # Opens their data.
+    params_shardings = shardings_of(abstract)
+    eval_step = make_eval_step(objective, model, params_shardings, mesh)
+    evals = evaluators.build(config, model, objective, eval_step, mesh, params_shardings)
     if config.pretrained_path:
       params = load_pretrained_params(config, create_params(), mesh, image_size,
                                       reinit_head=False)
