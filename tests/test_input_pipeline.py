@@ -1,5 +1,7 @@
 """Data: the embedded digits, image folders, a local TFDS dataset; determinism; shards; eval."""
 
+import logging
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -152,7 +154,7 @@ def test_class_folders_without_splits_are_sliced_like_tfds(tmp_path):
     input_pipeline.get_source(config, 'train[x]')
 
 
-def test_folder_listing_is_indexed_once(tmp_path, monkeypatch):
+def test_folder_listing_is_indexed_once(tmp_path, monkeypatch, caplog):
   root = write_class_folders(tmp_path / 'in21k')
   config = make_config(f'folder:{root}', folder_index_dir=str(tmp_path / 'index'))
   first = input_pipeline.get_source(config, 'train[:50%]')
@@ -170,6 +172,13 @@ def test_folder_listing_is_indexed_once(tmp_path, monkeypatch):
   index.write_bytes(index.read_bytes()[:100])  # Torn (a full disk): listed again, not fatal.
   assert input_pipeline.get_source(config, 'train').num_examples == 31
   assert index.stat().st_size > 100
+  not_a_folder = tmp_path / 'file'
+  not_a_folder.write_text('kept')
+  config.folder_index_dir = str(not_a_folder)  # Cannot be written (not even by root): no index.
+  with caplog.at_level(logging.WARNING):
+    assert input_pipeline.get_source(config, 'train').num_examples == 31
+  assert f'Cannot write the file index {not_a_folder}' in caplog.text
+  assert not_a_folder.read_text() == 'kept'
 
 
 def test_image_folder_errors_name_the_place(tmp_path):

@@ -107,11 +107,17 @@ def indexed_files(directory: str, classes: list, index_dir: str):
     logging.info('The file index %s is out of date: listing %s again.', path, directory)
   logging.info('Listing the images of %s (indexed in %s for the next start).', directory, path)
   names, labels = _list(directory, classes)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
   temporary = f'{path}.tmp-{os.getpid()}'
-  with open(temporary, 'wb') as f:
-    np.savez(f, names=names, labels=labels, about=np.array(json.dumps(expected)))
-  os.replace(temporary, path)  # Another process may be writing the same index: no torn file.
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(temporary, 'wb') as f:
+      np.savez(f, names=names, labels=labels, about=np.array(json.dumps(expected)))
+    os.replace(temporary, path)  # Another process may be writing the same index: no torn file.
+  except OSError as e:  # A read-only or full disk costs the next start a listing, not this run.
+    logging.warning('Cannot write the file index %s (%s); set folder_index_dir to a writable '
+                    "folder, or '' to list at every start.", path, e)
+    if os.path.exists(temporary):
+      os.remove(temporary)
   return names, labels
 
 
