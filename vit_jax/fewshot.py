@@ -72,8 +72,8 @@ def _with_positions(batches, source, batch_size: int):
 
 def representations(embed_step, params, batches, mesh):
   """Pre-logits features and labels of every (unmasked) example of every process' `batches`,
-  ordered by position: the same examples in the same order, whatever the number of processes
-  (so the few-shot draws are the same too)."""
+  ordered by position: for a random-access source the split's order whatever the number of
+  processes, so that the few-shot draws are the same too."""
   features, labels, positions = [], [], []
   for batch in batches:
     x, y, mask, index = jax.device_get(embed_step(params, sharding.to_global(batch, mesh)))
