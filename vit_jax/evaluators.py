@@ -35,10 +35,22 @@ def few_shot(datasets: dict, *, every=0, shots=(1, 5, 10, 25), seeds=3,
                                         shots=shots, seeds=seeds, l2_reg=l2_reg))
 
 
+def _local_batch(config) -> int:
+  return config.batch_eval // jax.process_count()
+
+
+def _open(config, split, dataset, label_key=''):
+  """This process' shard of an evaluator's split."""
+  from vit_jax import input_pipeline
+  return input_pipeline.get_source(config, split, process_index=jax.process_index(),
+                                   process_count=jax.process_count(), dataset=dataset,
+                                   label_key=label_key)
+
+
 def evaluate_split(config, eval_step, params, source, mesh, objective):
   """The objective's metrics over every example of the split, each read once."""
   from vit_jax import input_pipeline
-  local_batch = config.batch_eval // jax.process_count()
+  local_batch = _local_batch(config)
   num_steps = input_pipeline.eval_steps(source, batch_size=local_batch,
                                         process_count=jax.process_count())
   totals = None
@@ -56,11 +68,8 @@ def evaluate_split(config, eval_step, params, source, mesh, objective):
 class Classification:
 
   def __init__(self, name, spec, config, objective, eval_step, mesh):
-    from vit_jax import input_pipeline
     self.every = spec.every
-    self.source = input_pipeline.get_source(
-        config, spec.split, process_index=jax.process_index(),
-        process_count=jax.process_count(), dataset=spec.dataset, label_key=spec.label_key)
+    self.source = _open(config, spec.split, spec.dataset, spec.label_key)
     if objective.name != 'mpp' and self.source.num_classes != objective.num_outputs:
       raise ValueError(f'evals.{name}: {spec.dataset or config.dataset}:{spec.split} has '
                        f'{self.source.num_classes} classes, the model {objective.num_outputs}.')
@@ -71,13 +80,11 @@ class Classification:
 class FewShot:
 
   def __init__(self, name, spec, config, model, mesh, params_shardings):
-    from vit_jax import fewshot, input_pipeline
+    from vit_jax import fewshot
     self.every = spec.every
     self.sources = {}
     for dataset_name, (dataset, train_split, test_split) in spec.datasets.items():
-      train, test = (input_pipeline.get_source(
-          config, split, process_index=jax.process_index(), process_count=jax.process_count(),
-          dataset=dataset) for split in (train_split, test_split))
+      train, test = _open(config, train_split, dataset), _open(config, test_split, dataset)
       if not fewshot.usable_shots(train, spec.shots):
         raise ValueError(f'evals.{name}: some class of {dataset}:{train_split} has fewer '
                          f'examples than the fewest of shots={tuple(spec.shots)}.')
@@ -89,7 +96,7 @@ class FewShot:
       for dataset_name, (train, test) in self.sources.items():
         accuracies = fewshot.evaluate(
             config, embed_step, params, train, test, mesh, shots=spec.shots, seeds=spec.seeds,
-            l2_reg=spec.l2_reg, batch_size=config.batch_eval // jax.process_count())
+            l2_reg=spec.l2_reg, batch_size=_local_batch(config))
         results.update({f'{dataset_name}_{k}shot': v for k, v in accuracies.items()})
       return results
     self.run = run
