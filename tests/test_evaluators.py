@@ -61,8 +61,8 @@ def test_a_run_writes_every_listed_evaluator(tmp_path):
         shots=(1, 2), seeds=2, every=3)
   results = train.train_and_evaluate(config, str(tmp_path / 'workdir'))
   written = json.loads((tmp_path / 'workdir' / 'results.json').read_text())
-  assert set(written) == {'step', 'train_loss', 'wall_time_sec', 'test', 'train', 'real',
-                          'animals'}
+  assert set(written) == {'step', 'train_loss', 'wall_time_sec', 'segments', 'test', 'train',
+                          'real', 'animals'}
   assert written['train'].keys() == written['real'].keys() == written['test'].keys() == {
       'accuracy_test', 'accuracy_test_top5', 'loss_test'}
   assert written['animals'].keys() == {'animals_1shot', 'animals_2shot'}

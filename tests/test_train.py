@@ -27,7 +27,7 @@ def test_run_writes_results_checkpoints_events_and_export(trained):
   with open(os.path.join(workdir, 'results.json')) as f:
     written = json.load(f)
   assert written['test'] == pytest.approx(results['test'])
-  assert set(written) == {'test', 'step', 'train_loss', 'wall_time_sec'}
+  assert set(written) == {'test', 'step', 'train_loss', 'wall_time_sec', 'segments'}
   test = written['test']
   assert set(test) == {'accuracy_test', 'accuracy_test_top5', 'loss_test'}
   assert written['step'] == 6 and 0 <= test['accuracy_test'] <= test['accuracy_test_top5']

@@ -35,6 +35,22 @@ class CheckpointMismatchError(ValueError):
   """A checkpoint's parameters do not fit the model they are loaded into."""
 
 
+class NonFiniteParametersError(ValueError):
+  """A checkpoint holds NaN or infinite parameters (a diverged model)."""
+
+
+def check_finite(params: Params, where: str):
+  """Raises NonFiniteParametersError naming `where` and the keys that hold NaN or inf."""
+  flat = flax.traverse_util.flatten_dict(params) if isinstance(params, dict) else params
+  bad = sorted('/'.join(k) for k, v in flat.items()
+               if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all())
+  if bad:
+    raise NonFiniteParametersError(
+        f'{where} holds parameters that are not finite (NaN or inf) in {len(bad)} of '
+        f'{len(flat)} arrays: {", ".join(bad[:5])}{" ..." if len(bad) > 5 else ""}. The model '
+        'diverged before it was saved; use an earlier checkpoint.')
+
+
 def _is_remote(path: str) -> bool:
   return '://' in path
 
@@ -155,6 +171,7 @@ def _load(path: str):
     description = json.loads(description.tobytes().decode())
   if not flat:
     raise ValueError(f'{path} holds no parameters.')
+  check_finite(flat, path)
   return flax.traverse_util.unflatten_dict(_to_official_layout(flat)), description
 
 

@@ -182,6 +182,7 @@ def check(config, *, device_count: int, process_count: int = 1):
     if value not in allowed:
       fail(f'{key}={value!r}; expected one of {allowed}.')
 
+  _check_finite(config)
   one_of('trainer', config.trainer, TRAINERS)
   one_of('optimizer', config.optimizer, OPTIMIZERS)
   one_of('decay_type', config.decay_type, DECAY_TYPES)
@@ -194,7 +195,8 @@ def check(config, *, device_count: int, process_count: int = 1):
 
   for name, spec in config.evals.items():
     one_of(f'evals.{name}.type', spec.type, evaluators.TYPES)
-    if name in ('step', 'train_loss', 'wall_time_sec', 'evaluated', 'dataset', 'time'):
+    if name in ('step', 'train_loss', 'wall_time_sec', 'segments', 'evaluated', 'dataset',
+                'time'):
       fail(f'evals.{name}: the name is taken by results.json / eval_results.json.')
     if spec.every < 0:
       fail(f'evals.{name}.every={spec.every} must be >= 0.')
@@ -218,6 +220,11 @@ def check(config, *, device_count: int, process_count: int = 1):
     fail(f'warmup_steps={config.warmup_steps} must lie in [0, total_steps={config.total_steps}).')
   if config.base_lr <= 0:
     fail(f'base_lr={config.base_lr} must be positive.')
+  for key in ('b1', 'b2', 'momentum'):
+    if not 0 <= config[key] < 1:
+      fail(f'{key}={config[key]} must lie in [0, 1).')
+  if config.weight_decay < 0:
+    fail(f'weight_decay={config.weight_decay} must be >= 0.')
   if not config.grad_norm_clip > 0:  # optax clips to norm 0: every update would be zero.
     fail(f'grad_norm_clip={config.grad_norm_clip} must be positive (1 in the paper\'s recipes).')
   transformer = config.model.transformer
@@ -266,6 +273,23 @@ def check(config, *, device_count: int, process_count: int = 1):
   path = config.pretrained_path
   if path and not _exists(path):
     fail(f'pretrained_path={path!r} does not exist.')
+
+
+def _check_finite(config):
+  """Every float of the config, nested ones too, is finite: a NaN learning rate (or b1, ...)
+  would otherwise pass every range check below (comparisons with NaN are all False)."""
+  def floats(value, key):
+    if isinstance(value, float):
+      yield key, value
+    elif isinstance(value, (ml_collections.ConfigDict, dict)):
+      for k, v in value.items():
+        yield from floats(v, f'{key}.{k}' if key else k)
+    elif isinstance(value, (tuple, list)):
+      for i, v in enumerate(value):
+        yield from floats(v, f'{key}[{i}]')
+  for key, value in floats(config, ''):
+    if not math.isfinite(value):
+      raise ValueError(f'Invalid config: {key}={value} is not a finite number.')
 
 
 def _exists(path: str) -> bool:

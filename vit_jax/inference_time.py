@@ -25,7 +25,7 @@ def median_seconds(fn, repetitions: int = REPETITIONS) -> float:
 
 
 def inference_time(config, workdir: str) -> dict:
-  with train.opened_workdir(config, workdir) as (mesh, writer):
+  with train.opened_workdir(config, workdir) as (mesh, writer, _):
     num_classes = config.num_classes or config_lib.dataset_info(config.dataset).get(
         'num_classes', 1000)
     objective = objectives.from_config(config, num_classes)

@@ -24,6 +24,7 @@ import time
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
@@ -55,6 +56,10 @@ class WorkdirMismatchError(ValueError):
 
 class CheckpointRestoreError(RuntimeError):
   """A checkpoint with intact files could not be restored (resource error, bug, ...)."""
+
+
+class WorkdirLockLost(RuntimeError):
+  """`<workdir>/lock` was deleted or replaced while this run held it."""
 
 
 class CheckpointSaveError(OSError):
@@ -108,6 +113,35 @@ class WorkdirLock:
     self._file.flush()
     return None
 
+  def lost(self):
+    """Why `<workdir>/lock` is no longer the file this run locked (deleted, replaced), or None.
+
+    A user or a sync tool deleting it would let a second run lock a new file and share the
+    workdir; the holder notices here and stops."""
+    if self._file is None:
+      return None
+    try:
+      now = os.stat(self.path)
+    except FileNotFoundError:
+      return 'was deleted'
+    held = os.fstat(self._file.fileno())
+    if (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+      return 'was replaced by another file (another run may have locked it)'
+    return None
+
+  def check(self, step: int):
+    """Raises WorkdirLockLost if the lock was lost (process 0 looks; every process stops)."""
+    problem = self.lost() if jax.process_index() == 0 else None
+    if jax.process_count() > 1:
+      lost = multihost_utils.broadcast_one_to_all(np.int32(problem is not None))
+      problem = problem or ('was lost by process 0' if lost else None)
+    if problem:
+      raise WorkdirLockLost(
+          f'{self.path} {problem} while this run held it (at step {step}): another run may now '
+          f'use workdir {os.path.dirname(self.path)}, so this run stopped without saving or '
+          'exporting anything more. Never delete the lock of a running run; run the same command '
+          'to resume once no other run uses the workdir.')
+
   def release(self):
     if self._file is not None:  # Unlocked, not deleted: deleting races with a waiting run.
       self._file.seek(0)
@@ -121,6 +155,16 @@ class WorkdirLock:
 
   def __exit__(self, *exc):
     self.release()
+
+
+def remove_temporaries(workdir: str):
+  """Deletes what a killed writer left in the workdir (`<file>.tmp-<pid>`, see
+  checkpoint.write_bytes): called by the lock's holder, so no live writer owns them."""
+  for name in os.listdir(workdir):
+    stem, _, pid = name.rpartition('.tmp-')
+    if stem and pid.isdigit() and os.path.isfile(os.path.join(workdir, name)):
+      logging.info('Removing %s, left by a run that was killed while writing %s.', name, stem)
+      os.remove(os.path.join(workdir, name))
 
 
 # ------------------------------------------------------------------------ configs of a workdir
@@ -254,6 +298,8 @@ class Checkpoints:
     self.keep = keep
     self.manager = self._new_manager()
     self.saving = None  # The step of the save in flight.
+    # The checkpoints this run resumed from or saved: the only ones it writes into.
+    self.own = set()
 
   def _new_manager(self):
     return ocp.CheckpointManager(
@@ -292,10 +338,10 @@ class Checkpoints:
     return None
 
   def _record_files(self):
-    """Writes files.json into every completed checkpoint that has none (process 0)."""
+    """Writes files.json into every completed checkpoint of this run that has none (process 0)."""
     if jax.process_index() > 0:
       return
-    for step in self.manager.all_steps():
+    for step in sorted(self.own & set(self.manager.all_steps())):
       step_dir = os.path.join(self.directory, str(step))
       if os.path.exists(os.path.join(step_dir, FILES_RECORD)):
         continue
@@ -353,9 +399,25 @@ class Checkpoints:
       except BaseException as e:  # Orbax wraps what it meets (interrupts too) in Exception.
         self._classify_failure(step, e)
         continue  # Damaged: set aside by _classify_failure.
+      self._refuse_non_finite(step, restored)
+      self.own.add(step)
       logging.info('Resumed from the checkpoint of step %d.', step)
       return restored
     return None
+
+  def _refuse_non_finite(self, step, restored):
+    """Earlier versions saved the state of a diverged step: refuse it, naming the step."""
+    params = flax.traverse_util.flatten_dict(restored['params'])
+    finite = jax.jit(lambda tree: {k: jnp.isfinite(v).all() for k, v in tree.items()})(
+        {'/'.join(k): v for k, v in params.items()})
+    bad = sorted(k for k, ok in finite.items() if not bool(ok))
+    if bad:
+      step_dir = os.path.join(self.directory, str(step))
+      raise checkpoint.NonFiniteParametersError(
+          f'The checkpoint of step {step} in {self.directory} holds parameters that are not '
+          f'finite (NaN or inf) in {len(bad)} of {len(params)} arrays ({", ".join(bad[:3])}'
+          f'{" ..." if len(bad) > 3 else ""}): a diverged step was saved. Nothing was changed; '
+          f'move it aside (mv {step_dir} {step_dir}.nonfinite) to resume from the one before.')
 
   def _classify_failure(self, step, error):
     causes = list(_chain(error))
@@ -378,6 +440,7 @@ class Checkpoints:
   def save(self, step: int, state):
     self.wait(step)  # The previous save: its failure stops the run here, its files get recorded.
     self.saving = step
+    self.own.add(step)
     self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
   def check_save(self, step: int):

@@ -98,14 +98,16 @@ def make_train_step(config, model, tx, schedule, shardings, mesh, objective):
       total, _ = jax.lax.scan(add_micro_batch, zero, xs)
       loss, grads = jax.tree.map(lambda x: x / accum, total)
     updates, opt_state = tx.update(grads, state['opt_state'], params)
-    grad_norm = optax.global_norm(grads)
-    # A non-finite loss or gradient leaves the state as it was; the loop then stops the run.
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
+    # A non-finite loss, gradient or update (whatever made it: the optimizer's state, its
+    # hyper-parameters) leaves the state as it was; the loop then stops the run.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
     keep_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = {'params': keep_finite(optax.apply_updates(params, updates), params),
                  'opt_state': keep_finite(opt_state, state['opt_state']),
                  'step': state['step'] + 1, 'rng': state['rng']}
-    metrics = {'train_loss': loss, 'lr': schedule(state['step']), 'grad_norm': grad_norm}
+    metrics = {'train_loss': loss, 'lr': schedule(state['step']), 'grad_norm': grad_norm,
+               'update_norm': update_norm}
     return new_state, metrics
 
   batch_sharding = sharding.batch_sharding(mesh)
@@ -147,12 +149,13 @@ def export_params(params, path: str, mesh, config):
 # ----------------------------------------------------------------------------------------- loop
 
 def check_finite(step_metrics, first_step, last_checkpoint):
-  """Stops the run at the first step whose loss or gradient norm is not finite."""
+  """Stops the run at the first step whose loss, gradient or update is not finite."""
   for offset, metrics in enumerate(step_metrics):
-    if not (np.isfinite(metrics['train_loss']) and np.isfinite(metrics['grad_norm'])):
+    if not all(np.isfinite(metrics[k]) for k in ('train_loss', 'grad_norm', 'update_norm')):
       raise FloatingPointError(
           f'Non-finite training at step {first_step + offset + 1}: train_loss '
-          f'{metrics["train_loss"]}, grad_norm {metrics["grad_norm"]}. That step was not applied '
+          f'{metrics["train_loss"]}, grad_norm {metrics["grad_norm"]}, update_norm '
+          f'{metrics["update_norm"]}. That step was not applied '
           f'and nothing after it saved; the last checkpoint is of step {last_checkpoint}. '
           'Lower base_lr or raise warmup_steps.')
 
@@ -208,7 +211,8 @@ class Profile:
 def opened_workdir(config, workdir):
   """Checks the config, creates and locks the workdir; yields the mesh and the metric writer.
 
-  Every entry point that writes into a workdir opens it here, so two runs never share one.
+  Every entry point that writes into a workdir opens it here, so two runs never share one;
+  `lock.check` tells a long run that its lock was lost.
   """
   config_lib.check(config, device_count=jax.device_count(), process_count=jax.process_count())
   if config.compilation_cache_dir:  # Before anything of the run compiles.
@@ -223,14 +227,16 @@ def opened_workdir(config, workdir):
       os.remove(probe)
     except OSError as e:
       raise ValueError(f'workdir {workdir} is not writable ({e.strerror}).') from None
-  with resume.WorkdirLock(workdir):
+  with resume.WorkdirLock(workdir) as lock:
+    if jax.process_index() == 0:
+      resume.remove_temporaries(workdir)
     from clu import metric_writers
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     mesh = sharding.make_mesh()
     logging.info('Mesh: %d devices in %d processes, %s.', jax.device_count(),
                  jax.process_count(), dict(mesh.shape))
     try:
-      yield mesh, writer
+      yield mesh, writer, lock
     finally:
       writer.close()
 
@@ -254,12 +260,13 @@ def _refuse_to_overwrite_the_source(config, workdir):
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains, evaluates and exports; resumes from the latest checkpoint in workdir if any."""
   _refuse_to_overwrite_the_source(config, workdir)
-  with opened_workdir(config, workdir) as (mesh, writer):
-    return _train_and_evaluate(config, workdir, mesh, writer)
+  with opened_workdir(config, workdir) as (mesh, writer, lock):
+    return _train_and_evaluate(config, workdir, mesh, writer, lock)
 
 
-def _train_and_evaluate(config, workdir, mesh, writer) -> dict:
+def _train_and_evaluate(config, workdir, mesh, writer, lock) -> dict:
   start_time = time.time()
+  earlier_results = read_results(workdir)  # Before any work: an unreadable one is named now.
   train_source = _source(config, config.train_split)
   objective = objectives.from_config(config, train_source.num_classes)
   image_size = config_lib.image_size(config)
@@ -284,7 +291,7 @@ def _train_and_evaluate(config, workdir, mesh, writer) -> dict:
                                       reinit_head=config.reinit_head)
       state = dict(state, params=params, opt_state=jax.jit(
           tx.init, out_shardings=shardings['opt_state'])(params))
-  step = last_checkpoint = int(jax.device_get(state['step']))
+  step = last_checkpoint = start_step = int(jax.device_get(state['step']))
   record.record_start(config, num_outputs=objective.num_outputs, image_size=image_size,
                       start_step=step)
   if jax.process_index() == 0:
@@ -332,12 +339,18 @@ def _train_and_evaluate(config, workdir, mesh, writer) -> dict:
           evaluated[name] = run_evaluator(name, evaluator, state['params'], step, writer)
           progress.start(step)  # Evaluation time is not training throughput.
       preempted = preemption.reached(step)
-      if step % config.checkpoint_every == 0 or step == config.total_steps or preempted:
+      saving = step % config.checkpoint_every == 0 or step == config.total_steps or preempted
+      if saving or jax.process_count() == 1:  # (Several processes: a collective, so rarely.)
+        lock.check(step)
+      if saving:
         check_pending()
         checkpoints.save(step, state)
         last_checkpoint = step
       if preempted:
         checkpoints.wait(step)
+        write_results(workdir, 'results.json', accumulated_results(
+            earlier_results, dict(step=step, train_loss=summary.get('train_loss'), **evaluated),
+            start_step=start_step, start_time=start_time))
         logging.warning('Preempted: saved the checkpoint of step %d; run the same command to '
                         'resume.', step)
         return {'preempted_at_step': step}
@@ -352,9 +365,11 @@ def _train_and_evaluate(config, workdir, mesh, writer) -> dict:
   for name, evaluator in evals.items():  # Resumed at the end: evaluate what was restored.
     if name not in evaluated:
       evaluated[name] = run_evaluator(name, evaluator, state['params'], step, writer)
+  lock.check(step)
   export_params(state['params'], os.path.join(workdir, resume.EXPORT_FILE), mesh, config)
-  results = dict(step=step, train_loss=summary.get('train_loss'),
-                 wall_time_sec=time.time() - start_time, **evaluated)
+  results = accumulated_results(
+      earlier_results, dict(step=step, train_loss=summary.get('train_loss'), **evaluated),
+      start_step=start_step, start_time=start_time)
   write_results(workdir, 'results.json', results)
   writer.flush()
   return results
@@ -406,7 +421,7 @@ def evaluate(config, workdir: str) -> dict:
   if config.pretrained_path:
     config_lib.check(config, device_count=jax.device_count(), process_count=jax.process_count())
     config = with_exported_model(config)
-  with opened_workdir(config, workdir) as (mesh, writer):
+  with opened_workdir(config, workdir) as (mesh, writer, lock):
     source = _source(config, config.test_split)
     objective = objectives.from_config(config, source.num_classes)
     image_size = config_lib.image_size(config)
@@ -435,10 +450,34 @@ def evaluate(config, workdir: str) -> dict:
                         start_step=step)
     results = {name: run_evaluator(name, evaluator, params, step, writer)
                for name, evaluator in evals.items()}
+    lock.check(step)
     append_results(workdir, 'eval_results.json', dict(
         results, evaluated=evaluated, dataset=config.dataset, step=step))
     writer.flush()
     return results
+
+
+def read_results(workdir) -> dict:
+  """The results.json of the workdir's earlier starts ({} if none)."""
+  earlier = resume.read_json(os.path.join(workdir, 'results.json'))
+  return earlier if isinstance(earlier, dict) else {}
+
+
+def accumulated_results(earlier: dict, results: dict, *, start_step, start_time) -> dict:
+  """This start's results on top of the earlier starts' (a resumed or restarted run): what
+  this start did not measure (the train loss of a finished run started again, an evaluator
+  that did not run) is kept, the wall time is summed over `segments` (one per start)."""
+  segments = list(earlier.get('segments') or [])
+  if not segments and 'wall_time_sec' in earlier:  # Written before segments were recorded.
+    segments = [{'end_step': earlier.get('step'), 'wall_time_sec': earlier['wall_time_sec']}]
+  segments.append({'start_step': start_step, 'end_step': results['step'],
+                   'wall_time_sec': round(time.time() - start_time, 3)})
+  kept = {k: v for k, v in earlier.items() if isinstance(v, dict)}  # Evaluators' metrics.
+  merged = dict(kept, **{k: v for k, v in results.items() if v is not None})
+  merged.setdefault('train_loss', earlier.get('train_loss'))
+  merged['wall_time_sec'] = round(sum(s['wall_time_sec'] for s in segments), 3)
+  merged['segments'] = segments
+  return merged
 
 
 def write_results(workdir, name, results):
