@@ -166,7 +166,9 @@ def test_exports_of_every_variant_describe_themselves(tmp_path, posemb, classifi
                                 logits)
   assert checkpoint.load(path).keys() == params.keys()  # The description is no parameter.
 
-  # The tools, each on the export alone.
+  # The tools, each on the export alone (a figure of another model in --outdir goes).
+  (tmp_path / 'figures').mkdir()
+  (tmp_path / 'figures' / 'position_embedding_similarity.png').write_bytes(b'another model')
   figures = analysis.analyse(loaded, model, loaded_config, images, str(tmp_path / 'figures'))
   assert len(figures) == (4 if posemb in ('learn', 'learn_2d', 'sincos2d') else 3)
   assert sorted(os.listdir(tmp_path / 'figures')) == sorted(os.path.basename(f) for f in figures)

@@ -367,7 +367,7 @@ def test_missing_and_unreadable_files_are_named(tmp_path):
     checkpoint.load(str(tmp_path / 'absent.npz'))
   not_npz = tmp_path / 'model.npz'
   not_npz.write_bytes(b'this is not a zip archive')
-  with pytest.raises(ValueError, match=r'model.npz is not a readable .npz checkpoint'):
+  with pytest.raises(ValueError, match=r'model.npz is not an .npz archive'):
     checkpoint.load(str(not_npz))
   truncated = tmp_path / 'truncated.npz'
   np.savez(truncated, **official_layout_arrays())

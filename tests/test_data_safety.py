@@ -108,7 +108,7 @@ def test_a_class_added_to_a_folder_dataset_is_refused(tmp_path, records):
   folder_args = [f'--config.dataset=folder:{images}', '--config.batch=8', '--config.batch_eval=8']
   train.train_and_evaluate(tiny_config(*folder_args), str(workdir))
   if records == 'deleted':  # Then the checkpoint's own metadata catches it.
-    for name in ('config.json', HISTORY):
+    for name in ('config.json', HISTORY, resume.CLASSES_FILE):
       os.remove(workdir / name)
   image_folder(images, ['c'])
   before = snapshot(workdir)

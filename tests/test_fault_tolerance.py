@@ -79,6 +79,60 @@ def test_two_processes_give_the_same_run_as_one(tmp_path):
   assert two['fewshot'] == single['fewshot'] and len(two['fewshot']) == 4
 
 
+def pod(tmp_path, port, args_of_process, startup_timeout_s=60):
+  return [subprocess.Popen(
+      main_command(*args, f'--workdir={tmp_path / "pod"}', f'--coordinator_address=127.0.0.1:{port}',
+                   f'--num_processes={len(args_of_process)}', f'--process_id={i}',
+                   f'--startup_timeout_s={startup_timeout_s}'),
+      cwd=ROOT, env=cpu_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+      for i, args in enumerate(args_of_process)]
+
+
+# Bounds of the two tests below: start-up (imports, joining) takes ~10 s per process here.
+MISMATCH_BOUND_S, MISSING_PEER_BOUND_S = 150, 90
+
+
+def test_two_processes_with_different_configs_stop_within_seconds_naming_it(tmp_path):
+  began = time.time()
+  processes = pod(tmp_path, free_port(), [[*TINY, '--config.total_steps=20'],
+                                          [*TINY, '--config.total_steps=10']])
+  errors = [p.communicate(timeout=MISMATCH_BOUND_S)[1] for p in processes]
+  assert time.time() - began < MISMATCH_BOUND_S
+  assert [p.returncode != 0 for p in processes] == [True, True]
+  assert 'PodMismatchError' in errors[1] and 'total_steps: 20 on process 0, 10 here' in errors[1], (
+      errors[1][-3000:])
+  assert 'process 1: total_steps: 20 on process 0, 10 here' in errors[0], errors[0][-3000:]
+  assert not (tmp_path / 'pod' / 'checkpoints').exists()
+
+
+def test_a_missing_peer_is_named_with_the_coordinator_after_the_start_up_timeout(tmp_path):
+  began, port = time.time(), free_port()
+  alone = subprocess.Popen(  # Process 1 never starts.
+      main_command(*TINY, f'--workdir={tmp_path / "pod"}', f'--coordinator_address=127.0.0.1:{port}',
+                   '--num_processes=2', '--process_id=0', '--startup_timeout_s=10'),
+      cwd=ROOT, env=cpu_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  _, stderr = alone.communicate(timeout=MISSING_PEER_BOUND_S)
+  assert time.time() - began < MISSING_PEER_BOUND_S
+  assert alone.returncode != 0
+  assert (f'Process 0 of 2 could not start the run with the coordinator at 127.0.0.1:{port} '
+          'within 10 s') in stderr, stderr[-3000:]
+
+
+def test_sigterm_during_start_up_saves_a_checkpoint_and_exits_cleanly(reference, tmp_path):
+  process = start(tmp_path)
+  lock = tmp_path / 'lock'
+  while not (lock.exists() and lock.read_text()):  # Taken before anything compiles.
+    assert process.poll() is None
+    time.sleep(0.02)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=300)
+  assert process.returncode == 0, stderr[-3000:]
+  assert 'Preempted: saved the checkpoint of step 1;' in stderr, stderr[-3000:]
+  resumed = run_main(*LONG, f'--workdir={tmp_path}', env=cpu_env(1))
+  assert 'Resumed from the checkpoint of step 1' in resumed.stderr
+  assert_same_params(load_npz(tmp_path / 'model.npz'), load_npz(reference[0] / 'model.npz'))
+
+
 def test_sigkill_then_resume_ends_exactly_like_an_uninterrupted_run(reference, tmp_path):
   process = start(tmp_path)
   wait_for(tmp_path / 'checkpoints' / '20', process)
@@ -137,13 +191,14 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(finished, tmp_
   assert_same_params(load_npz(workdir / 'model.npz'), load_npz(finished / 'model.npz'))
 
 
-def test_divergence_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path):
+def test_divergence_stops_naming_the_step_and_saves_nothing_of_it(tmp_path):
   config = tiny_config('--config.base_lr=1e30', '--config.warmup_steps=0',
                        '--config.checkpoint_every=1')
-  with pytest.raises(FloatingPointError, match=r'Non-finite training at step 2: train_loss nan.*'
-                                               r'last checkpoint is of step 1'):
+  # The first update is infinite (loss and gradient are not yet): not applied, not saved.
+  with pytest.raises(FloatingPointError, match=r'Non-finite training at step 1: train_loss 2.3.*'
+                                               r'update_norm inf.*last checkpoint is of step 0'):
     train.train_and_evaluate(config, str(tmp_path))
-  assert os.listdir(tmp_path / 'checkpoints') == ['1']
+  assert os.listdir(tmp_path / 'checkpoints') == []
   assert not (tmp_path / 'model.npz').exists()
 
 
@@ -171,7 +226,7 @@ def test_bad_input_is_named_and_leaves_the_workdir_intact(finished, tmp_path, ov
 def test_unreadable_and_mismatching_pretrained_files_are_named(finished, tmp_path):
   garbage = tmp_path / 'garbage.npz'
   garbage.write_bytes(b'\x00' * 100)
-  with pytest.raises(ValueError, match=r'garbage.npz is not a readable .npz checkpoint'):
+  with pytest.raises(ValueError, match=r'garbage.npz is not an .npz archive'):
     train.train_and_evaluate(tiny_config(f'--config.pretrained_path={garbage}'),
                              str(tmp_path / 'a'))
   wider = tmp_path / 'wider.npz'

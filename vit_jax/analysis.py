@@ -171,6 +171,10 @@ def plot_filters(components, path):
 # -------------------------------------------------------------------------------------- CLI
 
 
+FIGURES = ('attention_rollout.png', 'position_embedding_similarity.png',
+           'attention_distance.png', 'embedding_filters.png')
+
+
 def analyse(params, model, config, images, outdir) -> list:
   """Writes the figures for `params` (all four, or three for models without absolute position
   embeddings); returns their paths."""
@@ -193,7 +197,11 @@ def analyse(params, model, config, images, outdir) -> list:
                           path('attention_distance.png'))
   plot_filters(embedding_filter_components(checkpoint.patch_embedding_kernel(params)),
                path('embedding_filters.png'))
-  return paths + [path('attention_distance.png'), path('embedding_filters.png')]
+  paths += [path('attention_distance.png'), path('embedding_filters.png')]
+  for name in FIGURES:  # A figure of an earlier model that this one has none of.
+    if path(name) not in paths and os.path.exists(path(name)):
+      os.remove(path(name))
+  return paths
 
 
 def _images(image_paths, image_size, dataset, split, count):

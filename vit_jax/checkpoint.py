@@ -62,9 +62,50 @@ def _open(path: str):
     if not tf.io.gfile.exists(path):
       raise FileNotFoundError(f'Checkpoint not found: {path}')
     return tf.io.gfile.GFile(path, 'rb')
+  if os.path.isdir(path):
+    raise ValueError(_what_directory(path))
   if not os.path.isfile(path):
     raise FileNotFoundError(f'Checkpoint not found: {path}')
   return open(path, 'rb')
+
+
+def _what_directory(path: str) -> str:
+  """Why a directory is not a checkpoint file, and which file to use instead."""
+  if os.path.exists(os.path.join(path, '_CHECKPOINT_METADATA')):
+    workdir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    return (f'{path} is a train-state checkpoint of a run (orbax: parameters, optimizer state, '
+            f'step), not a model file. Use the model the run exported, '
+            f'{os.path.join(workdir, "model.npz")}, or evaluate the workdir with '
+            '--config.trainer=evaluate.')
+  if os.path.exists(os.path.join(path, 'model.npz')):
+    return (f'{path} is a workdir, not a model file: its model is '
+            f'{os.path.join(path, "model.npz")}.')
+  return f'{path} is a directory, not an .npz checkpoint file.'
+
+
+def _not_npz(path: str, head: bytes) -> str:
+  """Why bytes that begin with `head` are not an .npz archive (np.load would call them
+  pickled data and suggest allow_pickle, which would run code from the file)."""
+  if head.startswith(b'\x80') or head.startswith(b'PK') and b'data.pkl' in head:
+    kind = 'a Python pickle (e.g. a PyTorch .bin / .pth / .ckpt file), which vit_jax never loads'
+  elif head.startswith(b'\x93NUMPY'):
+    kind = 'a single .npy array, not an .npz archive of named parameters'
+  else:
+    kind = f'not an .npz archive (it begins with {head[:16]!r})'
+  return f'{path} is {kind}. Expected an .npz checkpoint (np.savez of the parameters).'
+
+
+def _open_npz(f, path: str):
+  """np.load of an .npz archive, never unpickling; other files are named for what they are."""
+  head = f.read(64)
+  f.seek(0)
+  if not head.startswith(b'PK\x03\x04') or b'data.pkl' in head:
+    raise ValueError(_not_npz(path, head))
+  try:
+    return np.load(f, allow_pickle=False)
+  except Exception as e:  # np.load raises several types for damaged archives.
+    raise ValueError(f'{path} is not a readable .npz checkpoint ({type(e).__name__}: '
+                     f'{e}).') from e
 
 
 def _read_bytes(path: str) -> bytes:
@@ -160,15 +201,15 @@ def _to_official_layout(flat: dict) -> dict:
 
 def _load(path: str):
   """(nested parameters in the official layout, the file's description or None)."""
-  data = _read_bytes(path)
-  try:
-    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+  with _open_npz(io.BytesIO(_read_bytes(path)), path) as npz:
+    try:
       flat = {tuple(key.split('/')): npz[key] for key in npz.files}
-  except Exception as e:  # np.load raises several types for files that are not .npz archives.
-    raise ValueError(f'{path} is not a readable .npz checkpoint ({type(e).__name__}: {e}).') from e
+    except Exception as e:  # A damaged member, an object array (pickled: never loaded).
+      raise ValueError(f'{path} is not a readable .npz checkpoint ({type(e).__name__}: '
+                       f'{e}).') from e
   description = flat.pop((DESCRIPTION_KEY,), None)
   if description is not None:
-    description = json.loads(description.tobytes().decode())
+    description = _parse_description(description, path)
   if not flat:
     raise ValueError(f'{path} holds no parameters.')
   check_finite(flat, path)
@@ -195,28 +236,46 @@ IMAGENET21K_CLASSES = config_lib.DATASETS['imagenet21k']['num_classes']
 
 def load_model(path: str) -> Exported:
   """A checkpoint with its model config, class count, image size and output activation: from
-  the description that exports of this codebase carry, else read off the parameter shapes."""
+  the description that exports of this codebase carry (checked against the arrays), else read
+  off the parameter shapes."""
   params, description = _load(path)
   if description is None:
     config, num_classes, image_size = infer_model_config(params)
     return Exported(params, config, num_classes, image_size,
                     multi_label=num_classes == IMAGENET21K_CLASSES)
-  return _described(params, description)
+  exported = _described(params, description)
+  _check_description(exported, path)
+  return exported
 
 
 def read_description(path: str) -> Optional[Exported]:
   """What an export of this codebase says it holds, without reading its parameters (`params`
   is None); None for a file without a description (e.g. an official release)."""
+  with _open(path) as f, _open_npz(f, path) as npz:  # Reads one member only.
+    if DESCRIPTION_KEY not in npz.files:
+      return None
+    try:
+      raw = npz[DESCRIPTION_KEY]
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f'{path}: its {DESCRIPTION_KEY} is unreadable ({e}).') from e
+  return _described(None, _parse_description(raw, path))
+
+
+def _parse_description(raw: np.ndarray, path: str) -> dict:
+  """The JSON description of an export, with the fields load_model needs, or a named error."""
   try:
-    with _open(path) as f, np.load(f, allow_pickle=False) as npz:  # Reads one member only.
-      if DESCRIPTION_KEY not in npz.files:
-        return None
-      description = json.loads(npz[DESCRIPTION_KEY].tobytes().decode())
-  except FileNotFoundError:
-    raise
-  except Exception as e:  # As in _load: np.load raises several types for other files.
-    raise ValueError(f'{path} is not a readable .npz checkpoint ({type(e).__name__}: {e}).') from e
-  return _described(None, description)
+    description = json.loads(raw.tobytes().decode())
+    missing = [k for k in ('model', 'num_classes', 'image_size') if k not in description]
+    if not missing and 'transformer' not in description['model']:
+      missing = ['model.transformer']
+  except (ValueError, TypeError, AttributeError) as e:
+    raise ValueError(f'{path}: its {DESCRIPTION_KEY} (the model config the export carries) is '
+                     f'not valid JSON ({e}). Delete that array to read the file as an official '
+                     'checkpoint (the model is then inferred from the shapes).') from None
+  if missing:
+    raise ValueError(f'{path}: its {DESCRIPTION_KEY} lacks {", ".join(missing)}. Delete that '
+                     'array to read the file as an official checkpoint.')
+  return description
 
 
 def _described(params, description: dict) -> Exported:
@@ -227,6 +286,27 @@ def _described(params, description: dict) -> Exported:
   model['transformer'] = {**model['transformer'], **models.IMPLEMENTATION_DEFAULTS}
   return Exported(params, ml_collections.ConfigDict(model), description['num_classes'],
                   tuple(description['image_size']), description.get('multi_label', False))
+
+
+def _check_description(exported: Exported, path: str):
+  """Raises CheckpointMismatchError where the model an export describes has other parameters
+  than the file holds (a hand-edited or mixed-up file would otherwise compute nonsense)."""
+  try:
+    model = models_vit.VisionTransformer(num_classes=exported.num_classes, **exported.config)
+    images = jnp.zeros((1,) + tuple(exported.image_size) + (3,))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, train=False))
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointMismatchError(f'{path}: the model its {DESCRIPTION_KEY} describes cannot be '
+                                  f'built ({type(e).__name__}: {e}).') from None
+  described = flax.traverse_util.flatten_dict(shapes['params'])
+  held = flax.traverse_util.flatten_dict(exported.params)
+  held.pop(('mask_token',), None)  # Made by the masked patch prediction objective, not the model.
+  try:
+    _check_fits(held, described, path)
+  except CheckpointMismatchError as e:
+    raise CheckpointMismatchError(str(e).replace(
+        'does not fit the model:', f'does not hold the model its {DESCRIPTION_KEY} describes '
+        '(missing: described, not held; unexpected: held, not described):', 1)) from None
 
 
 def save(params: Params, path: str, *, model_config=None, image_size=None,

@@ -204,6 +204,8 @@ def check(config, *, device_count: int, process_count: int = 1):
       if config.objective == 'mpp':
         fail(f'evals.{name}: few-shot evaluation needs pooled representations; objective=mpp '
              'has one output per patch.')
+      if not spec.l2_reg > 0:
+        fail(f'evals.{name}.l2_reg={spec.l2_reg} must be positive.')
       if spec.seeds < 1 or min(spec.shots) < 1:
         fail(f'evals.{name}.seeds={spec.seeds} and evals.{name}.shots={tuple(spec.shots)} must '
              'be at least 1.')

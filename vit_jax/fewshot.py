@@ -104,6 +104,11 @@ def evaluate(config, embed_step, params, train_source, test_source, mesh, *,
   for: fitted on `train_source`, measured on `test_source` (this process' shards of them,
   preprocessed as config says, `batch_size` examples per process and step)."""
   from vit_jax import input_pipeline
+  if train_source.num_classes < 2:
+    raise ValueError(f'No few-shot evaluation possible: the dataset has {train_source.num_classes} '
+                     'class, which every probe gets right. It needs at least two.')
+  if not l2_reg > 0:
+    raise ValueError(f'l2_reg={l2_reg} must be a positive number (the ridge regularisation).')
   shots = usable_shots(train_source, shots)
   if not shots:
     raise ValueError('No few-shot evaluation possible: some class of the training split has '
@@ -135,6 +140,10 @@ def evaluate_checkpoint(path: str, *, dataset: str, train_split='train', test_sp
   from vit_jax import config_lib, input_pipeline
   from vit_jax.models_vit import VisionTransformer
   params, model_config, _, image_size, _ = checkpoint.load_model(path)
+  if model_config.classifier == 'unpooled':
+    raise ValueError(f'{path} has one output per patch (classifier=\'unpooled\', e.g. a masked '
+                     'patch prediction model): few-shot evaluation needs one representation per '
+                     'image. Fine-tune it with a pooled classifier first (configs/finetune.py).')
   config = config_lib.base_config()
   config.dataset = dataset
   config.pp.crop = image_size[0] if image_size[0] == image_size[1] else tuple(image_size)
@@ -155,6 +164,8 @@ def main(argv):
   if FLAGS.seeds < 1 or min(shots) < 1:
     raise app.UsageError(f'--seeds={FLAGS.seeds} and --shots={",".join(FLAGS.shots)} must be at '
                          'least 1.')
+  if not FLAGS.l2_reg > 0:  # NaN fails this too.
+    raise app.UsageError(f'--l2_reg={FLAGS.l2_reg} must be a positive number.')
   results = evaluate_checkpoint(
       FLAGS.checkpoint, dataset=FLAGS.dataset, train_split=FLAGS.train_split,
       test_split=FLAGS.test_split, random_init=FLAGS.random_init, shots=shots,

@@ -21,16 +21,23 @@ import tensorflow as tf
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 SPLITLESS = 'train'  # The name of the one split of a folder without split directories.
-INDEX_VERSION = 2
+INDEX_VERSION = 3  # 3: hidden entries ignored.
+
+
+def _hidden(name: str) -> bool:
+  """What tools leave beside the data (.ipynb_checkpoints, .DS_Store, macOS's ._* and
+  __MACOSX in unpacked archives): never a class, a split or an image."""
+  return name.startswith('.') or name == '__MACOSX'
 
 
 def _subdirectories(directory: str) -> list:
   return sorted(entry.rstrip('/') for entry in tf.io.gfile.listdir(directory)
-                if tf.io.gfile.isdir(os.path.join(directory, entry.rstrip('/'))))
+                if not _hidden(entry) and
+                tf.io.gfile.isdir(os.path.join(directory, entry.rstrip('/'))))
 
 
 def _is_image(name: str) -> bool:
-  return name.lower().endswith(IMAGE_EXTENSIONS)
+  return not _hidden(name) and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def layout(root: str):

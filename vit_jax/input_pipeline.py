@@ -40,6 +40,7 @@ class Source:
   multi_label: bool = False                  # 'label' is then a list of class ids.
   find_unreadable: Optional[Callable] = None  # () -> files that fail to decode, for errors.
   encoded: Optional[Callable] = None  # An example's 'image' -> its file's bytes (None: pixels).
+  class_names: Optional[tuple] = None  # Label i is class_names[i] (where the dataset says).
 
   def decode(self, image):
     """An example's 'image' -> uint8 (h, w, 3)."""
@@ -64,6 +65,7 @@ def _digits(split: str, process_index: int, process_count: int) -> Source:
   images = np.repeat(images[..., None], 3, axis=-1)
   labels = digits.target[keep].astype(np.int64)
   return Source(num_examples=len(labels), num_classes=10,
+                class_names=tuple(str(i) for i in range(10)),
                 process_index=process_index, process_count=process_count,
                 examples={'image': images, 'label': labels})
 
@@ -73,7 +75,7 @@ def _folder(root: str, split: str, process_index: int, process_count: int,
   names, labels, classes = image_folder.split_files(root, split, index_dir)
   prefix = os.path.join(root, '')  # Paths are kept relative to it: ~4x less memory.
   return Source(encoded=lambda name: tf.io.read_file(tf.strings.join([prefix, name])),
-                num_examples=len(names), num_classes=len(classes),
+                num_examples=len(names), num_classes=len(classes), class_names=tuple(classes),
                 process_index=process_index, process_count=process_count,
                 examples={'image': names, 'label': labels},
                 find_unreadable=lambda: _unreadable([prefix + n.decode() for n in names]))
@@ -156,9 +158,11 @@ def _tfds(name: str, split: str, process_index: int, process_count: int, *, data
                      f'{sorted(info.features)}.')
   feature = info.features[label_key]
   multi_label = isinstance(feature, tfds.features.Sequence)  # e.g. ImageNet ReaL's real_label.
-  num_classes = feature.feature.num_classes if multi_label else feature.num_classes
+  class_label = feature.feature if multi_label else feature
+  num_classes = class_label.num_classes
   dataset = dataset.map(lambda ex: {'image': ex['image'], 'label': ex[label_key]})
   return Source(encoded=lambda image: image, num_examples=num_examples, num_classes=num_classes,
+                class_names=tuple(class_label.names),
                 process_index=process_index, process_count=process_count, stream=dataset,
                 stream_size=stream_size, multi_label=multi_label)
 

@@ -5,6 +5,7 @@ type are rejected by ml_collections, impossible values by config_lib.check, befo
 """
 
 import logging as std_logging
+import os
 import sys
 
 import jax
@@ -22,18 +23,22 @@ _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'Multi-host: HOST:PORT of process 0 (auto-detected on TPU VMs).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')
+_STARTUP_TIMEOUT = flags.DEFINE_integer(
+    'startup_timeout_s', 300, 'Multi-host: how long the processes wait for each other to join; '
+    'then a missing one is named.')
 
 
 def initialize_distributed():
   """Joins the processes of a multi-host run; a plain machine runs as the only process."""
+  from vit_jax import multihost
   explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if any(v is not None for v in explicit):
     if any(v is None for v in explicit):
       raise app.UsageError('--coordinator_address, --num_processes and --process_id go together.')
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    multihost.initialize(*explicit, timeout_s=_STARTUP_TIMEOUT.value)
     return
   try:  # TPU VMs, SLURM, ... provide everything in their environment.
-    jax.distributed.initialize()
+    jax.distributed.initialize(initialization_timeout=_STARTUP_TIMEOUT.value)
   except ValueError:
     pass  # No cluster environment: a single process.
 
@@ -59,6 +64,9 @@ def main(argv):
     raise app.UsageError(f'Unexpected command-line arguments: {" ".join(argv[1:])}')
   logging.get_absl_handler().addFilter(_quiet_orbax)
   initialize_distributed()
+  from vit_jax import resume
+  if jax.process_count() == 1:
+    resume.catch_sigterm()  # From here on, SIGTERM ends the run cleanly (exit 0).
   if jax.process_index() > 0:
     logging.set_verbosity(logging.WARNING)  # Process 0 speaks for all.
   import tensorflow as tf
@@ -73,7 +81,16 @@ def main(argv):
     from vit_jax import inference_time
     inference_time.inference_time(config, _WORKDIR.value)
   else:
-    train.train_and_evaluate(config, _WORKDIR.value)
+    try:
+      train.train_and_evaluate(config, _WORKDIR.value)
+    except resume.CheckpointSaveError as e:
+      # The failed save's orbax threads would hold the exit for a coordination timeout
+      # (300 s) and then print their tracebacks: the named error is the last word instead.
+      logging.error('%s', e)
+      logging.flush()
+      sys.stderr.write(f'\n{type(e).__name__}: {e}\n')
+      sys.stderr.flush()
+      os._exit(1)  # pylint: disable=protected-access
 
 
 if __name__ == '__main__':

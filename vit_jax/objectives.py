@@ -24,6 +24,7 @@ class Classification:
   name = 'classification'
   metric_names = ('accuracy_test', 'accuracy_test_top5', 'loss_test')
   classifiers = ('token', 'gap', 'map')  # The model's pooling: one output per image.
+  uses_labels = True  # The dataset's labels (and so its class names) are what it learns.
 
   def __init__(self, num_classes: int):
     self.num_outputs = num_classes
@@ -73,6 +74,7 @@ class MaskedPatchPrediction(Classification):
   name = 'mpp'
   metric_names = ('mpp_accuracy_test', 'mpp_accuracy_test_top5', 'loss_test')
   classifiers = ('unpooled',)  # One output per patch.
+  uses_labels = False
 
   def __init__(self, num_classes: int = 0):
     del num_classes  # The colours, not the dataset, make the classes.
@@ -106,4 +108,8 @@ def kind(config):
 
 def from_config(config, num_classes: int):
   """The objective of `config` for a dataset of `num_classes` classes."""
+  if kind(config) is Classification and num_classes < 2:
+    raise ValueError(f'dataset={config.dataset} has {num_classes} class: a softmax over one '
+                     'class is always right (loss 0, accuracy 1) and learns nothing. Give it at '
+                     'least two classes (an image folder: one sub-folder per class).')
   return kind(config)(num_classes)

@@ -81,6 +81,8 @@ def main(argv):
   paths = argv[1:]
   if not paths:
     raise app.UsageError('Name at least one image file.')
+  if FLAGS.top < 1:
+    raise app.UsageError(f'--top={FLAGS.top} must be at least 1.')
   classify, image_size, num_classes = load_classifier(FLAGS.checkpoint, FLAGS.model)
   names = label_names(num_classes, FLAGS.labels, FLAGS.dataset)
 

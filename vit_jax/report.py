@@ -1,11 +1,23 @@
 """Prints the results.json of one or more workdirs as a table: python -m vit_jax.report DIR...
 
-One row per workdir: its test evaluator's metrics; further evaluators (results.json[name]) are
-listed under it."""
+One row per workdir: its test evaluator's metrics (classification or masked patch prediction);
+further evaluators (results.json[name]) are listed under it."""
 
 import json
 import os
 import sys
+
+
+def _test_metrics(test: dict):
+  """(top-1, top-5, loss) of the test evaluator, whatever the objective named them; None where
+  it has no such metric."""
+  prefix = 'mpp_' if 'mpp_accuracy_test' in test else ''
+  return (test.get(f'{prefix}accuracy_test'), test.get(f'{prefix}accuracy_test_top5'),
+          test.get('loss_test'))
+
+
+def _cell(value, form: str, width: int) -> str:
+  return f'{"-":>{width}}' if value is None else f'{value:>{width}{form}}'
 
 
 def main(workdirs):
@@ -14,9 +26,10 @@ def main(workdirs):
     with open(os.path.join(workdir, 'results.json')) as f:
       r = json.load(f)
     test = r.get('test', r)  # Earlier runs wrote the test metrics at the top level.
-    print(f'{workdir:<32} {r["step"]:>6} {test.get("accuracy_test", float("nan")):>7.2%} '
-          f'{test.get("accuracy_test_top5", float("nan")):>7.2%} '
-          f'{test.get("loss_test", float("nan")):>7.4f} {r["wall_time_sec"]:>7.0f}s')
+    top1, top5, loss = _test_metrics(test)
+    name = workdir + (' (mpp)' if 'mpp_accuracy_test' in test else '')
+    print(f'{name:<32} {r["step"]:>6} {_cell(top1, ".2%", 7)} {_cell(top5, ".2%", 7)} '
+          f'{_cell(loss, ".4f", 7)} {r["wall_time_sec"]:>7.0f}s')
     for name, metrics in r.items():
       if isinstance(metrics, dict) and name != 'test':
         print(f'  {name}: ' + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()))

@@ -15,6 +15,7 @@ Rules that keep a user's files safe:
 
 import errno
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ SAME_STATE_EITHER_WAY = ('model.transformer.remat', 'model.transformer.attention
 # (which lacks them) meant.
 NEWER_KEYS = {'model.transformer.scan': False}
 CONFIG_FILE, HISTORY_FILE, LOCK_FILE = 'config.json', 'config_history.json', 'lock'
+CLASSES_FILE = 'classes.json'  # The class names of the data the workdir's run learnt, by label.
 EXPORT_FILE, CHECKPOINT_DIR = 'model.npz', 'checkpoints'
 FILES_RECORD = 'files.json'  # In each checkpoint: the size of each of its files.
 # errno values that say the machine, not the checkpoint, is at fault.
@@ -244,10 +246,50 @@ class Workdir:
           f'workdir {self.path} holds checkpoints of a different run ({details}). Nothing was '
           f'changed. Use the config it was trained with (see {HISTORY_FILE}), or a new workdir.')
 
-  def record_start(self, config, *, num_outputs, image_size, start_step):
-    """Adds this start to the history; writes config.json if the workdir has none."""
+  def check_pretrained_path(self, config):
+    """Refuses to resume with another pretrained_path than the run started from: it is read
+    only at step 0, so the run would go on from the old one while the history said otherwise."""
+    checkpoints = os.path.join(self.path, CHECKPOINT_DIR)
+    if not (os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))):
+      return
+    last = self.last_training()
+    if last is None:
+      return
+    then, now = last[0].get('pretrained_path'), config.pretrained_path
+    if then == now or (then and now and '://' not in then + now and os.path.exists(then) and
+                       os.path.exists(now) and os.path.samefile(then, now)):
+      return
+    raise WorkdirMismatchError(
+        f'workdir {self.path} holds checkpoints of a run started from pretrained_path={then!r}; '
+        f'this run names pretrained_path={now!r}, which resuming would not read. Nothing was '
+        f'changed. Resume with pretrained_path={then!r}, or fine-tune from {now!r} in a new '
+        'workdir.')
+
+  def check_classes(self, class_names):
+    """Refuses data whose classes (names, by label) are not those the workdir recorded: a
+    renamed, added or removed class folder would shift the meaning of every label."""
+    recorded = read_json(os.path.join(self.path, CLASSES_FILE))
+    if recorded is None or class_names is None or list(recorded) == list(class_names):
+      return
+    now = list(class_names)
+    added, removed = sorted(set(now) - set(recorded)), sorted(set(recorded) - set(now))
+    shifted = [f'label {i}: {old!r} then, {new!r} now' for i, (old, new) in
+               enumerate(itertools.zip_longest(recorded, now)) if old != new]
+    raise WorkdirMismatchError(
+        f'workdir {self.path} was trained on other classes than the data has now '
+        f'({len(recorded)} in {CLASSES_FILE}, {len(now)} now; added {added[:5]}, removed '
+        f'{removed[:5]}; {"; ".join(shifted[:5])}{" ..." if len(shifted) > 5 else ""}). Every '
+        'label would name another class. Nothing was changed: restore the classes as they were, '
+        'or use a new workdir.')
+
+  def record_start(self, config, *, num_outputs, image_size, start_step, class_names=None):
+    """Adds this start to the history; writes config.json (and classes.json) if the workdir
+    has none."""
     if jax.process_index() > 0:
       return
+    classes_path = os.path.join(self.path, CLASSES_FILE)
+    if class_names is not None and not os.path.exists(classes_path):
+      checkpoint.write_bytes(classes_path, json.dumps(list(class_names), indent=0).encode())
     config_dict = json.loads(config.to_json_best_effort())
     append_json(os.path.join(self.path, HISTORY_FILE), {
         'started': time.strftime('%Y-%m-%d %H:%M:%S'), 'host': socket.gethostname(),
@@ -296,10 +338,26 @@ class Checkpoints:
     self.workdir = os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
     self.keep = keep
+    if jax.process_index() == 0:
+      self._probe_writable()
     self.manager = self._new_manager()
     self.saving = None  # The step of the save in flight.
     # The checkpoints this run resumed from or saved: the only ones it writes into.
     self.own = set()
+
+  def _probe_writable(self):
+    """Names an unwritable checkpoint directory before any step: orbax would fail the first
+    save and leave its threads waiting for a coordination timeout."""
+    probe = os.path.join(self.directory, f'.write-test-{os.getpid()}')
+    try:
+      os.makedirs(self.directory, exist_ok=True)
+      with open(probe, 'w'):
+        pass
+      os.remove(probe)
+    except OSError as e:
+      raise CheckpointSaveError(
+          f'The checkpoint directory {self.directory} is not writable ({e.strerror}); nothing '
+          'was trained or changed. Make it writable, or use another workdir.') from None
 
   def _new_manager(self):
     return ocp.CheckpointManager(
@@ -475,6 +533,22 @@ class Checkpoints:
 
 # ----------------------------------------------------------------------------- preemption
 
+_SIGTERM_RECEIVED = []  # Non-empty once this process got SIGTERM while catching it.
+
+
+def _on_sigterm(signum, frame):
+  del signum, frame
+  logging.warning('SIGTERM received: stopping after this step with a checkpoint.')
+  _SIGTERM_RECEIVED.append(True)
+
+
+def catch_sigterm():
+  """From now on SIGTERM asks the run to stop at its next step with a checkpoint and exit 0,
+  wherever it arrives (start-up, compilation, evaluation, export): the command line calls it
+  first thing (one process; several: JAX's coordination service receives the signal)."""
+  signal.signal(signal.SIGTERM, _on_sigterm)
+
+
 class Preemption:
   """Whether the run was asked to stop (SIGTERM, as TPU VMs and schedulers send).
 
@@ -483,21 +557,16 @@ class Preemption:
   """
 
   def __init__(self):
-    self.requested = False
     self._previous_handler = None
-    if jax.process_count() == 1:
-      self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+    if jax.process_count() == 1 and signal.getsignal(signal.SIGTERM) is not _on_sigterm:
+      self._previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
+      _SIGTERM_RECEIVED.clear()  # A run in this process (a notebook) may have been stopped.
 
   def close(self):
     if self._previous_handler is not None:
       signal.signal(signal.SIGTERM, self._previous_handler)
 
-  def _on_sigterm(self, signum, frame):
-    del signum, frame
-    logging.warning('SIGTERM received: stopping after this step with a checkpoint.')
-    self.requested = True
-
   def reached(self, step: int) -> bool:
     if jax.process_count() == 1:
-      return self.requested
+      return bool(_SIGTERM_RECEIVED)
     return multihost_utils.reached_preemption_sync_point(step)

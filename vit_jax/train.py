@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vit_jax import (checkpoint, config_lib, evaluators, models, objectives, optim, resume,
-                     sharding)
+from vit_jax import (checkpoint, config_lib, evaluators, models, multihost, objectives, optim,
+                     resume, sharding)
 from vit_jax.models_vit import VisionTransformer
 
 
@@ -215,6 +215,7 @@ def opened_workdir(config, workdir):
   `lock.check` tells a long run that its lock was lost.
   """
   config_lib.check(config, device_count=jax.device_count(), process_count=jax.process_count())
+  multihost.agree('config', json.loads(config.to_json_best_effort()))
   if config.compilation_cache_dir:  # Before anything of the run compiles.
     jax.config.update('jax_compilation_cache_dir',
                       os.path.expanduser(config.compilation_cache_dir))
@@ -242,9 +243,14 @@ def opened_workdir(config, workdir):
 
 
 def _source(config, split):
+  """This process' shard of `split`, once every process agrees on what the split holds."""
   from vit_jax import input_pipeline
-  return input_pipeline.get_source(config, split, process_index=jax.process_index(),
-                                   process_count=jax.process_count())
+  source = input_pipeline.get_source(config, split, process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+  multihost.agree(f'data ({config.dataset}, {split})', {
+      'examples': source.num_examples, 'classes': source.num_classes,
+      'class names': list(source.class_names or ())})
+  return source
 
 
 def _refuse_to_overwrite_the_source(config, workdir):
@@ -272,6 +278,9 @@ def _train_and_evaluate(config, workdir, mesh, writer, lock) -> dict:
   image_size = config_lib.image_size(config)
   record = resume.Workdir(workdir)
   record.check_compatible(config, num_outputs=objective.num_outputs, image_size=image_size)
+  class_names = train_source.class_names if objective.uses_labels else None
+  record.check_classes(class_names)
+  record.check_pretrained_path(config)
 
   model = create_model(config, objective.num_outputs)
   schedule = optim.make_schedule(config)
@@ -293,7 +302,7 @@ def _train_and_evaluate(config, workdir, mesh, writer, lock) -> dict:
           tx.init, out_shardings=shardings['opt_state'])(params))
   step = last_checkpoint = start_step = int(jax.device_get(state['step']))
   record.record_start(config, num_outputs=objective.num_outputs, image_size=image_size,
-                      start_step=step)
+                      start_step=step, class_names=class_names)
   if jax.process_index() == 0:
     from clu import parameter_overview
     parameter_overview.log_parameter_overview(state['params'])
@@ -430,6 +439,7 @@ def evaluate(config, workdir: str) -> dict:
     if not config.pretrained_path:  # Before anything is built: the workdir's run must match.
       record.check_compatible(config, num_outputs=objective.num_outputs, image_size=image_size,
                               keys=resume.PARAMS_DEFINING_KEYS)
+      record.check_classes(source.class_names if objective.uses_labels else None)
     abstract, create_params = abstract_params(config, model, mesh, image_size, objective)
     params_shardings = shardings_of(abstract)
     eval_step = make_eval_step(objective, model, params_shardings, mesh)
@@ -447,7 +457,8 @@ def evaluate(config, workdir: str) -> dict:
       params, step = restored['params'], int(restored['step'])
       evaluated = os.path.join(workdir, resume.CHECKPOINT_DIR, str(step))
     record.record_start(config, num_outputs=objective.num_outputs, image_size=image_size,
-                        start_step=step)
+                        start_step=step,
+                        class_names=source.class_names if objective.uses_labels else None)
     results = {name: run_evaluator(name, evaluator, params, step, writer)
                for name, evaluator in evals.items()}
     lock.check(step)
