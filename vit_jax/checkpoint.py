@@ -39,9 +39,9 @@ class NonFiniteParametersError(ValueError):
   """A checkpoint holds NaN or infinite parameters (a diverged model)."""
 
 
-def check_finite(params: Params, where: str):
-  """Raises NonFiniteParametersError naming `where` and the keys that hold NaN or inf."""
-  flat = flax.traverse_util.flatten_dict(params) if isinstance(params, dict) else params
+def check_finite(flat: dict, where: str):
+  """Raises NonFiniteParametersError naming `where` and the keys of `flat` ({key tuple:
+  array}) that hold NaN or inf."""
   bad = sorted('/'.join(k) for k, v in flat.items()
                if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all())
   if bad:

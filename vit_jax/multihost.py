@@ -9,6 +9,9 @@ a difference is named with the value on each side, within seconds.
 
 import json
 import logging
+import os
+import sys
+import threading
 
 import jax
 
@@ -22,25 +25,40 @@ class PodMismatchError(RuntimeError):
 
 
 class PeerMissingError(RuntimeError):
-  """Not every process of the run joined the coordinator in time."""
+  """A process did not answer in time."""
 
 
 def initialize(coordinator_address: str, num_processes: int, process_id: int,
                timeout_s: int):
-  """jax.distributed.initialize, with a named error when a peer does not join in time."""
+  """jax.distributed.initialize, with a named error when a peer does not join in time.
+
+  JAX's client aborts the whole process when the coordinator's deadline passes, saying that
+  "another task died" (none did: it never started). A watchdog speaks first and exits.
+  """
   logging.info('Process %d of %d: joining the coordinator at %s (start-up timeout %d s).',
                process_id, num_processes, coordinator_address, timeout_s)
+  joined = threading.Event()
+
+  def name_the_missing_peer():
+    if joined.wait(timeout_s + 2):
+      return
+    who = ('not every process joined' if process_id == 0 else
+           'process 0 (the coordinator) did not answer, or not every process joined')
+    sys.stderr.write(
+        f'\nPeerMissingError: Process {process_id} of {num_processes} could not start the run '
+        f'with the coordinator at {coordinator_address} within {timeout_s} s: {who}. Start all '
+        f'{num_processes} processes (--process_id=0..{num_processes - 1}) with the same '
+        '--coordinator_address, process 0 on that host; raise --startup_timeout_s if they start '
+        'further apart. Nothing was run or written.\n')
+    sys.stderr.flush()
+    os._exit(1)  # pylint: disable=protected-access
+
+  threading.Thread(target=name_the_missing_peer, daemon=True).start()
   try:
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                initialization_timeout=timeout_s)
-  except Exception as e:  # XlaRuntimeError (DEADLINE_EXCEEDED, UNAVAILABLE, ...).
-    reason = str(e).splitlines()[0][:300]
-    raise PeerMissingError(
-        f'Process {process_id} of {num_processes} could not start the run with the coordinator '
-        f'at {coordinator_address} within {timeout_s} s ({reason}): not every process joined. '
-        f'Start all {num_processes} processes (--process_id=0..{num_processes - 1}) with the same '
-        '--coordinator_address, process 0 on that host; raise --startup_timeout_s if they start '
-        'further apart.') from None
+  finally:
+    joined.set()
 
 
 def _flat(facts: dict, prefix: str = '') -> dict:
