@@ -232,6 +232,36 @@ def test_a_full_disk_at_a_checkpoint_stops_the_run_naming_the_step(finished, sma
   assert not (workdir / 'checkpoints' / '12').exists()
 
 
+def test_a_full_disk_ends_the_command_at_once_with_the_named_error_last(finished, small_disk):
+  workdir = small_disk / 'run'
+  shutil.copytree(finished, workdir)
+  fill(small_disk, leave=100_000)
+  began = time.time()
+  result = run_main(*TINY, f'--workdir={workdir}', '--config.total_steps=30',
+                    '--config.eval_every=30', timeout=300)
+  assert result.returncode == 1 and time.time() - began < 120
+  last = [line for line in result.stderr.splitlines() if line.strip()][-1]
+  assert last.startswith('CheckpointSaveError: Saving the checkpoint of step 9 failed'), (
+      result.stderr[-3000:])
+
+
+def test_a_read_only_checkpoint_directory_is_named_before_the_first_step(finished, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(finished, workdir)
+  before = snapshot(workdir)
+  mounted = subprocess.run(['mount', '--bind', '-o', 'ro', str(workdir / 'checkpoints'),
+                            str(workdir / 'checkpoints')], capture_output=True, text=True)
+  if mounted.returncode:
+    pytest.skip(f'cannot bind-mount read-only here: {mounted.stderr.strip()}')
+  try:
+    with pytest.raises(resume.CheckpointSaveError, match=r'checkpoint directory .*checkpoints is '
+                                                         r'not writable \(Read-only file system\)'):
+      train.train_and_evaluate(tiny_config('--config.total_steps=9'), str(workdir))
+  finally:
+    subprocess.run(['umount', str(workdir / 'checkpoints')], check=True)
+  assert_unchanged(before, workdir)
+
+
 def test_a_failed_export_keeps_the_old_file_and_leaves_no_temporary(finished, small_disk):
   path = small_disk / 'model.npz'
   shutil.copy(finished / 'model.npz', path)
@@ -319,6 +349,14 @@ def test_command_line_tools_name_bad_input(finished, tmp_path):
        'No few-shot evaluation possible'),
       ('vit_jax.fewshot', [f'--checkpoint={finished}/model.npz', '--seeds=0'],
        '--seeds=0 and --shots=1,5,10,25 must be at least 1'),
+      ('vit_jax.fewshot', [f'--checkpoint={finished}/model.npz', '--l2_reg=nan'],
+       '--l2_reg=nan must be a positive number'),
+      ('vit_jax.fewshot', [f'--checkpoint={finished}/model.npz', '--l2_reg=-1'],
+       '--l2_reg=-1.0 must be a positive number'),
+      ('vit_jax.predict', [f'--checkpoint={finished}/model.npz', '--top=-1', str(image)],
+       '--top=-1 must be at least 1'),
+      ('vit_jax.predict', [f'--checkpoint={finished}/checkpoints/6', str(image)],
+       'is a train-state checkpoint of a run'),
       ('vit_jax.analysis', [f'--checkpoint={finished}/model.npz', '--dataset=digits',
                             f'--outdir={tmp_path}/figures', '--num_images=0'],
        '--num_images=0 must be at least 1'),
