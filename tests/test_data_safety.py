@@ -23,21 +23,6 @@ from vit_jax import checkpoint, config_lib, resume, train
 HISTORY = resume.HISTORY_FILE
 
 
-@pytest.fixture(scope='module')
-def finished(tmp_path_factory):
-  """A finished tiny run: checkpoints 3 and 6, model.npz, results.json, config.json."""
-  workdir = tmp_path_factory.mktemp('finished') / 'run'
-  train.train_and_evaluate(tiny_config(), str(workdir))
-  return workdir
-
-
-@pytest.fixture
-def run_copy(finished, tmp_path):
-  workdir = tmp_path / 'run'
-  shutil.copytree(finished, workdir)
-  return workdir, snapshot(workdir)
-
-
 # ------------------------------------------------------------------- 1. evaluate on a workdir
 
 @pytest.mark.parametrize('overrides, message', [

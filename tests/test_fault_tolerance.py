@@ -3,7 +3,6 @@
 import glob
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -13,7 +12,7 @@ import pytest
 from PIL import Image
 
 from helpers import (ROOT, TINY, assert_same_params, assert_unchanged, free_port, load_npz,
-                     main_command, run_main, snapshot, tiny_config)
+                     main_command, run_main, tiny_config)
 from vit_jax import checkpoint, train
 
 # Long enough to be interrupted: 60 steps, a checkpoint every 10.
@@ -160,22 +159,8 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(reference, tmp_path):
   assert_same_params(load_npz(tmp_path / 'model.npz'), load_npz(reference[0] / 'model.npz'))
 
 
-@pytest.fixture(scope='module')
-def finished(tmp_path_factory):
-  """A finished tiny run (checkpoints 3 and 6) to copy and damage."""
-  workdir = tmp_path_factory.mktemp('finished') / 'run'
-  train.train_and_evaluate(tiny_config(), str(workdir))
-  return workdir
-
-
-def copy_run(finished, tmp_path):
-  workdir = tmp_path / 'run'
-  shutil.copytree(finished, workdir)
-  return workdir
-
-
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(finished, tmp_path, caplog):
-  workdir = copy_run(finished, tmp_path)
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(finished, run_copy, caplog):
+  workdir, _ = run_copy
   for path in glob.glob(str(workdir / 'checkpoints' / '6' / '**'), recursive=True):
     if os.path.isfile(path) and not path.endswith('files.json'):  # Which records their sizes.
       with open(path, 'r+b') as f:
@@ -214,10 +199,8 @@ def test_divergence_stops_naming_the_step_and_saves_nothing_of_it(tmp_path):
     (['--config.pretrained_path=/nowhere/model.npz'], ValueError,
      r"pretrained_path='/nowhere/model.npz' does not exist"),
 ])
-def test_bad_input_is_named_and_leaves_the_workdir_intact(finished, tmp_path, overrides, error,
-                                                          message):
-  workdir = copy_run(finished, tmp_path)
-  before = snapshot(workdir)
+def test_bad_input_is_named_and_leaves_the_workdir_intact(run_copy, overrides, error, message):
+  workdir, before = run_copy
   with pytest.raises(error, match=message):
     train.train_and_evaluate(tiny_config(*overrides), str(workdir))
   assert_unchanged(before, workdir)

@@ -215,7 +215,7 @@ def opened_workdir(config, workdir):
   `lock.check` tells a long run that its lock was lost.
   """
   config_lib.check(config, device_count=jax.device_count(), process_count=jax.process_count())
-  multihost.agree('config', json.loads(config.to_json_best_effort()))
+  multihost.agree('config', {'workdir': workdir, **json.loads(config.to_json_best_effort())})
   if config.compilation_cache_dir:  # Before anything of the run compiles.
     jax.config.update('jax_compilation_cache_dir',
                       os.path.expanduser(config.compilation_cache_dir))
