@@ -203,6 +203,7 @@ class MAPHead(nn.Module):
   num_heads: int
   mlp_dim: int
   gelu_approximate: bool = True
+  layer_norm_epsilon: float = LAYER_NORM_EPSILON
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -214,12 +215,24 @@ class MAPHead(nn.Module):
     x = MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
         name='MultiHeadDotProductAttention_0')(probe, deterministic=True, inputs_kv=x)
-    y = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name='LayerNorm_0')(x)
+    y = nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name='LayerNorm_0')(x)
     x = x + MlpBlock(mlp_dim=self.mlp_dim, gelu_approximate=self.gelu_approximate,
                      dtype=self.dtype, param_dtype=self.param_dtype,
                      name='MlpBlock_0')(y, deterministic=True)
     return x[:, 0]
+
+
+class LayerScale(nn.Module):
+  """A learned per-channel scale of a residual branch (CaiT, DINOv2), initialised to `init`."""
+  init: float
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param('scale', nn.initializers.constant(self.init), (x.shape[-1],),
+                       self.param_dtype)
+    return x * scale.astype(x.dtype)
 
 
 class DropPath(nn.Module):
@@ -256,14 +269,18 @@ class Encoder1DBlock(nn.Module):
   attention: str = 'einsum'
   relative_grid: Optional[Sequence[int]] = None
   num_prefix_tokens: int = 0
+  layer_norm_epsilon: float = LAYER_NORM_EPSILON
+  layer_scale: Optional[float] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, layer, deterministic: bool):
     x = batch_sharded(x)
-    layer_norm = functools.partial(nn.LayerNorm, epsilon=LAYER_NORM_EPSILON, dtype=self.dtype,
-                                   param_dtype=self.param_dtype)
+    layer_norm = functools.partial(nn.LayerNorm, epsilon=self.layer_norm_epsilon,
+                                   dtype=self.dtype, param_dtype=self.param_dtype)
+    scaled = lambda y, name: y if self.layer_scale is None else LayerScale(
+        self.layer_scale, param_dtype=self.param_dtype, name=name)(y)
     drop_path = DropPath(self.stochastic_depth, self.num_layers)
     bias = None
     if self.relative_grid is not None:
@@ -275,14 +292,14 @@ class Encoder1DBlock(nn.Module):
         implementation=self.attention, dtype=self.dtype, param_dtype=self.param_dtype,
         name='MultiHeadDotProductAttention_1')(y, deterministic=deterministic, bias=bias)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-    x = x + drop_path(y, layer, deterministic=deterministic)
+    x = x + drop_path(scaled(y, 'layer_scale_attention'), layer, deterministic=deterministic)
 
     y = layer_norm(name='LayerNorm_2')(x)
     y = MlpBlock(
         mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
         gelu_approximate=self.gelu_approximate, dtype=self.dtype, param_dtype=self.param_dtype,
         name='MlpBlock_3')(y, deterministic=deterministic)
-    x = x + drop_path(y, layer, deterministic=deterministic)
+    x = x + drop_path(scaled(y, 'layer_scale_mlp'), layer, deterministic=deterministic)
     self.sow('intermediates', 'output', x)
     return x
 
@@ -325,11 +342,17 @@ class Encoder(nn.Module):
   remat: str = 'none'  # A key of REMAT_POLICIES.
   scan: bool = False
   attention: str = 'einsum'  # One of ATTENTIONS.
+  # Options of other ViT families (Hugging Face, timm, DINOv2); the defaults are the paper's.
+  layer_norm_epsilon: float = LAYER_NORM_EPSILON  # Hugging Face's ViT and DeiT: 1e-12.
+  layer_scale: Optional[float] = None  # LayerScale's initial value (DINOv2: 1e-5 or 1.0).
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, train: bool, grid: Sequence[int], num_prefix_tokens: int):
+  def __call__(self, x, *, train: bool, grid: Sequence[int], num_prefix_tokens: int,
+               registers=None):
+    """`registers` (1, R, D): tokens inserted after the `num_prefix_tokens` (class and
+    distillation tokens) once the position embeddings are added: they have no position."""
     for name, value, allowed in [('posemb', self.posemb, POSEMBS),
                                  ('remat', self.remat, tuple(REMAT_POLICIES)),
                                  ('attention', self.attention, ATTENTIONS)]:
@@ -345,6 +368,11 @@ class Encoder(nn.Module):
       x = x + jnp.asarray(table, x.dtype)[None]
     # Dropout right after adding the position embeddings (paper App. B.1).
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    if registers is not None:
+      x = jnp.concatenate([x[:, :num_prefix_tokens], jnp.broadcast_to(
+          registers.astype(x.dtype), (x.shape[0],) + registers.shape[1:]),
+                           x[:, num_prefix_tokens:]], axis=1)
+      num_prefix_tokens += registers.shape[1]
 
     block = ScannedEncoder1DBlock if self.scan else Encoder1DBlock
     if self.remat != 'none':
@@ -359,6 +387,7 @@ class Encoder(nn.Module):
         stochastic_depth=self.stochastic_depth, gelu_approximate=self.gelu_approximate,
         attention=self.attention, num_prefix_tokens=num_prefix_tokens,
         relative_grid=tuple(grid) if self.posemb == 'relative' else None,
+        layer_norm_epsilon=self.layer_norm_epsilon, layer_scale=self.layer_scale,
         dtype=self.dtype, param_dtype=self.param_dtype)
     if self.scan:
       block = nn.scan(block, variable_axes={'params': 0, 'intermediates': 0},
@@ -368,7 +397,7 @@ class Encoder(nn.Module):
     else:
       for i in range(self.num_layers):
         x = block(name=f'encoderblock_{i}', **block_args)(x, i, not train)
-    return nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype,
+    return nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype,
                         param_dtype=self.param_dtype, name='encoder_norm')(x)
 
 
@@ -389,6 +418,10 @@ class VisionTransformer(nn.Module):
   resnet: Optional[Any] = None  # Hybrid: .num_layers (units per stage), .width_factor
   head_bias_init: float = 0.0
   model_name: Optional[str] = None
+  # DeiT: a distillation token after the class token, with its own head `head_dist`; the
+  # logits are the mean of both heads' (the representation: of both tokens).
+  distilled: bool = False
+  num_registers: int = 0  # DINOv2's register tokens (Darcet et al. 2023): no position, unread.
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -425,37 +458,55 @@ class VisionTransformer(nn.Module):
       x = jnp.where(patch_corruption['replaced'][..., None], other, x)
       x = jnp.where(patch_corruption['masked'][..., None], mask_token.astype(x.dtype), x)
 
-    num_prefix_tokens = 0
-    if self.classifier == 'token':
-      cls = self.param('cls', nn.initializers.zeros, (1, 1, self.hidden_size), self.param_dtype)
-      x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, self.hidden_size)), x],
-                          axis=1)
-      num_prefix_tokens = 1
+    if self.distilled and self.classifier != 'token':
+      raise ValueError(f'distilled=True needs classifier=\'token\', not {self.classifier!r}.')
+    prefix = [self.param(name, nn.initializers.zeros, (1, 1, self.hidden_size), self.param_dtype)
+              for name in (['cls'] if self.classifier == 'token' else []) +
+              (['dist'] if self.distilled else [])]
+    num_prefix_tokens = len(prefix)
+    if prefix:
+      x = jnp.concatenate([jnp.broadcast_to(token.astype(x.dtype), (batch, 1, self.hidden_size))
+                           for token in prefix] + [x], axis=1)
+    registers = None
+    if self.num_registers:
+      registers = self.param('registers', nn.initializers.zeros,
+                             (1, self.num_registers, self.hidden_size), self.param_dtype)
 
     x = Encoder(name='Transformer', dtype=self.dtype, param_dtype=self.param_dtype,
                 **self.transformer)(x, train=train, grid=(grid_h, grid_w),
-                                    num_prefix_tokens=num_prefix_tokens)
+                                    num_prefix_tokens=num_prefix_tokens, registers=registers)
+    patch_tokens = x[:, num_prefix_tokens + self.num_registers:]
     self.sow('intermediates', 'encoded_grid',
-             x[:, num_prefix_tokens:].reshape(batch, grid_h, grid_w, self.hidden_size))
+             patch_tokens.reshape(batch, grid_h, grid_w, self.hidden_size))
 
     if self.classifier == 'token':
-      x = x[:, 0]
+      x = x[:, :num_prefix_tokens]  # The class token (and the distillation token).
     elif self.classifier == 'gap':
-      x = jnp.mean(x, axis=1)
+      x = jnp.mean(patch_tokens, axis=1)
     elif self.classifier == 'map':
       x = MAPHead(num_heads=self.transformer['num_heads'], mlp_dim=self.transformer['mlp_dim'],
                   gelu_approximate=self.transformer.get('gelu_approximate', True),
+                  layer_norm_epsilon=self.transformer.get('layer_norm_epsilon',
+                                                          LAYER_NORM_EPSILON),
                   dtype=self.dtype, param_dtype=self.param_dtype, name='MAPHead_0')(x)
+    if self.classifier == 'token' and not self.distilled:
+      x = x[:, 0]
 
     if self.representation_size is not None:
       x = nn.Dense(self.representation_size, dtype=self.dtype, param_dtype=self.param_dtype,
                    name='pre_logits')(x)
       x = jnp.tanh(x)
 
+    head = lambda name: nn.Dense(
+        self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=nn.initializers.zeros,
+        bias_init=nn.initializers.constant(self.head_bias_init), name=name)
+    if self.distilled:  # Inference as DeiT: the mean of the two heads (or representations).
+      if not self.num_classes:
+        return x.mean(axis=1)
+      return (head('head')(x[:, 0]) + head('head_dist')(x[:, 1])) / 2
     if self.num_classes:
-      x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                   kernel_init=nn.initializers.zeros,
-                   bias_init=nn.initializers.constant(self.head_bias_init), name='head')(x)
+      x = head('head')(x)
     return x
 
 
