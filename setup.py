@@ -12,6 +12,7 @@ setup(
         'absl-py>=2.1,<3',
         'clu>=0.0.12,<0.1',
         'flax>=0.12.8,<0.13',
+        'huggingface_hub>=0.34,<3',  # hf://ORG/NAME checkpoints, through its local cache.
         'importlib_resources>=6,<8',  # TFDS imports it when it downloads and prepares a dataset.
         'jax>=0.10.2,<0.11',
         'matplotlib>=3.9,<4',  # The analysis figures.
@@ -20,6 +21,7 @@ setup(
         'optax>=0.2.8,<0.3',
         'orbax-checkpoint>=0.12.8,<0.13',
         'pillow>=11,<14',
+        'safetensors>=0.4,<1',  # Hugging Face and timm weights (never pickles).
         'scikit-learn>=1.5,<2',  # Only for its bundled digits dataset (the offline demo).
         'tensorboard>=2.21,<2.22',  # clu's metric writers need it.
         'tensorflow-cpu>=2.21,<2.22; platform_machine=="x86_64"',

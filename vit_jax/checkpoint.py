@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vit_jax import config_lib, models, models_vit
+from vit_jax import config_lib, layouts, models, models_vit
 
 Params = Any
 DESCRIPTION_KEY = 'vit_jax_description'  # The model config inside an exported .npz.
@@ -31,8 +31,7 @@ _NEWER_TO_OFFICIAL = {
 }
 
 
-class CheckpointMismatchError(ValueError):
-  """A checkpoint's parameters do not fit the model they are loaded into."""
+CheckpointMismatchError = layouts.common.CheckpointMismatchError
 
 
 class NonFiniteParametersError(ValueError):
@@ -216,9 +215,24 @@ def _load(path: str):
   return flax.traverse_util.unflatten_dict(_to_official_layout(flat)), description
 
 
+def _foreign(path: str) -> Optional[layouts.Read]:
+  """A Hugging Face or timm checkpoint (hf://ORG/NAME, a model directory, a timm .safetensors
+  file) read in this codebase's terms; None for .npz files (local or gs://)."""
+  local = layouts.resolve(path)
+  if '://' in local:
+    return None
+  read = layouts.read(local)
+  if read is not None:
+    check_finite(flax.traverse_util.flatten_dict(read.params), path)
+  return read
+
+
 def load(path: str) -> dict:
-  """Reads an .npz checkpoint into a nested dict of numpy arrays, in the official spelling."""
-  return _load(path)[0]
+  """Reads a checkpoint into a nested dict of numpy arrays, in the official spelling: an .npz
+  (official, big_vision, own), a Hugging Face model directory, a timm .safetensors file, or an
+  hf://ORG/NAME[@REVISION] id."""
+  foreign = _foreign(path)
+  return _load(path)[0] if foreign is None else foreign.params
 
 
 class Exported(NamedTuple):
@@ -237,7 +251,11 @@ IMAGENET21K_CLASSES = config_lib.DATASETS['imagenet21k']['num_classes']
 def load_model(path: str) -> Exported:
   """A checkpoint with its model config, class count, image size and output activation: from
   the description that exports of this codebase carry (checked against the arrays), else read
-  off the parameter shapes."""
+  off the parameter shapes (Hugging Face: from its config.json; timm: shapes and key names)."""
+  foreign = _foreign(path)
+  if foreign is not None:
+    return Exported(foreign.params, foreign.config, foreign.num_classes, foreign.image_size,
+                    foreign.multi_label)
   params, description = _load(path)
   if description is None:
     config, num_classes, image_size = infer_model_config(params)
@@ -250,7 +268,12 @@ def load_model(path: str) -> Exported:
 
 def read_description(path: str) -> Optional[Exported]:
   """What an export of this codebase says it holds, without reading its parameters (`params`
-  is None); None for a file without a description (e.g. an official release)."""
+  is None); None for a file without a description (e.g. an official release). Hugging Face
+  and timm checkpoints describe themselves in their own way: what they say is returned."""
+  foreign = _foreign(path)
+  if foreign is not None:
+    return Exported(None, foreign.config, foreign.num_classes, foreign.image_size,
+                    foreign.multi_label)
   with _open(path) as f, _open_npz(f, path) as npz:  # Reads one member only.
     if DESCRIPTION_KEY not in npz.files:
       return None
@@ -374,8 +397,21 @@ def _grid_shape(num_tokens: int, image_size, token_stride, what: str):
   return side, side
 
 
+def resampler(method: str):
+  """(h, w, D) grid, new (h', w') -> the grid resampled the way a layout's library does it:
+  'bilinear' (official: corners aligned), 'bicubic' (PyTorch's interpolate: Hugging Face's
+  DINOv2 and ViT), 'bicubic_antialias' (timm's resample_abs_pos_embed)."""
+  if method == 'bicubic':
+    return layouts.common.resample_bicubic
+  if method == 'bicubic_antialias':
+    return lambda grid, shape: np.asarray(jax.image.resize(
+        jnp.asarray(grid, jnp.float32), tuple(shape) + grid.shape[2:], 'cubic',
+        antialias=True)).astype(grid.dtype)
+  return resample_grid
+
+
 def _adapt_position_embeddings(restored: dict, init: dict, token_stride, image_size,
-                               pretrained_image_size) -> None:
+                               pretrained_image_size, resample=resample_grid) -> None:
   """Resamples the checkpoint's position embeddings to the target grid, in place.
 
   The class-token slot (present when the model has `cls`) is carried over or, when only the
@@ -387,19 +423,18 @@ def _adapt_position_embeddings(restored: dict, init: dict, token_stride, image_s
   old, new = restored[key], init[key]
   if old.ndim != 3 or old.shape[-1] != new.shape[-1]:
     return  # Mis-shaped beyond a grid change: reported with the other mismatches.
-  old_extra = 1 if ('cls',) in restored else 0
-  new_extra = 1 if ('cls',) in init else 0
+  old_extra = sum(1 for k in (('cls',), ('dist',)) if k in restored)  # The prefix tokens' slots.
+  new_extra = sum(1 for k in (('cls',), ('dist',)) if k in init)
   old_grid, new_grid = old[0, old_extra:], new[0, new_extra:]
   old_shape = _grid_shape(len(old_grid), pretrained_image_size, token_stride, 'checkpoint')
   new_shape = _grid_shape(len(new_grid), image_size, token_stride, 'model')
   if old_shape != new_shape:
     logging.info('Resampling position embeddings from a %dx%d to a %dx%d grid.',
                  *old_shape, *new_shape)
-    grid = resample_grid(old_grid.reshape(old_shape + (-1,)), new_shape)
+    grid = resample(old_grid.reshape(old_shape + (-1,)), new_shape)
     old_grid = grid.reshape(-1, grid.shape[-1])
-  extra = []
-  if new_extra:
-    extra = [old[0, :1] if old_extra else np.asarray(new[0, :1])]
+  kept = min(old_extra, new_extra)  # Class token first, then the distillation token.
+  extra = [old[0, :kept], np.asarray(new[0, kept:new_extra], old.dtype)]
   restored[key] = np.concatenate(extra + [old_grid], axis=0)[None]
 
 
@@ -441,7 +476,9 @@ def load_pretrained(*, pretrained_path: str, init_params: Params, model_config,
 
   Raises CheckpointMismatchError naming every missing, unexpected and mis-shaped key.
   """
-  restored = flax.traverse_util.flatten_dict(load(pretrained_path))
+  foreign = _foreign(pretrained_path)
+  restored = flax.traverse_util.flatten_dict(
+      _load(pretrained_path)[0] if foreign is None else foreign.params)
   init = flax.traverse_util.flatten_dict(init_params)
   scanned = any(key[:2] == SCANNED_BLOCK for key in init)
   init = unstack_layers(init)  # Adapted and checked per layer, stacked again at the end.
@@ -449,20 +486,23 @@ def load_pretrained(*, pretrained_path: str, init_params: Params, model_config,
   if reinit_head and any(k[0] == 'head' for k in init):
     logging.info('Fine-tuning %s with a freshly initialised head.', pretrained_path)
     _replace_from_init(restored, init, 'head')
+    _replace_from_init(restored, init, 'head_dist')
   # Parts the target does not have are dropped (mask_token: masked patch prediction); an
   # attention-pooling head the checkpoint does not have starts fresh.
-  for prefix in ('head', 'pre_logits', 'mask_token', 'MAPHead_0'):
+  for prefix in ('head', 'head_dist', 'pre_logits', 'mask_token', 'MAPHead_0'):
     in_init, in_checkpoint = (any(k[0] == prefix for k in tree) for tree in (init, restored))
     if not in_init or (prefix == 'MAPHead_0' and not in_checkpoint):
       _replace_from_init(restored, init, prefix)
 
   _adapt_position_embeddings(restored, init, models.token_stride(model_config), image_size,
-                             pretrained_image_size)
+                             pretrained_image_size or (foreign and foreign.image_size),
+                             resampler(foreign.resample if foreign else 'bilinear'))
   _adapt_learned_tables(restored, init)
-  if ('cls',) in init:
-    restored.setdefault(('cls',), init[('cls',)])  # gap -> token: a fresh (zero) class token.
-  else:
-    restored.pop(('cls',), None)  # token -> gap.
+  for token in ('cls', 'dist', 'registers'):  # gap -> token, DeiT -> ViT, ...
+    if (token,) in init:
+      restored.setdefault((token,), init[(token,)])  # A fresh (zero) token.
+    else:
+      restored.pop((token,), None)
 
   _check_fits(restored, init, pretrained_path)
   loaded = {k: jnp.asarray(restored[k], dtype=init[k].dtype) for k in init}

@@ -295,8 +295,10 @@ def _check_finite(config):
 
 
 def _exists(path: str) -> bool:
+  if path.startswith('hf://'):
+    return True  # Resolved through the Hugging Face cache when read, with named errors.
   if '://' not in path:
-    return os.path.isfile(path)
+    return os.path.exists(path)  # A file, or a Hugging Face / timm model directory.
   import tensorflow as tf
   try:
     return tf.io.gfile.exists(path)

@@ -1,0 +1,363 @@
+"""Hugging Face and timm checkpoints: synthetic files in each family's exact key names, shapes
+and config.json fields (as transformers' and timm's own code reads them), loaded here and checked
+against an independent plain-jax.numpy forward pass of that family written below; position
+tables resampled as each library does; hf:// through a local Hub cache. No torch needed."""
+
+import json
+import pickle
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.numpy import save_file
+
+from vit_jax import checkpoint, layouts
+from vit_jax.layouts import common
+from vit_jax.layouts import timm as timm_layout
+from vit_jax.models_vit import VisionTransformer
+
+WIDTH, HEADS, MLP, LAYERS, PATCH, SIZE = 16, 2, 32, 2, 4, 8  # A 2x2 grid.
+
+
+# ------------------------------------------------ the families' forward passes, independently
+
+def layer_norm(x, w, b, eps):
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) / jnp.sqrt(var + eps) * w + b
+
+
+def reference(w, images, names, *, eps, distilled=False, registers=False, layer_scale=False,
+              fused_qkv=False, no_embed_class=False):
+  """A PyTorch-style ViT (Linear: x W^T + b) over images NHWC; `names` maps roles to keys.
+  Returns the final normalised tokens (batch, tokens, D), registers included."""
+  x = jnp.asarray(images, jnp.float64)
+  b, h, wd, c = x.shape
+  patches = x.reshape(b, h // PATCH, PATCH, wd // PATCH, PATCH, c).transpose(0, 1, 3, 5, 2, 4)
+  patches = patches.reshape(b, -1, c * PATCH * PATCH)  # (C, P, P): torch's Conv2d order.
+  kernel = w[names['patch'] + '.weight'].reshape(WIDTH, -1)
+  x = patches @ kernel.T + w[names['patch'] + '.bias']
+  prefix = [w[names['cls']]] + ([w[names['dist']]] if distilled else [])
+  prefix = [jnp.broadcast_to(t, (b, 1, WIDTH)) for t in prefix]
+  pos = w[names['pos']]
+  if no_embed_class:
+    x = jnp.concatenate(prefix + [x + pos], axis=1)
+  else:
+    x = jnp.concatenate(prefix + [x], axis=1) + pos
+  if registers:
+    reg = jnp.broadcast_to(w[names['registers']], (b,) + w[names['registers']].shape[1:])
+    x = jnp.concatenate([x[:, :len(prefix)], reg, x[:, len(prefix):]], axis=1)
+  head_dim = WIDTH // HEADS
+  for i in range(LAYERS):
+    key = lambda role: names[role].format(i=i)
+    y = layer_norm(x, w[key('ln1') + '.weight'], w[key('ln1') + '.bias'], eps)
+    if fused_qkv:
+      qkv = y @ w[key('qkv') + '.weight'].T + w[key('qkv') + '.bias']
+      q, k, v = jnp.split(qkv, 3, axis=-1)
+    else:
+      q, k, v = (y @ w[key(r) + '.weight'].T + w[key(r) + '.bias'] for r in ('q', 'k', 'v'))
+    split = lambda t: t.reshape(b, -1, HEADS, head_dim).transpose(0, 2, 1, 3)
+    q, k, v = split(q), split(k), split(v)
+    attention = jax.nn.softmax(q @ k.transpose(0, 1, 3, 2) / np.sqrt(head_dim), axis=-1)
+    y = (attention @ v).transpose(0, 2, 1, 3).reshape(b, -1, WIDTH)
+    y = y @ w[key('o') + '.weight'].T + w[key('o') + '.bias']
+    if layer_scale:
+      y = y * w[key('ls1')]
+    x = x + y
+    y = layer_norm(x, w[key('ln2') + '.weight'], w[key('ln2') + '.bias'], eps)
+    y = jax.nn.gelu(y @ w[key('fc1') + '.weight'].T + w[key('fc1') + '.bias'], approximate=False)
+    y = y @ w[key('fc2') + '.weight'].T + w[key('fc2') + '.bias']
+    if layer_scale:
+      y = y * w[key('ls2')]
+    x = x + y
+  return layer_norm(x, w[names['norm'] + '.weight'], w[names['norm'] + '.bias'], eps)
+
+
+HF_VIT = dict(patch='embeddings.patch_embeddings.projection', cls='embeddings.cls_token',
+              dist='embeddings.distillation_token', pos='embeddings.position_embeddings',
+              registers='embeddings.register_tokens',
+              ln1='encoder.layer.{i}.layernorm_before', ln2='encoder.layer.{i}.layernorm_after',
+              q='encoder.layer.{i}.attention.attention.query',
+              k='encoder.layer.{i}.attention.attention.key',
+              v='encoder.layer.{i}.attention.attention.value',
+              o='encoder.layer.{i}.attention.output.dense',
+              fc1='encoder.layer.{i}.intermediate.dense', fc2='encoder.layer.{i}.output.dense',
+              norm='layernorm')
+HF_DINOV2 = dict(HF_VIT, ln1='encoder.layer.{i}.norm1', ln2='encoder.layer.{i}.norm2',
+                 fc1='encoder.layer.{i}.mlp.fc1', fc2='encoder.layer.{i}.mlp.fc2',
+                 ls1='encoder.layer.{i}.layer_scale1.lambda1',
+                 ls2='encoder.layer.{i}.layer_scale2.lambda1')
+TIMM = dict(patch='patch_embed.proj', cls='cls_token', dist='dist_token', pos='pos_embed',
+            registers='reg_token', ln1='blocks.{i}.norm1', ln2='blocks.{i}.norm2',
+            qkv='blocks.{i}.attn.qkv', o='blocks.{i}.attn.proj', fc1='blocks.{i}.mlp.fc1',
+            fc2='blocks.{i}.mlp.fc2', ls1='blocks.{i}.ls1.gamma', ls2='blocks.{i}.ls2.gamma',
+            norm='norm')
+
+
+def random_weights(names, *, prefix_tokens, pos_tokens, registers=0, layer_scale=False,
+                   fused_qkv=False, prefix='', heads=(), seed=0):
+  """Every weight the family's model has, in its names and PyTorch shapes."""
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape, scale=0.2: (rng.standard_normal(shape) * scale).astype(np.float32)
+  w = {names['patch'] + '.weight': normal(WIDTH, 3, PATCH, PATCH),
+       names['patch'] + '.bias': normal(WIDTH), names['cls']: normal(1, 1, WIDTH),
+       names['pos']: normal(1, pos_tokens, WIDTH)}
+  if prefix_tokens == 2:
+    w[names['dist']] = normal(1, 1, WIDTH)
+  if registers:
+    w[names['registers']] = normal(1, registers, WIDTH)
+  for i in range(LAYERS):
+    key = lambda role: names[role].format(i=i)
+    for role in ('ln1', 'ln2'):
+      w[key(role) + '.weight'] = 1 + normal(WIDTH)
+      w[key(role) + '.bias'] = normal(WIDTH)
+    for role in (('qkv',) if fused_qkv else ('q', 'k', 'v')):
+      rows = 3 * WIDTH if fused_qkv else WIDTH
+      w[key(role) + '.weight'] = normal(rows, WIDTH)
+      w[key(role) + '.bias'] = normal(rows)
+    w[key('o') + '.weight'], w[key('o') + '.bias'] = normal(WIDTH, WIDTH), normal(WIDTH)
+    w[key('fc1') + '.weight'], w[key('fc1') + '.bias'] = normal(MLP, WIDTH), normal(MLP)
+    w[key('fc2') + '.weight'], w[key('fc2') + '.bias'] = normal(WIDTH, MLP), normal(WIDTH)
+    if layer_scale:
+      w[key('ls1')], w[key('ls2')] = 1 + normal(WIDTH), 1 + normal(WIDTH)
+  w[names['norm'] + '.weight'], w[names['norm'] + '.bias'] = 1 + normal(WIDTH), normal(WIDTH)
+  for name, outputs in heads:
+    w[name + '.weight'], w[name + '.bias'] = normal(outputs, WIDTH), normal(outputs)
+  return {(prefix + k if not k.startswith(tuple(h for h, _ in heads)) else k): v
+          for k, v in w.items()}
+
+
+def unprefixed(w, prefix):
+  return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in w.items()}
+
+
+def images(seed=1):
+  return jax.random.uniform(jax.random.PRNGKey(seed), (2, SIZE, SIZE, 3), minval=-1, maxval=1)
+
+
+def apply(exported, x, num_classes='file'):
+  model = VisionTransformer(num_classes=exported.num_classes if num_classes == 'file' else None,
+                            **exported.config)
+  return model.apply({'params': exported.params}, x, train=False)
+
+
+def write_hf(directory, weights, config):
+  directory.mkdir(parents=True)
+  save_file(weights, str(directory / 'model.safetensors'))
+  (directory / 'config.json').write_text(json.dumps(config))
+  return str(directory)
+
+
+HF_CONFIG = dict(hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                 intermediate_size=MLP, patch_size=PATCH, image_size=SIZE, num_channels=3,
+                 qkv_bias=True)
+
+
+# ---------------------------------------------------------------------------- the families
+
+def test_hugging_face_vit_for_image_classification(tmp_path):
+  w = random_weights(HF_VIT, prefix_tokens=1, pos_tokens=5, prefix='vit.',
+                     heads=[('classifier', 3)])
+  path = write_hf(tmp_path / 'vit', w, dict(
+      HF_CONFIG, model_type='vit', architectures=['ViTForImageClassification'],
+      layer_norm_eps=1e-12, hidden_act='gelu', id2label={'0': 'cat', '1': 'dog', '2': 'owl'}))
+  exported = checkpoint.load_model(path)
+  assert (exported.num_classes, exported.image_size) == (3, (SIZE, SIZE))
+  assert exported.config.transformer.layer_norm_epsilon == 1e-12
+  x = images()
+  tokens = reference(unprefixed(w, 'vit.'), x, HF_VIT, eps=1e-12)
+  expected = tokens[:, 0] @ w['classifier.weight'].T + w['classifier.bias']
+  np.testing.assert_allclose(apply(exported, x), expected, atol=1e-5, rtol=0)
+
+
+def test_hugging_face_vit_model_with_its_pooler(tmp_path):
+  w = random_weights(HF_VIT, prefix_tokens=1, pos_tokens=5, heads=[('pooler.dense', WIDTH)])
+  path = write_hf(tmp_path / 'vit', w, dict(HF_CONFIG, model_type='vit', hidden_act='gelu',
+                                            architectures=['ViTModel']))
+  exported = checkpoint.load_model(path)
+  assert exported.num_classes is None and exported.config.representation_size == WIDTH
+  x = images()
+  tokens = reference(w, x, HF_VIT, eps=1e-12)
+  pooled = jnp.tanh(tokens[:, 0] @ w['pooler.dense.weight'].T + w['pooler.dense.bias'])
+  np.testing.assert_allclose(apply(exported, x, num_classes=None), pooled, atol=1e-5, rtol=0)
+
+
+def test_hugging_face_deit_with_its_distillation_head(tmp_path):
+  w = random_weights(HF_VIT, prefix_tokens=2, pos_tokens=6, prefix='deit.',
+                     heads=[('cls_classifier', 4), ('distillation_classifier', 4)])
+  path = write_hf(tmp_path / 'deit', w, dict(
+      HF_CONFIG, model_type='deit', hidden_act='gelu', layer_norm_eps=1e-12,
+      architectures=['DeiTForImageClassificationWithTeacher']))
+  exported = checkpoint.load_model(path)
+  assert exported.config.distilled and exported.num_classes == 4
+  x = images()
+  tokens = reference(unprefixed(w, 'deit.'), x, HF_VIT, eps=1e-12, distilled=True)
+  expected = ((tokens[:, 0] @ w['cls_classifier.weight'].T + w['cls_classifier.bias']) +
+              (tokens[:, 1] @ w['distillation_classifier.weight'].T +
+               w['distillation_classifier.bias'])) / 2
+  np.testing.assert_allclose(apply(exported, x), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize('registers', [0, 4])
+def test_hugging_face_dinov2_layer_scale_and_registers(tmp_path, registers):
+  w = random_weights(HF_DINOV2, prefix_tokens=1, pos_tokens=5, registers=registers,
+                     layer_scale=True)
+  model_type = 'dinov2_with_registers' if registers else 'dinov2'
+  config = dict(HF_CONFIG, model_type=model_type, mlp_ratio=MLP // WIDTH, hidden_act='gelu',
+                layer_norm_eps=1e-6, layerscale_value=1.0)
+  if registers:
+    config['num_register_tokens'] = registers
+  exported = checkpoint.load_model(write_hf(tmp_path / model_type, w, config))
+  assert exported.config.get('num_registers', 0) == registers
+  x = images()
+  tokens = reference(w, x, HF_DINOV2, eps=1e-6, registers=bool(registers), layer_scale=True)
+  np.testing.assert_allclose(apply(exported, x), tokens[:, 0], atol=1e-5, rtol=0)  # Pooler.
+  # The patch tokens are the backbone's features: the registers are not among them.
+  grid = jax.jit(lambda p, x: __import__('vit_jax.models_vit', fromlist=['x']).backbone_features(
+      VisionTransformer(num_classes=None, **exported.config), p, x))(exported.params, x)
+  np.testing.assert_allclose(grid['encoded'].reshape(2, 4, WIDTH), tokens[:, 1 + registers:],
+                             atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize('family', ['vit', 'deit_distilled', 'dinov2_reg4'])
+def test_timm_state_dicts(tmp_path, monkeypatch, family):
+  monkeypatch.setitem(timm_layout.HEADS_BY_WIDTH, WIDTH, HEADS)  # timm's own: 64 channels a head.
+  distilled, registers = family == 'deit_distilled', 4 if family == 'dinov2_reg4' else 0
+  heads = [('head', 5)] + ([('head_dist', 5)] if distilled else [])
+  w = random_weights(TIMM, prefix_tokens=1 + distilled,
+                     pos_tokens=4 if registers else 5 + distilled, registers=registers,
+                     layer_scale=bool(registers), fused_qkv=True,
+                     heads=[] if registers else heads)
+  path = str(tmp_path / f'{family}.safetensors')
+  save_file(w, path)
+  exported = checkpoint.load_model(path)
+  x = images()
+  tokens = reference(w, x, TIMM, eps=1e-6, distilled=distilled, registers=bool(registers),
+                     layer_scale=bool(registers), fused_qkv=True, no_embed_class=bool(registers))
+  if registers:  # DINOv2: features, no head.
+    expected = tokens[:, 0]
+  else:
+    expected = tokens[:, 0] @ w['head.weight'].T + w['head.bias']
+    if distilled:
+      expected = (expected + tokens[:, 1] @ w['head_dist.weight'].T + w['head_dist.bias']) / 2
+  np.testing.assert_allclose(apply(exported, x), expected, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- position tables resampled
+
+def bicubic_direct(grid, new_shape, a=-0.75):
+  """PyTorch's bicubic (align_corners=False, no antialias), one output value at a time."""
+  def weight(t):
+    t = abs(t)
+    if t <= 1:
+      return (a + 2) * t ** 3 - (a + 3) * t ** 2 + 1
+    return a * t ** 3 - 5 * a * t ** 2 + 8 * a * t - 4 * a if t < 2 else 0.0
+  h, w = grid.shape[:2]
+  out = np.zeros(tuple(new_shape) + grid.shape[2:])
+  for i in range(new_shape[0]):
+    for j in range(new_shape[1]):
+      y = (i + 0.5) * h / new_shape[0] - 0.5
+      x = (j + 0.5) * w / new_shape[1] - 0.5
+      for ty in range(int(np.floor(y)) - 1, int(np.floor(y)) + 3):
+        for tx in range(int(np.floor(x)) - 1, int(np.floor(x)) + 3):
+          out[i, j] += (weight(y - ty) * weight(x - tx) *
+                        grid[min(max(ty, 0), h - 1), min(max(tx, 0), w - 1)])
+  return out
+
+
+@pytest.mark.parametrize('new_shape', [(7, 5), (2, 3)])
+def test_hugging_face_tables_resample_as_pytorch_bicubic(new_shape):
+  grid = np.random.default_rng(0).standard_normal((4, 4, 3))
+  np.testing.assert_allclose(common.resample_bicubic(grid, new_shape),
+                             bicubic_direct(grid, new_shape), atol=1e-12)
+
+
+@pytest.mark.parametrize('new_shape', [(7, 5), (2, 3)])
+def test_timm_tables_resample_as_antialiased_bicubic(new_shape):
+  """timm resamples with torch's antialiased bicubic, which is PIL's (Keys a=-0.5, widened
+  when shrinking)."""
+  grid = np.random.default_rng(0).standard_normal((4, 4, 2)).astype(np.float32)
+  expected = np.stack([np.asarray(Image.fromarray(grid[..., c], mode='F').resize(
+      new_shape[::-1], Image.BICUBIC)) for c in range(2)], axis=-1)
+  np.testing.assert_allclose(checkpoint.resampler('bicubic_antialias')(grid, new_shape),
+                             expected, atol=1e-5)
+
+
+def test_fine_tuning_a_dinov2_at_another_resolution_resamples_bicubically(tmp_path):
+  w = random_weights(HF_DINOV2, prefix_tokens=1, pos_tokens=5, layer_scale=True)
+  path = write_hf(tmp_path / 'dinov2', w, dict(HF_CONFIG, model_type='dinov2', mlp_ratio=2))
+  exported = checkpoint.load_model(path)
+  model = VisionTransformer(num_classes=7, **exported.config)
+  init = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 12, 16, 3)), train=False)['params']
+  params = checkpoint.load_pretrained(pretrained_path=path, init_params=init,
+                                      model_config=exported.config, image_size=(12, 16))
+  table = np.asarray(params['Transformer']['posembed_input']['pos_embedding'][0])
+  old = w['embeddings.position_embeddings'][0]
+  np.testing.assert_allclose(table[0], old[0])  # The class token's slot is kept.
+  np.testing.assert_allclose(table[1:].reshape(3, 4, WIDTH),
+                             bicubic_direct(old[1:].reshape(2, 2, WIDTH), (3, 4)), atol=1e-6)
+  assert not np.asarray(params['head']['kernel']).any()  # A fresh head.
+
+
+# ------------------------------------------------------------------------- hf:// and refusals
+
+def hub_cache(root, repo, files: dict, revision='main'):
+  """A Hugging Face Hub cache folder as huggingface_hub lays it out."""
+  commit = 'a' * 40
+  snapshot = root / f'models--{repo.replace("/", "--")}' / 'snapshots' / commit
+  snapshot.mkdir(parents=True)
+  for name, write in files.items():
+    write(snapshot / name)
+  refs = root / f'models--{repo.replace("/", "--")}' / 'refs'
+  refs.mkdir()
+  (refs / revision).write_text(commit)
+  return root
+
+
+def test_hf_ids_resolve_through_the_local_cache_offline(tmp_path, monkeypatch):
+  import huggingface_hub.constants
+  w = random_weights(HF_VIT, prefix_tokens=1, pos_tokens=5, prefix='vit.',
+                     heads=[('classifier', 3)])
+  config = dict(HF_CONFIG, model_type='vit', hidden_act='gelu')
+  cache = hub_cache(tmp_path / 'hub', 'org/tiny-vit', {
+      'config.json': lambda p: p.write_text(json.dumps(config)),
+      'model.safetensors': lambda p: save_file(w, str(p))})
+  monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(cache))
+  monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+  before = sorted(str(p) for p in cache.rglob('*'))
+  exported = checkpoint.load_model('hf://org/tiny-vit')
+  assert exported.num_classes == 3
+  with pytest.raises(FileNotFoundError, match=r'hf://org/other is not in the local Hugging Face '
+                                              r'cache'):
+    checkpoint.load_model('hf://org/other')
+  with pytest.raises(FileNotFoundError, match=r'hf://org/tiny-vit@v2 is not in the local'):
+    checkpoint.load_model('hf://org/tiny-vit@v2')
+  with pytest.raises(ValueError, match=r'expected hf://ORG/NAME'):
+    checkpoint.load_model('hf://tiny-vit')
+  assert sorted(str(p) for p in cache.rglob('*')) == before  # Nothing written.
+
+
+def test_pickles_are_refused_with_the_way_to_safetensors(tmp_path):
+  directory = tmp_path / 'vit'
+  directory.mkdir()
+  (directory / 'config.json').write_text(json.dumps(dict(HF_CONFIG, model_type='vit')))
+  (directory / 'pytorch_model.bin').write_bytes(pickle.dumps({'w': 1}))
+  with pytest.raises(ValueError, match=r'only as Python pickles \(pytorch_model.bin\), which '
+                                       r'vit_jax never loads.*model.safetensors'):
+    checkpoint.load_model(str(directory))
+  (directory / 'model.pth').write_bytes(pickle.dumps({'w': 1}))
+  with pytest.raises(ValueError, match=r'model.pth is a Python pickle'):
+    checkpoint.load_model(str(directory / 'model.pth'))
+
+
+def test_a_file_claiming_a_layout_it_lacks_names_the_first_missing_key(tmp_path):
+  w = random_weights(HF_VIT, prefix_tokens=1, pos_tokens=5)
+  del w['encoder.layer.1.attention.attention.key.weight']
+  path = write_hf(tmp_path / 'vit', w, dict(HF_CONFIG, model_type='vit'))
+  with pytest.raises(checkpoint.CheckpointMismatchError,
+                     match=r"vit does not hold the layout it claims: it has no "
+                           r"'encoder.layer.1.attention.attention.key.weight'"):
+    checkpoint.load_model(path)
+  assert layouts.read(str(tmp_path)) is None  # A folder that is no checkpoint: not claimed.

@@ -1,0 +1,103 @@
+"""What the PyTorch-born layouts (Hugging Face, timm) share: safetensors files, (out, in) weights,
+and the bicubic resampling their libraries apply to position tables."""
+
+import json
+import os
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint's parameters do not fit the model they are loaded into (or the layout the
+  file claims)."""
+
+
+class Read(NamedTuple):
+  """A checkpoint read in this codebase's terms."""
+  params: dict  # Nested, official-layout names (per-layer encoder blocks).
+  config: object  # The model config: VisionTransformer(**config).
+  num_classes: Optional[int]
+  image_size: tuple
+  multi_label: bool = False
+  class_names: Optional[list] = None  # Label i's name, where the file says (id2label).
+  resample: str = 'bilinear'  # How the file's library resamples position tables.
+  preprocessing: Optional[dict] = None  # {'mean', 'std'} of [0, 1] pixels; None: [-1, 1].
+
+
+def load_safetensors(path: str) -> dict:
+  """{name: numpy array} of a .safetensors file (never a pickle)."""
+  from safetensors.numpy import load_file
+  try:
+    return load_file(path)
+  except Exception as e:  # SafetensorError and others for damaged or foreign files.
+    raise ValueError(f'{path} is not a readable .safetensors file ({type(e).__name__}: '
+                     f'{e}).') from None
+
+
+def read_safetensors_dir(path: str) -> dict:
+  """The weights of a model directory: model.safetensors, or the shards its index names."""
+  index = os.path.join(path, 'model.safetensors.index.json')
+  single = os.path.join(path, 'model.safetensors')
+  if os.path.isfile(single):
+    return load_safetensors(single)
+  if os.path.isfile(index):
+    with open(index) as f:
+      shards = sorted(set(json.load(f)['weight_map'].values()))
+    missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
+    if missing:
+      raise FileNotFoundError(f'{path}: the shards {missing} named by its '
+                              'model.safetensors.index.json are missing.')
+    flat = {}
+    for shard in shards:
+      flat.update(load_safetensors(os.path.join(path, shard)))
+    return flat
+  pickles = [n for n in sorted(os.listdir(path)) if n.endswith(('.bin', '.pth', '.ckpt', '.pt'))]
+  if pickles:
+    raise ValueError(
+        f'{path} holds its weights only as Python pickles ({", ".join(pickles)}), which '
+        'vit_jax never loads (unpickling runs code from the file). Get model.safetensors: most '
+        'Hub repositories have one (hf://ORG/NAME downloads it), or convert the file once where '
+        'you trust it (transformers: model.save_pretrained(dir, safe_serialization=True)).')
+  raise FileNotFoundError(f'{path} has a config.json but no model.safetensors.')
+
+
+def pop_conv(flat: dict, name: str) -> dict:
+  """A PyTorch Conv2d (out, in, h, w) as a Flax Conv {kernel (h, w, in, out), bias}."""
+  return {'kernel': flat.pop(f'{name}.weight').transpose(2, 3, 1, 0),
+          'bias': flat.pop(f'{name}.bias')}
+
+
+def refuse_leftovers(flat: dict, path: str):
+  """Weights a reader did not place mean a model it does not know: name them."""
+  if flat:
+    names = sorted(flat)
+    raise ValueError(f'{path} holds weights that this model has no place for: '
+                     f'{", ".join(names[:8])}{" ..." if len(names) > 8 else ""}.')
+
+
+def _cubic_weights(old: int, new: int, a: float = -0.75) -> np.ndarray:
+  """(new, old) interpolation matrix of PyTorch's bicubic upsampling along one axis
+  (align_corners=False, Keys' kernel with a = -0.75, indices clamped at the borders)."""
+  def kernel(t):
+    t = np.abs(t)
+    return np.where(t <= 1, ((a + 2) * t - (a + 3)) * t * t + 1,
+                    np.where(t < 2, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a, 0.0))
+  matrix = np.zeros((new, old))
+  scale = old / new
+  for i in range(new):
+    source = (i + 0.5) * scale - 0.5
+    base = int(np.floor(source))
+    for tap in range(base - 1, base + 3):
+      matrix[i, min(max(tap, 0), old - 1)] += kernel(source - tap)
+  return matrix
+
+
+def resample_bicubic(grid: np.ndarray, new_shape) -> np.ndarray:
+  """A (h, w, D) grid resampled to new_shape as torch.nn.functional.interpolate(mode='bicubic',
+  align_corners=False) does (what timm, DINOv2 and SigLIP do to their position tables)."""
+  rows = _cubic_weights(grid.shape[0], new_shape[0])
+  columns = _cubic_weights(grid.shape[1], new_shape[1])
+  out = np.einsum('ih,hwd->iwd', rows, grid.astype(np.float64))
+  out = np.einsum('jw,iwd->ijd', columns, out)
+  return out.astype(grid.dtype)

@@ -1,0 +1,164 @@
+"""Hugging Face `transformers` model directories (config.json + model.safetensors, sharded too):
+ViTModel / ViTForImageClassification, DeiTForImageClassification(WithTeacher), Dinov2Model,
+Dinov2WithRegistersModel, as this codebase's parameter tree and model config.
+
+The key names are those of the files on the Hub (transformers v5 renames modules in memory but
+writes these names back when it saves). PyTorch's Linear stores (out, in): kernels transpose.
+"""
+
+import json
+import os
+import re
+
+import ml_collections
+import numpy as np
+
+from vit_jax import models
+from vit_jax.layouts import common
+
+# model_type -> the prefix its *For... wrappers put before the backbone's keys.
+PREFIXES = {'vit': 'vit.', 'deit': 'deit.', 'dinov2': 'dinov2.',
+            'dinov2_with_registers': 'dinov2_with_registers.'}
+NOT_YET = ('siglip', 'siglip_vision_model', 'clip', 'clip_vision_model')
+
+
+def is_model_dir(path: str) -> bool:
+  config = os.path.join(path, 'config.json')
+  if not os.path.isfile(config):
+    return False
+  with open(config) as f:
+    return 'model_type' in json.load(f)
+
+
+def _linear(flat: dict, name: str, out: tuple):
+  """`name`.weight (out, in) as a kernel (in, *out), and its bias shaped `out`."""
+  weight = flat.pop(f'{name}.weight')
+  kernel = weight.T.reshape((weight.shape[1],) + out)
+  bias = flat.pop(f'{name}.bias', None)
+  return kernel, (np.zeros(out, kernel.dtype) if bias is None else bias.reshape(out))
+
+
+def _norm(flat: dict, name: str) -> dict:
+  return {'scale': flat.pop(f'{name}.weight'), 'bias': flat.pop(f'{name}.bias')}
+
+
+def read(path: str) -> common.Read:
+  """A Hugging Face model directory as (params, model config, num_classes, image size, ...)."""
+  with open(os.path.join(path, 'config.json')) as f:
+    hf = json.load(f)
+  model_type = hf.get('model_type')
+  if model_type in NOT_YET:
+    raise ValueError(f'{path} is a Hugging Face {model_type!r} model, which vit_jax does not read '
+                     f'yet; it reads {sorted(PREFIXES)}.')
+  if model_type not in PREFIXES:
+    raise ValueError(f'{path} is a Hugging Face {model_type!r} model, not a ViT family vit_jax '
+                     f'reads ({sorted(PREFIXES)}).')
+  if hf.get('use_swiglu_ffn'):
+    raise ValueError(f'{path}: the SwiGLU MLP of DINOv2-giant is not supported yet.')
+  flat = common.read_safetensors_dir(path)
+  prefix = PREFIXES[model_type]
+  flat = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in flat.items()}
+
+  width, heads = hf['hidden_size'], hf['num_attention_heads']
+  head_dim = width // heads
+  dinov2 = model_type.startswith('dinov2')
+  params = {'embedding': common.pop_conv(flat, 'embeddings.patch_embeddings.projection')}
+  params['cls'] = flat.pop('embeddings.cls_token')
+  distilled = 'embeddings.distillation_token' in flat
+  if distilled:
+    params['dist'] = flat.pop('embeddings.distillation_token')
+  registers = flat.pop('embeddings.register_tokens', None)
+  if registers is not None:
+    params['registers'] = registers
+  flat.pop('embeddings.mask_token', None)  # Masked image modelling only.
+  encoder = {'posembed_input': {'pos_embedding': flat.pop('embeddings.position_embeddings')}}
+  num_layers = 1 + max(int(m.group(1)) for k in flat
+                       if (m := re.match(r'encoder\.layer\.(\d+)\.', k)))
+  for i in range(num_layers):
+    layer = f'encoder.layer.{i}.'
+    attention = {}
+    for name in ('query', 'key', 'value'):
+      k, b = _linear(flat, f'{layer}attention.attention.{name}', (heads, head_dim))
+      attention[name] = {'kernel': k, 'bias': b}
+    out_weight = flat.pop(f'{layer}attention.output.dense.weight')
+    attention['out'] = {'kernel': out_weight.T.reshape(heads, head_dim, width),
+                        'bias': flat.pop(f'{layer}attention.output.dense.bias')}
+    mlp_in, mlp_out = ((f'{layer}mlp.fc1', f'{layer}mlp.fc2') if dinov2 else
+                       (f'{layer}intermediate.dense', f'{layer}output.dense'))
+    block = {
+        'LayerNorm_0': _norm(flat, f'{layer}{"norm1" if dinov2 else "layernorm_before"}'),
+        'MultiHeadDotProductAttention_1': attention,
+        'LayerNorm_2': _norm(flat, f'{layer}{"norm2" if dinov2 else "layernorm_after"}'),
+        'MlpBlock_3': {'Dense_0': dict(zip(('kernel', 'bias'), _linear(flat, mlp_in, (-1,)))),
+                       'Dense_1': dict(zip(('kernel', 'bias'), _linear(flat, mlp_out, (width,))))},
+    }
+    if dinov2:
+      block['layer_scale_attention'] = {'scale': flat.pop(f'{layer}layer_scale1.lambda1')}
+      block['layer_scale_mlp'] = {'scale': flat.pop(f'{layer}layer_scale2.lambda1')}
+    encoder[f'encoderblock_{i}'] = block
+  encoder['encoder_norm'] = _norm(flat, 'layernorm')
+  params['Transformer'] = encoder
+  if 'pooler.dense.weight' in flat:  # ViTModel's pooler: dense + tanh, the pre-logits.
+    k, b = _linear(flat, 'pooler.dense', (-1,))
+    params['pre_logits'] = {'kernel': k, 'bias': b}
+  heads_in_file = {'classifier': 'head', 'cls_classifier': 'head',
+                   'distillation_classifier': 'head_dist'}
+  for name, ours in heads_in_file.items():
+    if f'{name}.weight' in flat:
+      k, b = _linear(flat, name, (-1,))
+      params[ours] = {'kernel': k, 'bias': b}
+  if distilled and ('head' in params) != ('head_dist' in params):
+    raise ValueError(f'{path}: a distilled DeiT with one classifier (its class token\'s): load '
+                     'the ...WithTeacher model (both heads) or the headless DeiTModel.')
+  if dinov2 and 'head' in params and params['head']['kernel'].shape[0] != width:
+    raise ValueError(f'{path}: Dinov2ForImageClassification (a head on the class token and the '
+                     'mean patch token) is not supported yet; use its Dinov2Model.')
+  common.refuse_leftovers(flat, path)
+
+  patch = hf['patch_size']
+  patch = tuple(patch) if isinstance(patch, (list, tuple)) else (patch, patch)
+  mlp_dim = params['Transformer']['encoderblock_0']['MlpBlock_3']['Dense_0']['kernel'].shape[1]
+  config = models.vit_config(
+      f'hf:{hf.get("_name_or_path") or os.path.basename(os.path.normpath(path))}',
+      hidden_size=width, mlp_dim=mlp_dim, num_heads=heads, num_layers=num_layers, patch=patch[0],
+      representation_size=params['pre_logits']['kernel'].shape[1] if 'pre_logits' in params
+      else None)
+  config.patches.size = patch
+  act = hf.get('hidden_act', 'gelu')
+  if act not in ('gelu', 'gelu_new', 'gelu_pytorch_tanh'):
+    raise ValueError(f'{path}: hidden_act={act!r} is not supported (gelu, gelu_pytorch_tanh).')
+  config.transformer.gelu_approximate = act != 'gelu'
+  config.transformer.layer_norm_epsilon = float(
+      hf.get('layer_norm_eps', 1e-6 if dinov2 else 1e-12))
+  if dinov2:
+    config.transformer.layer_scale = float(hf.get('layerscale_value', 1.0))
+  if distilled:
+    config.distilled = True
+  if registers is not None:
+    config.num_registers = int(registers.shape[1])
+  size = hf.get('image_size', 518 if dinov2 else 224)
+  size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+  grid = (size[0] // patch[0], size[1] // patch[1])
+  table = encoder['posembed_input']['pos_embedding']
+  if table.shape[1] - 1 - distilled != grid[0] * grid[1]:  # Trust the table over the config.
+    side = int(round((table.shape[1] - 1 - distilled) ** 0.5))
+    size = (side * patch[0], side * patch[1])
+  num_classes = params['head']['kernel'].shape[1] if 'head' in params else None
+  labels = hf.get('id2label') or {}
+  class_names = ([labels.get(str(i), str(i)) for i in range(num_classes)]
+                 if num_classes and labels and len(labels) == num_classes else None)
+  return common.Read(params, config, num_classes, size, multi_label=(
+      hf.get('problem_type') == 'multi_label_classification'), class_names=class_names,
+                     resample='bicubic', preprocessing=_preprocessing(path))
+
+
+def _preprocessing(path: str):
+  """The mean / std the file's image processor normalises with (None: [-1, 1])."""
+  processor = os.path.join(path, 'preprocessor_config.json')
+  if not os.path.isfile(processor):
+    return None
+  with open(processor) as f:
+    config = json.load(f)
+  if 'image_mean' not in config:
+    return None
+  return {'mean': list(config['image_mean']), 'std': list(config['image_std'])}
