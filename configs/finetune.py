@@ -2,6 +2,11 @@ r"""Fine-tuning a pre-trained checkpoint, the paper's recipe (App. B.1.1, Table 
 
 python -m vit_jax.main --config=configs/finetune.py:B_16,cifar10 --workdir=... \
     [--config.pretrained_path=PATH.npz]
+python -m vit_jax.main --config=configs/finetune.py:hf://google/vit-base-patch16-224,cifar10 ...
+
+MODEL is a registry name (its official ImageNet-21k checkpoint where one was released) or a
+checkpoint, whose architecture is then the model's: an .npz, a Hugging Face model directory, a
+timm .safetensors file or an hf://ORG/NAME[@REVISION] id.
 
 SGD with momentum 0.9 (bfloat16 accumulator), batch 512, no weight decay, gradient clipping at 1,
 cosine decay after a short warm-up, 384 px (position embeddings interpolated from the
@@ -19,12 +24,18 @@ OFFICIAL_CHECKPOINTS = ('B_16', 'B_32', 'L_16', 'L_32', 'H_14')
 
 
 def get_config(arg='B_16,cifar10'):
-  model, dataset = config_lib.recipe_args(arg, 'finetune', 'MODEL,DATASET')
+  source, dataset = config_lib.recipe_args(arg, 'finetune', 'MODEL,DATASET')
   c = config_lib.base_config()
-  c.model = models.get_config(model)  # 'B_16', or a full name like 'R50+ViT-B_16'.
+  if source in models.MODEL_CONFIGS or f'ViT-{source}' in models.MODEL_CONFIGS:
+    c.model = models.get_config(source)  # 'B_16', or a full name like 'R50+ViT-B_16'.
+    if source in OFFICIAL_CHECKPOINTS:
+      c.pretrained_path = f'gs://vit_models/imagenet21k/ViT-{source}.npz'
+  else:  # A checkpoint (.npz, Hugging Face directory, timm .safetensors, hf://ORG/NAME):
+    from vit_jax import checkpoint  # its own architecture.
+    source_model = checkpoint.read_description(source) or checkpoint.load_model(source)
+    c.model = source_model.config
+    c.pretrained_path = source
   config_lib.finetune_recipe(c)
-  if model in OFFICIAL_CHECKPOINTS:
-    c.pretrained_path = f'gs://vit_models/imagenet21k/ViT-{model}.npz'
 
   config_lib.set_dataset(c, dataset)
   c.shuffle_buffer = 50_000

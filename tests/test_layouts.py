@@ -361,3 +361,21 @@ def test_a_file_claiming_a_layout_it_lacks_names_the_first_missing_key(tmp_path)
                            r"'encoder.layer.1.attention.attention.key.weight'"):
     checkpoint.load_model(path)
   assert layouts.read(str(tmp_path)) is None  # A folder that is no checkpoint: not claimed.
+
+
+def test_fine_tuning_a_hugging_face_directory_from_the_recipe(tmp_path):
+  from helpers import TINY, parse_config
+  from vit_jax import train
+  w = random_weights(HF_VIT, prefix_tokens=1, pos_tokens=5, prefix='vit.',
+                     heads=[('classifier', 3)])
+  path = write_hf(tmp_path / 'vit', w, dict(HF_CONFIG, model_type='vit', hidden_act='gelu',
+                                            layer_norm_eps=1e-12))
+  config = parse_config(f'--config=configs/finetune.py:{path},digits',
+                        *[a for a in TINY[1:] if 'model.' not in a])
+  assert config.pretrained_path == path and config.model.transformer.layer_norm_epsilon == 1e-12
+  results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert results['step'] == 6 and 0 <= results['test']['accuracy_test'] <= 1
+  tuned = checkpoint.load_model(str(tmp_path / 'run' / 'model.npz'))  # Our export of it.
+  assert tuned.config.transformer.layer_norm_epsilon == 1e-12 and tuned.num_classes == 10
+  np.testing.assert_array_equal(tuned.params['Transformer']['encoderblock_1']['LayerNorm_0']
+                                ['scale'].shape, (WIDTH,))

@@ -10,7 +10,6 @@ import json
 import os
 import re
 
-import ml_collections
 import numpy as np
 
 from vit_jax import models
