@@ -4,6 +4,7 @@ against an independent plain-jax.numpy forward pass of that family written below
 tables resampled as each library does; hf:// through a local Hub cache. No torch needed."""
 
 import json
+import os
 import pickle
 
 import jax
@@ -379,3 +380,43 @@ def test_fine_tuning_a_hugging_face_directory_from_the_recipe(tmp_path):
   assert tuned.config.transformer.layer_norm_epsilon == 1e-12 and tuned.num_classes == 10
   np.testing.assert_array_equal(tuned.params['Transformer']['encoderblock_1']['LayerNorm_0']
                                 ['scale'].shape, (WIDTH,))
+
+
+# ------------------------------------------------------------------------------ writing back
+
+@pytest.mark.parametrize('fmt', ['npz', 'hf', 'timm'])
+@pytest.mark.parametrize('family', ['vit_head', 'vit_pooler', 'deit_teacher', 'dinov2_reg'])
+def test_every_family_converts_to_every_format_with_the_same_outputs(tmp_path, monkeypatch,
+                                                                     family, fmt):
+  from vit_jax import convert
+  monkeypatch.setitem(timm_layout.HEADS_BY_WIDTH, WIDTH, HEADS)
+  names = HF_DINOV2 if family == 'dinov2_reg' else HF_VIT
+  spec = {'vit_head': dict(prefix_tokens=1, pos_tokens=5, prefix='vit.',
+                           heads=[('classifier', 3)]),
+          'vit_pooler': dict(prefix_tokens=1, pos_tokens=5, heads=[('pooler.dense', WIDTH)]),
+          'deit_teacher': dict(prefix_tokens=2, pos_tokens=6, prefix='deit.',
+                               heads=[('cls_classifier', 3), ('distillation_classifier', 3)]),
+          'dinov2_reg': dict(prefix_tokens=1, pos_tokens=5, registers=4, layer_scale=True)}[family]
+  model_type = {'vit_head': 'vit', 'vit_pooler': 'vit', 'deit_teacher': 'deit',
+                'dinov2_reg': 'dinov2_with_registers'}[family]
+  source = write_hf(tmp_path / 'source', random_weights(names, **spec), dict(
+      HF_CONFIG, model_type=model_type, hidden_act='gelu', mlp_ratio=MLP // WIDTH,
+      layer_norm_eps=1e-6))
+  dest = str(tmp_path / ('dest.safetensors' if fmt == 'timm' else 'dest.npz' if fmt == 'npz'
+                         else 'dest'))
+  if fmt == 'timm' and family == 'vit_pooler':
+    with pytest.raises(ValueError, match=r'Cannot write a timm model: a pre-logits layer'):
+      convert.convert(source, dest, fmt)
+    assert not os.path.exists(dest)
+    return
+  how = convert.convert(source, dest, fmt)
+  assert dest in how
+  before, after = checkpoint.load_model(source), checkpoint.load_model(dest)
+  assert after.num_classes == before.num_classes and after.image_size == before.image_size
+  x = images()
+  np.testing.assert_allclose(apply(after, x, num_classes=None if family == 'vit_pooler' else
+                                   'file'),
+                             apply(before, x, num_classes=None if family == 'vit_pooler' else
+                                   'file'), atol=1e-6, rtol=0)
+  with pytest.raises(FileExistsError, match='nothing was written'):
+    convert.convert(source, dest, fmt)

@@ -266,6 +266,15 @@ def load_model(path: str) -> Exported:
   return exported
 
 
+def read_any(path: str) -> layouts.Read:
+  """Any checkpoint load_model reads, with what its layout adds (class names, resampling)."""
+  foreign = _foreign(path)
+  if foreign is not None:
+    return foreign
+  params, config, num_classes, image_size, multi_label = load_model(path)
+  return layouts.Read(params, config, num_classes, image_size, multi_label)
+
+
 def read_description(path: str) -> Optional[Exported]:
   """What an export of this codebase says it holds, without reading its parameters (`params`
   is None); None for a file without a description (e.g. an official release). Hugging Face

@@ -101,3 +101,54 @@ def resample_bicubic(grid: np.ndarray, new_shape) -> np.ndarray:
   out = np.einsum('ih,hwd->iwd', rows, grid.astype(np.float64))
   out = np.einsum('jw,iwd->ijd', columns, out)
   return out.astype(grid.dtype)
+
+
+def plain_vit_problems(config, params) -> list:
+  """What a model has that the PyTorch ViT families cannot express (empty: writable)."""
+  problems = []
+  transformer = config.transformer
+  if config.get('resnet') is not None:
+    problems.append('a hybrid ResNet stem')
+  if config.classifier != 'token':
+    problems.append(f"classifier={config.classifier!r} (these families read the class token)")
+  if transformer.get('posemb', 'learn') != 'learn':
+    problems.append(f"posemb={transformer.posemb!r} (they have a learned 1D table)")
+  if 'mask_token' in params:
+    problems.append('a masked patch prediction [mask] token')
+  return problems
+
+
+def write_model_dir(path: str, flat: dict, config: dict):
+  """config.json and model.safetensors into a new directory `path` (written next to it and
+  renamed: a reader never sees half of it; an existing path is never replaced)."""
+  from safetensors.numpy import save_file
+  if os.path.exists(path):
+    raise FileExistsError(f'{path} exists: name a new directory (nothing was written).')
+  temporary = f'{path.rstrip("/")}.tmp-{os.getpid()}'
+  os.makedirs(temporary)
+  try:
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in flat.items()},
+              os.path.join(temporary, 'model.safetensors'), metadata={'format': 'pt'})
+    with open(os.path.join(temporary, 'config.json'), 'w') as f:
+      json.dump(config, f, indent=2)
+    os.rename(temporary, path)
+  except BaseException:
+    import shutil
+    shutil.rmtree(temporary, ignore_errors=True)
+    raise
+
+
+def write_safetensors(path: str, flat: dict):
+  """A .safetensors file, written next to `path` and renamed; an existing file is kept."""
+  from safetensors.numpy import save_file
+  if os.path.exists(path):
+    raise FileExistsError(f'{path} exists: name a new file (nothing was written).')
+  temporary = f'{path}.tmp-{os.getpid()}'
+  try:
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in flat.items()}, temporary,
+              metadata={'format': 'pt'})
+    os.rename(temporary, path)
+  except BaseException:
+    if os.path.exists(temporary):
+      os.remove(temporary)
+    raise

@@ -161,3 +161,124 @@ def _preprocessing(path: str):
   if 'image_mean' not in config:
     return None
   return {'mean': list(config['image_mean']), 'std': list(config['image_std'])}
+
+
+# ------------------------------------------------------------------------------------ writing
+
+def _unlinear(kernel, bias) -> tuple:
+  """A kernel (in, *out) and bias as PyTorch's Linear (out, in) weight and (out,) bias."""
+  kernel = np.asarray(kernel)
+  weight = kernel.reshape(kernel.shape[0], -1).T
+  return weight, np.asarray(bias).reshape(-1)
+
+
+def write(read: common.Read, path: str):
+  """`read` (this codebase's params and config) as a Hugging Face model directory that
+  transformers loads: ViT(Model|ForImageClassification), DeiTForImageClassificationWithTeacher,
+  Dinov2(WithRegisters)Model. Raises ValueError naming what the family cannot express."""
+  config, params = read.config, read.params
+  transformer = config.transformer
+  problems = common.plain_vit_problems(config, params)
+  patch = tuple(config.patches.size)
+  if patch[0] != patch[1]:
+    problems.append(f'patch {patch} is not square')
+  dinov2 = transformer.get('layer_scale') is not None or config.get('num_registers', 0) > 0
+  distilled = config.get('distilled', False)
+  if dinov2 and ('head' in params or 'pre_logits' in params):
+    problems.append('a DINOv2 model (LayerScale / registers) with a head or pre-logits layer')
+  if distilled and 'pre_logits' in params:
+    problems.append('a distilled model with a pre-logits layer')
+  if 'pre_logits' in params and 'head' in params:
+    problems.append('a pre-logits layer and a head (ViTModel has the pooler, '
+                    'ViTForImageClassification the head)')
+  if problems:
+    raise ValueError(f'Cannot write a Hugging Face model: {"; ".join(problems)}.')
+  model_type = ('dinov2_with_registers' if config.get('num_registers', 0) else
+                'dinov2' if dinov2 else 'deit' if distilled else 'vit')
+  width = config.hidden_size
+  encoder = params['Transformer']
+  num_layers = transformer.num_layers
+  flat = {}
+  conv = params['embedding']
+  flat['embeddings.patch_embeddings.projection.weight'] = np.asarray(
+      conv['kernel']).transpose(3, 2, 0, 1)
+  flat['embeddings.patch_embeddings.projection.bias'] = np.asarray(conv['bias'])
+  flat['embeddings.cls_token'] = np.asarray(params['cls'])
+  if distilled:
+    flat['embeddings.distillation_token'] = np.asarray(params['dist'])
+  if 'registers' in params:
+    flat['embeddings.register_tokens'] = np.asarray(params['registers'])
+  flat['embeddings.position_embeddings'] = np.asarray(
+      encoder['posembed_input']['pos_embedding'])
+  if dinov2:
+    flat['embeddings.mask_token'] = np.zeros((1, width), np.float32)  # Dinov2Model has one.
+  for i in range(num_layers):
+    block, layer = encoder[f'encoderblock_{i}'], f'encoder.layer.{i}.'
+    names = (('norm1', 'norm2', 'mlp.fc1', 'mlp.fc2') if dinov2 else
+             ('layernorm_before', 'layernorm_after', 'intermediate.dense', 'output.dense'))
+    for ours, theirs in zip(('LayerNorm_0', 'LayerNorm_2'), names[:2]):
+      flat[f'{layer}{theirs}.weight'] = np.asarray(block[ours]['scale'])
+      flat[f'{layer}{theirs}.bias'] = np.asarray(block[ours]['bias'])
+    attention = block['MultiHeadDotProductAttention_1']
+    for name in ('query', 'key', 'value'):
+      weight, bias = _unlinear(attention[name]['kernel'], attention[name]['bias'])
+      flat[f'{layer}attention.attention.{name}.weight'] = weight
+      flat[f'{layer}attention.attention.{name}.bias'] = bias
+    out = np.asarray(attention['out']['kernel'])
+    flat[f'{layer}attention.output.dense.weight'] = out.reshape(-1, width).T
+    flat[f'{layer}attention.output.dense.bias'] = np.asarray(attention['out']['bias'])
+    for ours, theirs in zip(('Dense_0', 'Dense_1'), names[2:]):
+      weight, bias = _unlinear(block['MlpBlock_3'][ours]['kernel'],
+                               block['MlpBlock_3'][ours]['bias'])
+      flat[f'{layer}{theirs}.weight'], flat[f'{layer}{theirs}.bias'] = weight, bias
+    if dinov2:
+      flat[f'{layer}layer_scale1.lambda1'] = np.asarray(block['layer_scale_attention']['scale'])
+      flat[f'{layer}layer_scale2.lambda1'] = np.asarray(block['layer_scale_mlp']['scale'])
+  flat['layernorm.weight'] = np.asarray(encoder['encoder_norm']['scale'])
+  flat['layernorm.bias'] = np.asarray(encoder['encoder_norm']['bias'])
+  if 'pre_logits' in params:
+    flat['pooler.dense.weight'], flat['pooler.dense.bias'] = _unlinear(
+        params['pre_logits']['kernel'], params['pre_logits']['bias'])
+
+  heads = {}
+  if 'head' in params:
+    heads['cls_classifier' if distilled else 'classifier'] = params['head']
+  if 'head_dist' in params:
+    heads['distillation_classifier'] = params['head_dist']
+  if heads:  # The *For...Classification wrappers prefix the backbone.
+    flat = {f'{model_type}.{k}': v for k, v in flat.items()}
+    for name, head in heads.items():
+      flat[f'{name}.weight'], flat[f'{name}.bias'] = _unlinear(head['kernel'], head['bias'])
+  architecture = {
+      'vit': 'ViTForImageClassification' if heads else 'ViTModel',
+      'deit': 'DeiTForImageClassificationWithTeacher' if heads else 'DeiTModel',
+      'dinov2': 'Dinov2Model', 'dinov2_with_registers': 'Dinov2WithRegistersModel'}[model_type]
+  mlp_dim = transformer.mlp_dim
+  hf = dict(model_type=model_type, architectures=[architecture], hidden_size=width,
+            num_hidden_layers=num_layers, num_attention_heads=transformer.num_heads,
+            hidden_act='gelu_pytorch_tanh' if transformer.get('gelu_approximate', True) else
+            'gelu', hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+            layer_norm_eps=float(transformer.get('layer_norm_epsilon', 1e-6)),
+            image_size=int(read.image_size[0]), patch_size=int(patch[0]), num_channels=3,
+            qkv_bias=True)
+  if read.image_size[0] != read.image_size[1]:
+    hf['image_size'] = [int(s) for s in read.image_size]
+  if dinov2:
+    if mlp_dim % width:
+      raise ValueError(f'Cannot write a Hugging Face DINOv2 model: MLP size {mlp_dim} is not a '
+                       f'multiple of the width {width} (its config has mlp_ratio).')
+    hf.update(mlp_ratio=mlp_dim // width, layerscale_value=float(transformer.layer_scale),
+              use_swiglu_ffn=False, drop_path_rate=0.0)
+    if config.get('num_registers', 0):
+      hf['num_register_tokens'] = int(config.num_registers)
+  else:
+    hf['intermediate_size'] = int(mlp_dim)
+  if 'pre_logits' in params:
+    hf.update(pooler_output_size=int(params['pre_logits']['kernel'].shape[1]), pooler_act='tanh')
+  if read.num_classes:
+    names = read.class_names or [f'LABEL_{i}' for i in range(read.num_classes)]
+    hf['id2label'] = {str(i): name for i, name in enumerate(names)}
+    hf['label2id'] = {name: i for i, name in enumerate(names)}
+    if read.multi_label:
+      hf['problem_type'] = 'multi_label_classification'
+  common.write_model_dir(path, flat, hf)

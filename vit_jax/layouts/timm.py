@@ -126,3 +126,97 @@ def read_hub_config(path: str) -> dict:
     with open(config) as f:
       return json.load(f)
   return {}
+
+
+# ------------------------------------------------------------------------------------ writing
+
+SIZE_NAMES = {192: 'tiny', 384: 'small', 768: 'base', 1024: 'large', 1280: 'huge',
+              1408: 'giant', 1536: 'giant'}
+
+
+def write(read: common.Read, path: str) -> str:
+  """`read` as a timm state dict (.safetensors); returns the timm.create_model(...) call that
+  builds the model it loads into strictly."""
+  config, params = read.config, read.params
+  transformer = config.transformer
+  problems = common.plain_vit_problems(config, params)
+  if 'pre_logits' in params:
+    problems.append('a pre-logits layer (timm ViTs have none)')
+  if problems:
+    raise ValueError(f'Cannot write a timm model: {"; ".join(problems)}.')
+  width, heads = config.hidden_size, transformer.num_heads
+  encoder = params['Transformer']
+  registers = config.get('num_registers', 0)
+  conv = params['embedding']
+  flat = {'patch_embed.proj.weight': np.asarray(conv['kernel']).transpose(3, 2, 0, 1),
+          'patch_embed.proj.bias': np.asarray(conv['bias'])}
+  table = np.asarray(encoder['posembed_input']['pos_embedding'])
+  prefix = 1 + bool(config.get('distilled', False))
+  cls = np.asarray(params['cls'])
+  if registers:  # timm: no_embed_class; the class token's position folded into the token.
+    cls = cls + table[:, :1]
+    table = table[:, prefix:]
+    flat['reg_token'] = np.asarray(params['registers'])
+  flat['cls_token'], flat['pos_embed'] = cls, table
+  if config.get('distilled', False):
+    flat['dist_token'] = np.asarray(params['dist'])
+  for i in range(transformer.num_layers):
+    block, name = encoder[f'encoderblock_{i}'], f'blocks.{i}.'
+    attention = block['MultiHeadDotProductAttention_1']
+    flat[f'{name}attn.qkv.weight'] = np.concatenate(
+        [np.asarray(attention[n]['kernel']).reshape(width, width).T
+         for n in ('query', 'key', 'value')])
+    flat[f'{name}attn.qkv.bias'] = np.concatenate(
+        [np.asarray(attention[n]['bias']).reshape(-1) for n in ('query', 'key', 'value')])
+    flat[f'{name}attn.proj.weight'] = np.asarray(attention['out']['kernel']).reshape(-1, width).T
+    flat[f'{name}attn.proj.bias'] = np.asarray(attention['out']['bias'])
+    for ours, theirs in (('LayerNorm_0', 'norm1'), ('LayerNorm_2', 'norm2')):
+      flat[f'{name}{theirs}.weight'] = np.asarray(block[ours]['scale'])
+      flat[f'{name}{theirs}.bias'] = np.asarray(block[ours]['bias'])
+    for ours, theirs in (('Dense_0', 'fc1'), ('Dense_1', 'fc2')):
+      flat[f'{name}mlp.{theirs}.weight'] = np.asarray(block['MlpBlock_3'][ours]['kernel']).T
+      flat[f'{name}mlp.{theirs}.bias'] = np.asarray(block['MlpBlock_3'][ours]['bias'])
+    if 'layer_scale_attention' in block:
+      flat[f'{name}ls1.gamma'] = np.asarray(block['layer_scale_attention']['scale'])
+      flat[f'{name}ls2.gamma'] = np.asarray(block['layer_scale_mlp']['scale'])
+  flat['norm.weight'] = np.asarray(encoder['encoder_norm']['scale'])
+  flat['norm.bias'] = np.asarray(encoder['encoder_norm']['bias'])
+  for ours, theirs in (('head', 'head'), ('head_dist', 'head_dist')):
+    if ours in params:
+      flat[f'{theirs}.weight'] = np.asarray(params[ours]['kernel']).T
+      flat[f'{theirs}.bias'] = np.asarray(params[ours]['bias'])
+  common.write_safetensors(path, flat)
+  return _create_model_call(read)
+
+
+def _create_model_call(read: common.Read) -> str:
+  """timm.create_model(...) for the architecture of `read`: the named model whose defaults fit,
+  with the keyword arguments that differ from them."""
+  config = read.config
+  transformer = config.transformer
+  width, patch = config.hidden_size, config.patches.size[0]
+  size = SIZE_NAMES.get(width, f'w{width}')
+  if config.get('distilled', False):
+    name = f'deit_{size}_distilled_patch{patch}_{read.image_size[0]}'
+  elif config.get('num_registers', 0):
+    name = f'vit_{size}_patch{patch}_reg{config.num_registers}_dinov2'
+  elif transformer.get('layer_scale') is not None:
+    name = f'vit_{size}_patch{patch}_dinov2'
+  else:
+    name = f'vit_{size}_patch{patch}_{read.image_size[0]}'
+  args = dict(embed_dim=width, depth=transformer.num_layers, num_heads=transformer.num_heads,
+              mlp_ratio=transformer.mlp_dim / width, patch_size=patch,
+              img_size=tuple(int(s) for s in read.image_size),
+              num_classes=read.num_classes or 0)
+  if transformer.get('layer_scale') is not None:
+    args['init_values'] = float(transformer.layer_scale)
+  if config.get('num_registers', 0):
+    args.update(reg_tokens=int(config.num_registers), no_embed_class=True)
+  text = ', '.join(f'{k}={v!r}' for k, v in args.items())
+  extra = []
+  if transformer.get('gelu_approximate', True):
+    extra.append("act_layer='gelu_tanh'")
+  epsilon = transformer.get('layer_norm_epsilon', 1e-6)
+  if epsilon != 1e-6:
+    extra.append(f'norm_layer=functools.partial(torch.nn.LayerNorm, eps={epsilon!r})')
+  return f"timm.create_model({name!r}, pretrained=False, {', '.join([text] + extra)})"

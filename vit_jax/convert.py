@@ -1,0 +1,52 @@
+r"""Converts a checkpoint between layouts: python -m vit_jax.convert --format=hf|timm|npz SOURCE DEST
+
+SOURCE: anything checkpoint.load_model reads (an .npz of any Google release or of a run here, a
+Hugging Face model directory, a timm .safetensors file, hf://ORG/NAME[@REVISION]).
+  --format=npz   the official layout, describing itself (model config, resolution)
+  --format=hf    a Hugging Face directory (config.json, model.safetensors) that transformers'
+                 AutoModelForImageClassification (or AutoModel, headless) loads
+  --format=timm  a timm state dict (.safetensors); prints the timm.create_model(...) call whose
+                 model loads it strictly
+DEST must not exist: nothing is ever overwritten.
+"""
+
+import os
+
+from absl import app, flags
+
+from vit_jax import checkpoint
+from vit_jax.layouts import hugging_face, timm
+
+FORMATS = ('npz', 'hf', 'timm')
+
+
+def convert(source: str, dest: str, fmt: str) -> str:
+  """Writes `source` as `fmt` into `dest`; returns a line saying how to load it."""
+  if fmt not in FORMATS:
+    raise ValueError(f'--format={fmt!r}; expected one of {FORMATS}.')
+  if os.path.exists(dest):
+    raise FileExistsError(f'{dest} exists: name a new {"directory" if fmt == "hf" else "file"} '
+                          '(nothing was written).')
+  read = checkpoint.read_any(source)
+  if fmt == 'npz':
+    checkpoint.save(read.params, dest, model_config=read.config, image_size=read.image_size,
+                    multi_label=read.multi_label)
+    return f'vit_jax.checkpoint.load_model({dest!r})'
+  if fmt == 'hf':
+    hugging_face.write(read, dest)
+    return (f'transformers.AutoModel{"ForImageClassification" if read.num_classes else ""}'
+            f'.from_pretrained({dest!r})')
+  call = timm.write(read, dest)
+  return (f'model = {call}\nmodel.load_state_dict(safetensors.torch.load_file({dest!r}), '
+          'strict=True)')
+
+
+def main(argv):
+  if len(argv) != 3:
+    raise app.UsageError('Expected SOURCE DEST (and --format).')
+  print(convert(argv[1], argv[2], flags.FLAGS.format))
+
+
+if __name__ == '__main__':
+  flags.DEFINE_enum('format', None, FORMATS, 'What to write.', required=True)
+  app.run(main)
