@@ -144,7 +144,7 @@ def write(read: common.Read, path: str) -> str:
     problems.append('a pre-logits layer (timm ViTs have none)')
   if problems:
     raise ValueError(f'Cannot write a timm model: {"; ".join(problems)}.')
-  width, heads = config.hidden_size, transformer.num_heads
+  width = config.hidden_size
   encoder = params['Transformer']
   registers = config.get('num_registers', 0)
   conv = params['embedding']
