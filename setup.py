@@ -32,8 +32,10 @@ setup(
         'notebooks': ['ipykernel>=6.29,<8', 'nbclient>=0.10,<0.12', 'nbformat>=5.10,<6'],
         'test': ['pytest>=8,<10', 'pytest-xdist>=3.6,<4',
                  'ipykernel>=6.29,<8', 'nbclient>=0.10,<0.12', 'nbformat>=5.10,<6'],
-        # PyTorch timm, for interoperability checks and side-by-side benchmarks. This torch /
+        # PyTorch timm and transformers, for interoperability checks and side-by-side
+        # benchmarks. This torch /
         # torchvision pair imports together on a CPU-only machine.
-        'bench': ['timm>=1.0,<2', 'torch==2.14.1', 'torchvision==0.29.1'],
+        'bench': ['timm>=1.0,<2', 'torch==2.14.1', 'torchvision==0.29.1',
+                  'transformers>=5,<6'],
     },
 )

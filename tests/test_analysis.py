@@ -172,7 +172,7 @@ def test_exports_of_every_variant_describe_themselves(tmp_path, posemb, classifi
   figures = analysis.analyse(loaded, model, loaded_config, images, str(tmp_path / 'figures'))
   assert len(figures) == (4 if posemb in ('learn', 'learn_2d', 'sincos2d') else 3)
   assert sorted(os.listdir(tmp_path / 'figures')) == sorted(os.path.basename(f) for f in figures)
-  classify, size, classes = predict.load_classifier(path)
+  classify, size, classes, _ = predict.load_classifier(path)
   assert (size, classes) == ((8, 12), 10)
   np.testing.assert_allclose(classify(images), jax.nn.softmax(logits), atol=1e-6)
   few = fewshot.evaluate_checkpoint(path, dataset='digits', shots=(1, 5), seeds=1)

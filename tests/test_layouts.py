@@ -420,3 +420,28 @@ def test_every_family_converts_to_every_format_with_the_same_outputs(tmp_path, m
                                    'file'), atol=1e-6, rtol=0)
   with pytest.raises(FileExistsError, match='nothing was written'):
     convert.convert(source, dest, fmt)
+
+
+def test_the_tools_read_a_hugging_face_directory_with_its_names_and_normalisation(tmp_path):
+  from vit_jax import analysis, fewshot, predict
+  w = random_weights(HF_VIT, prefix_tokens=1, pos_tokens=5, prefix='vit.',
+                     heads=[('classifier', 3)])
+  path = write_hf(tmp_path / 'vit', w, dict(
+      HF_CONFIG, model_type='vit', hidden_act='gelu', id2label={'0': 'cat', '1': 'dog', '2': 'owl'}))
+  mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+  (tmp_path / 'vit' / 'preprocessor_config.json').write_text(json.dumps(
+      {'image_mean': mean, 'image_std': std}))
+  classifier = predict.load_classifier(path)
+  assert classifier.class_names == ['cat', 'dog', 'owl']
+  assert predict.label_names(3, from_checkpoint=classifier.class_names) == ['cat', 'dog', 'owl']
+  x = images()
+  normalised = ((x + 1) / 2 - np.array(mean)) / np.array(std)
+  tokens = reference(unprefixed(w, 'vit.'), normalised, HF_VIT, eps=1e-12)
+  logits = tokens[:, 0] @ w['classifier.weight'].T + w['classifier.bias']
+  np.testing.assert_allclose(classifier.classify(x), jax.nn.softmax(logits), atol=1e-5)
+  few = fewshot.evaluate_checkpoint(path, dataset='digits', shots=(1,), seeds=1)
+  assert 0 <= few[1] <= 1
+  exported = checkpoint.load_model(path)
+  figures = analysis.analyse(exported.params, VisionTransformer(num_classes=3, **exported.config),
+                             exported.config, x, str(tmp_path / 'figures'))
+  assert len(figures) == 4

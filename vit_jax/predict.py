@@ -11,6 +11,7 @@ A file that cannot be read is reported by name; the others are still classified.
 
 import re
 import sys
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -22,7 +23,8 @@ from vit_jax import checkpoint, models
 from vit_jax.models_vit import VisionTransformer
 
 
-def label_names(num_classes, labels_path=None, dataset=None) -> list:
+def label_names(num_classes, labels_path=None, dataset=None, from_checkpoint=None) -> list:
+  """--labels, else --dataset's class names, else the checkpoint's own (Hugging Face id2label)."""
   if labels_path:
     with open(labels_path) as f:
       names = [line.strip() for line in f if line.strip()]
@@ -34,6 +36,8 @@ def label_names(num_classes, labels_path=None, dataset=None) -> list:
   elif dataset:
     import tensorflow_datasets as tfds
     names = tfds.builder(dataset).info.features['label'].names
+  elif from_checkpoint:
+    names = list(from_checkpoint)
   else:
     names = [f'class {i}' for i in range(num_classes)]
   if len(names) != num_classes:
@@ -56,10 +60,19 @@ def load_image(path: str, image_size) -> np.ndarray:
   return preprocess.to_value_range(image).numpy()
 
 
-def load_classifier(checkpoint_path: str, model_name=None):
-  """(classify: images -> class probabilities, image size, class count) of a checkpoint; the
-  probabilities are sigmoids for a multi-label model, a softmax distribution otherwise."""
-  params, config, num_classes, image_size, multi_label = checkpoint.load_model(checkpoint_path)
+class Classifier(NamedTuple):
+  classify: Callable  # images in [-1, 1] -> class probabilities
+  image_size: tuple
+  num_classes: int
+  class_names: Optional[list]  # What the checkpoint calls its classes (Hugging Face: id2label).
+
+
+def load_classifier(checkpoint_path: str, model_name=None) -> Classifier:
+  """The classifier of a checkpoint; the probabilities are sigmoids for a multi-label model, a softmax distribution
+  otherwise. Images are normalised as the checkpoint expects (Hugging Face files: the mean and
+  std of their preprocessor_config.json)."""
+  read = checkpoint.read_any(checkpoint_path)
+  params, config, num_classes, image_size, multi_label = read[:5]
   if not num_classes or config.classifier == 'unpooled':
     raise ValueError(f'{checkpoint_path} has no image classification head (classifier='
                      f'{config.classifier!r}, e.g. a masked patch prediction model): fine-tune it '
@@ -73,8 +86,13 @@ def load_classifier(checkpoint_path: str, model_name=None):
                        f'{config.transformer.num_layers} layers.')
   model = VisionTransformer(num_classes=num_classes, **config)
   activation = jax.nn.sigmoid if multi_label else jax.nn.softmax
-  classify = jax.jit(lambda x: activation(model.apply({'params': params}, x, train=False)))
-  return classify, image_size, num_classes
+  normalise = lambda x: x
+  if read.preprocessing:  # From [-1, 1] to the file's (pixels in [0, 1] - mean) / std.
+    mean, std = (np.asarray(read.preprocessing[k], np.float32) for k in ('mean', 'std'))
+    normalise = lambda x: ((x + 1) / 2 - mean) / std
+  classify = jax.jit(lambda x: activation(model.apply({'params': params}, normalise(x),
+                                                      train=False)))
+  return Classifier(classify, image_size, num_classes, read.class_names)
 
 
 def main(argv):
@@ -83,8 +101,9 @@ def main(argv):
     raise app.UsageError('Name at least one image file.')
   if FLAGS.top < 1:
     raise app.UsageError(f'--top={FLAGS.top} must be at least 1.')
-  classify, image_size, num_classes = load_classifier(FLAGS.checkpoint, FLAGS.model)
-  names = label_names(num_classes, FLAGS.labels, FLAGS.dataset)
+  classify, image_size, num_classes, class_names = load_classifier(FLAGS.checkpoint,
+                                                                   FLAGS.model)
+  names = label_names(num_classes, FLAGS.labels, FLAGS.dataset, class_names)
 
   failures = 0
   for path in paths:
@@ -105,7 +124,9 @@ def main(argv):
 def define_flags():
   """The command line; defined on use, so that importing this module defines no flags."""
   flags.DEFINE_string('model', None, 'Registry name to check the checkpoint against.')
-  flags.DEFINE_string('checkpoint', None, '.npz checkpoint (local or gs://).', required=True)
+  flags.DEFINE_string('checkpoint', None, 'Checkpoint: .npz (local or gs://), Hugging Face '
+                      'model directory, timm .safetensors, or hf://ORG/NAME[@REVISION].',
+                      required=True)
   flags.DEFINE_string('labels', None, 'Text file with one class name per line.')
   flags.DEFINE_string('dataset', None, 'Dataset whose class names to use.')
   flags.DEFINE_integer('top', 5, 'How many classes to print per image.')
