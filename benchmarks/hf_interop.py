@@ -115,6 +115,9 @@ def main():
       path = os.path.join(tmp, name + '.safetensors')
       save_file(model.state_dict(), path)
       features = not kwargs.get('num_classes')
+      patch = model.patch_embed.patch_size[0]
+      size2 = ((args.second_resolution // patch) * patch,) * 2
+      images2 = torch.rand(2, 3, *size2) * 2 - 1
       with torch.no_grad():
         theirs = model(images).numpy()
         dynamic = perturbed(timm.create_model(name, pretrained=False, dynamic_img_size=True,
@@ -134,7 +137,8 @@ def main():
         again = reloaded(images).numpy()
       rows.append((name, 'vit_jax -> timm', relative(again, theirs), None))
   print(f'torch {torch.__version__}, transformers {transformers.__version__}, timm '
-        f'{timm.__version__}; max relative difference, 224 px and {size2[0]} px')
+        f'{timm.__version__}; max relative difference at 224 px and at the second resolution '
+        f'(~{args.second_resolution} px, a multiple of the patch)')
   for name, direction, first, second in rows:
     print(f'{name:<40} {direction:<26} {first:.2e}  {"" if second is None else f"{second:.2e}"}')
 

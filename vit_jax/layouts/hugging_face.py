@@ -148,7 +148,10 @@ def read(path: str) -> common.Read:
                  if num_classes and labels and len(labels) == num_classes else None)
   return common.Read(params, config, num_classes, size, multi_label=(
       hf.get('problem_type') == 'multi_label_classification'), class_names=class_names,
-                     resample='bicubic', preprocessing=_preprocessing(path))
+                     # As each model's interpolate_pos_encoding: DINOv2 with registers
+                     # filters (antialias=True), the others do not.
+                     resample=('bicubic_antialias' if model_type == 'dinov2_with_registers'
+                               else 'bicubic'), preprocessing=_preprocessing(path))
 
 
 def _preprocessing(path: str):
