@@ -23,11 +23,12 @@ demo: $(INSTALLED)
 test: $(INSTALLED)
 	$(VENV)/bin/python -m pytest -q -n 2 tests
 
-# vit_jax against PyTorch timm on this machine (installs the `bench` extra: torch, timm).
+# vit_jax against PyTorch timm and transformers on this machine (installs the `bench` extra).
 bench: $(INSTALLED)
 	$(VENV)/bin/pip install --quiet -e '.[bench]'
 	$(VENV)/bin/python benchmarks/compare.py --models ViT-Ti_16 ViT-S_16 --res 224 --batch 32
 	$(VENV)/bin/python benchmarks/input_pipeline.py
+	$(VENV)/bin/python benchmarks/hf_interop.py
 
 clean:
 	rm -rf $(VENV) runs
