@@ -58,6 +58,8 @@ def hf_families():
       'Dinov2WithRegistersModel': (t.Dinov2WithRegistersModel, t.Dinov2WithRegistersConfig(
           **{k: v for k, v in SMALL.items() if k != 'intermediate_size'}, mlp_ratio=4,
           num_register_tokens=4, layerscale_value=0.5), lambda out: out.pooler_output),
+      'SiglipVisionModel': (t.SiglipVisionModel, t.SiglipVisionConfig(**SMALL),
+                            lambda out: out.pooler_output),
   }
 
 
@@ -95,7 +97,7 @@ def main():
       model = perturbed(cls(config))
       path = os.path.join(tmp, name.split()[0])
       model.save_pretrained(path)
-      features = 'Model' in name and 'Classification' not in name
+      features = 'Model' in name and 'Classification' not in name and 'Teacher' not in name
       with torch.no_grad():
         theirs = output(model(pixel_values=images)).numpy()
         theirs2 = output(model(pixel_values=images2, interpolate_pos_encoding=True)).numpy()

@@ -31,7 +31,7 @@ def layer_norm(x, w, b, eps):
 
 
 def reference(w, images, names, *, eps, distilled=False, registers=False, layer_scale=False,
-              fused_qkv=False, no_embed_class=False):
+              fused_qkv=False, no_embed_class=False, class_token=True, tanh_gelu=False):
   """A PyTorch-style ViT (Linear: x W^T + b) over images NHWC; `names` maps roles to keys.
   Returns the final normalised tokens (batch, tokens, D), registers included."""
   x = jnp.asarray(images, jnp.float64)
@@ -40,7 +40,7 @@ def reference(w, images, names, *, eps, distilled=False, registers=False, layer_
   patches = patches.reshape(b, -1, c * PATCH * PATCH)  # (C, P, P): torch's Conv2d order.
   kernel = w[names['patch'] + '.weight'].reshape(WIDTH, -1)
   x = patches @ kernel.T + w[names['patch'] + '.bias']
-  prefix = [w[names['cls']]] + ([w[names['dist']]] if distilled else [])
+  prefix = ([w[names['cls']]] if class_token else []) + ([w[names['dist']]] if distilled else [])
   prefix = [jnp.broadcast_to(t, (b, 1, WIDTH)) for t in prefix]
   pos = w[names['pos']]
   if no_embed_class:
@@ -68,7 +68,8 @@ def reference(w, images, names, *, eps, distilled=False, registers=False, layer_
       y = y * w[key('ls1')]
     x = x + y
     y = layer_norm(x, w[key('ln2') + '.weight'], w[key('ln2') + '.bias'], eps)
-    y = jax.nn.gelu(y @ w[key('fc1') + '.weight'].T + w[key('fc1') + '.bias'], approximate=False)
+    y = jax.nn.gelu(y @ w[key('fc1') + '.weight'].T + w[key('fc1') + '.bias'],
+                    approximate=tanh_gelu)
     y = y @ w[key('fc2') + '.weight'].T + w[key('fc2') + '.bias']
     if layer_scale:
       y = y * w[key('ls2')]
@@ -445,3 +446,65 @@ def test_the_tools_read_a_hugging_face_directory_with_its_names_and_normalisatio
   figures = analysis.analyse(exported.params, VisionTransformer(num_classes=3, **exported.config),
                              exported.config, x, str(tmp_path / 'figures'))
   assert len(figures) == 4
+
+
+SIGLIP = dict(patch='vision_model.embeddings.patch_embedding',
+              pos='vision_model.embeddings.position_embedding.weight',
+              ln1='vision_model.encoder.layers.{i}.layer_norm1',
+              ln2='vision_model.encoder.layers.{i}.layer_norm2',
+              q='vision_model.encoder.layers.{i}.self_attn.q_proj',
+              k='vision_model.encoder.layers.{i}.self_attn.k_proj',
+              v='vision_model.encoder.layers.{i}.self_attn.v_proj',
+              o='vision_model.encoder.layers.{i}.self_attn.out_proj',
+              fc1='vision_model.encoder.layers.{i}.mlp.fc1',
+              fc2='vision_model.encoder.layers.{i}.mlp.fc2', norm='vision_model.post_layernorm')
+
+
+def test_the_vision_tower_of_a_full_siglip_model(tmp_path):
+  """SigLIP: no class token, patches-only table, multi-head attention pooling (torch's
+  nn.MultiheadAttention, query / key / value stacked in in_proj)."""
+  rng = np.random.default_rng(3)
+  normal = lambda *shape: (rng.standard_normal(shape) * 0.2).astype(np.float32)
+  w = random_weights(dict(SIGLIP, cls='unused'), prefix_tokens=1, pos_tokens=4)
+  del w['unused']
+  w['vision_model.embeddings.position_embedding.weight'] = normal(4, WIDTH)  # nn.Embedding.
+  head = {'vision_model.head.probe': normal(1, 1, WIDTH),
+          'vision_model.head.attention.in_proj_weight': normal(3 * WIDTH, WIDTH),
+          'vision_model.head.attention.in_proj_bias': normal(3 * WIDTH),
+          'vision_model.head.attention.out_proj.weight': normal(WIDTH, WIDTH),
+          'vision_model.head.attention.out_proj.bias': normal(WIDTH),
+          'vision_model.head.layernorm.weight': 1 + normal(WIDTH),
+          'vision_model.head.layernorm.bias': normal(WIDTH),
+          'vision_model.head.mlp.fc1.weight': normal(MLP, WIDTH),
+          'vision_model.head.mlp.fc1.bias': normal(MLP),
+          'vision_model.head.mlp.fc2.weight': normal(WIDTH, MLP),
+          'vision_model.head.mlp.fc2.bias': normal(WIDTH)}
+  text = {'text_model.embeddings.token_embedding.weight': normal(7, WIDTH),
+          'logit_scale': normal(1), 'logit_bias': normal(1)}
+  vision = {k: v for k, v in HF_CONFIG.items()}
+  path = write_hf(tmp_path / 'siglip', {**w, **head, **text}, dict(
+      model_type='siglip', architectures=['SiglipModel'], vision_config=dict(
+          vision, hidden_act='gelu_pytorch_tanh', layer_norm_eps=1e-6)))
+  exported = checkpoint.load_model(path)
+  assert exported.config.classifier == 'map' and exported.num_classes is None
+  x = images()
+  pos = {**w, 'vision_model.embeddings.position_embedding.weight':
+         w['vision_model.embeddings.position_embedding.weight'][None]}
+  tokens = reference(pos, x, SIGLIP, eps=1e-6, class_token=False, tanh_gelu=True)
+  h = lambda name: head[f'vision_model.head.{name}']
+  q_w, k_w, v_w = np.split(h('attention.in_proj_weight'), 3)
+  q_b, k_b, v_b = np.split(h('attention.in_proj_bias'), 3)
+  split = lambda t: t.reshape(t.shape[0], -1, HEADS, WIDTH // HEADS).transpose(0, 2, 1, 3)
+  q = split(jnp.broadcast_to(h('probe'), (2, 1, WIDTH)) @ q_w.T + q_b)
+  k, v = split(tokens @ k_w.T + k_b), split(tokens @ v_w.T + v_b)
+  a = jax.nn.softmax(q @ k.transpose(0, 1, 3, 2) / np.sqrt(WIDTH // HEADS), axis=-1)
+  pooled = (a @ v).transpose(0, 2, 1, 3).reshape(2, 1, WIDTH)
+  pooled = pooled @ h('attention.out_proj.weight').T + h('attention.out_proj.bias')
+  y = layer_norm(pooled, h('layernorm.weight'), h('layernorm.bias'), 1e-6)
+  y = jax.nn.gelu(y @ h('mlp.fc1.weight').T + h('mlp.fc1.bias'), approximate=True)
+  expected = (pooled + y @ h('mlp.fc2.weight').T + h('mlp.fc2.bias'))[:, 0]
+  np.testing.assert_allclose(apply(exported, x), expected, atol=1e-5, rtol=0)
+  from vit_jax import convert  # And back, as a SiglipVisionModel.
+  convert.convert(path, str(tmp_path / 'tower'), 'hf')
+  np.testing.assert_allclose(apply(checkpoint.load_model(str(tmp_path / 'tower')), x), expected,
+                             atol=1e-5, rtol=0)

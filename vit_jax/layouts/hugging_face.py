@@ -18,7 +18,8 @@ from vit_jax.layouts import common
 # model_type -> the prefix its *For... wrappers put before the backbone's keys.
 PREFIXES = {'vit': 'vit.', 'deit': 'deit.', 'dinov2': 'dinov2.',
             'dinov2_with_registers': 'dinov2_with_registers.'}
-NOT_YET = ('siglip', 'siglip_vision_model', 'clip', 'clip_vision_model')
+SIGLIP = ('siglip', 'siglip_vision_model')  # The full model (its vision tower) or the tower.
+NOT_YET = ('clip', 'clip_vision_model')
 
 
 def is_model_dir(path: str) -> bool:
@@ -49,6 +50,8 @@ def read(path: str) -> common.Read:
   if model_type in NOT_YET:
     raise ValueError(f'{path} is a Hugging Face {model_type!r} model, which vit_jax does not read '
                      f'yet; it reads {sorted(PREFIXES)}.')
+  if model_type in SIGLIP:
+    return _read_siglip(path, hf)
   if model_type not in PREFIXES:
     raise ValueError(f'{path} is a Hugging Face {model_type!r} model, not a ViT family vit_jax '
                      f'reads ({sorted(PREFIXES)}).')
@@ -180,6 +183,8 @@ def write(read: common.Read, path: str):
   transformers loads: ViT(Model|ForImageClassification), DeiTForImageClassificationWithTeacher,
   Dinov2(WithRegisters)Model. Raises ValueError naming what the family cannot express."""
   config, params = read.config, read.params
+  if config.classifier == 'map':
+    return _write_siglip(read, path)
   transformer = config.transformer
   problems = common.plain_vit_problems(config, params)
   patch = tuple(config.patches.size)
@@ -284,4 +289,136 @@ def write(read: common.Read, path: str):
     hf['label2id'] = {name: i for i, name in enumerate(names)}
     if read.multi_label:
       hf['problem_type'] = 'multi_label_classification'
+  common.write_model_dir(path, flat, hf)
+
+
+def _read_siglip(path: str, hf: dict) -> common.Read:
+  """SiglipVisionModel, or the vision tower of a SiglipModel: no class token, a learned table of
+  the patches only, the final LayerNorm (`post_layernorm`) and multi-head attention pooling
+  (`head`: a probe attending to every token), which is classifier='map' here."""
+  vision = hf.get('vision_config', hf) if hf['model_type'] == 'siglip' else hf
+  flat = {}
+  for key, value in common.read_safetensors_dir(path).items():
+    if key.startswith('text_model.') or key in ('logit_scale', 'logit_bias'):
+      continue  # The text tower of a full SiglipModel.
+    flat[key[len('vision_model.'):] if key.startswith('vision_model.') else key] = value
+  flat.pop('embeddings.position_ids', None)  # A buffer some versions saved.
+  width, heads = vision['hidden_size'], vision['num_attention_heads']
+  head_dim = width // heads
+  attention_of = lambda prefix, names: {
+      ours: dict(zip(('kernel', 'bias'), _linear(flat, f'{prefix}{theirs}', (heads, head_dim))))
+      for ours, theirs in names}
+  params = {'embedding': common.pop_conv(flat, 'embeddings.patch_embedding')}
+  encoder = {'posembed_input': {
+      'pos_embedding': flat.pop('embeddings.position_embedding.weight')[None]}}
+  num_layers = 1 + max(int(m.group(1)) for k in flat
+                       if (m := re.match(r'encoder\.layers\.(\d+)\.', k)))
+  for i in range(num_layers):
+    layer = f'encoder.layers.{i}.'
+    attention = attention_of(f'{layer}self_attn.', (('query', 'q_proj'), ('key', 'k_proj'),
+                                                   ('value', 'v_proj')))
+    out = flat.pop(f'{layer}self_attn.out_proj.weight')
+    attention['out'] = {'kernel': out.T.reshape(heads, head_dim, width),
+                        'bias': flat.pop(f'{layer}self_attn.out_proj.bias')}
+    encoder[f'encoderblock_{i}'] = {
+        'LayerNorm_0': _norm(flat, f'{layer}layer_norm1'),
+        'MultiHeadDotProductAttention_1': attention,
+        'LayerNorm_2': _norm(flat, f'{layer}layer_norm2'),
+        'MlpBlock_3': {'Dense_0': dict(zip(('kernel', 'bias'),
+                                           _linear(flat, f'{layer}mlp.fc1', (-1,)))),
+                       'Dense_1': dict(zip(('kernel', 'bias'),
+                                           _linear(flat, f'{layer}mlp.fc2', (width,))))}}
+  encoder['encoder_norm'] = _norm(flat, 'post_layernorm')
+  params['Transformer'] = encoder
+  classifier = 'gap'
+  if 'head.probe' in flat:  # torch.nn.MultiheadAttention: query, key, value stacked.
+    classifier = 'map'
+    stacked_w, stacked_b = flat.pop('head.attention.in_proj_weight'), flat.pop(
+        'head.attention.in_proj_bias')
+    attention = {}
+    for j, name in enumerate(('query', 'key', 'value')):
+      rows = slice(j * width, (j + 1) * width)
+      attention[name] = {'kernel': stacked_w[rows].T.reshape(width, heads, head_dim),
+                         'bias': stacked_b[rows].reshape(heads, head_dim)}
+    out = flat.pop('head.attention.out_proj.weight')
+    attention['out'] = {'kernel': out.T.reshape(heads, head_dim, width),
+                        'bias': flat.pop('head.attention.out_proj.bias')}
+    params['MAPHead_0'] = {
+        'probe': flat.pop('head.probe'), 'MultiHeadDotProductAttention_0': attention,
+        'LayerNorm_0': _norm(flat, 'head.layernorm'),
+        'MlpBlock_0': {'Dense_0': dict(zip(('kernel', 'bias'), _linear(flat, 'head.mlp.fc1', (-1,)))),
+                       'Dense_1': dict(zip(('kernel', 'bias'),
+                                           _linear(flat, 'head.mlp.fc2', (width,))))}}
+  common.refuse_leftovers(flat, path)
+  patch = vision.get('patch_size', 16)
+  mlp_dim = encoder['encoderblock_0']['MlpBlock_3']['Dense_0']['kernel'].shape[1]
+  config = models.vit_config(
+      f'hf:{hf.get("_name_or_path") or os.path.basename(os.path.normpath(path))}',
+      hidden_size=width, mlp_dim=mlp_dim, num_heads=heads, num_layers=num_layers, patch=patch,
+      classifier=classifier)
+  act = vision.get('hidden_act', 'gelu_pytorch_tanh')
+  config.transformer.gelu_approximate = act != 'gelu'
+  config.transformer.layer_norm_epsilon = float(vision.get('layer_norm_eps', 1e-6))
+  side = int(round(encoder['posembed_input']['pos_embedding'].shape[1] ** 0.5))
+  return common.Read(params, config, None, (side * patch, side * patch), resample='bicubic',
+                     preprocessing=_preprocessing(path))
+
+
+def _write_siglip(read: common.Read, path: str):
+  """A model with attention pooling and no class token as a SiglipVisionModel directory."""
+  config, params = read.config, read.params
+  transformer = config.transformer
+  problems = [p for p in common.plain_vit_problems(config, params) if 'classifier' not in p]
+  if 'head' in params or 'pre_logits' in params:
+    problems.append('a head or pre-logits layer after the attention pooling')
+  if tuple(config.patches.size)[0] != tuple(config.patches.size)[1]:
+    problems.append('a patch that is not square')
+  if problems:
+    raise ValueError(f'Cannot write a Hugging Face SigLIP vision model: {"; ".join(problems)}.')
+  width = config.hidden_size
+  encoder = params['Transformer']
+  flat = {'embeddings.patch_embedding.weight': np.asarray(
+      params['embedding']['kernel']).transpose(3, 2, 0, 1),
+          'embeddings.patch_embedding.bias': np.asarray(params['embedding']['bias']),
+          'embeddings.position_embedding.weight': np.asarray(
+              encoder['posembed_input']['pos_embedding'])[0]}
+  def attention_out(attention, prefix):
+    flat[f'{prefix}.weight'] = np.asarray(attention['out']['kernel']).reshape(-1, width).T
+    flat[f'{prefix}.bias'] = np.asarray(attention['out']['bias'])
+  def norm(ours, theirs):
+    flat[f'{theirs}.weight'], flat[f'{theirs}.bias'] = (np.asarray(ours['scale']),
+                                                        np.asarray(ours['bias']))
+  def mlp(ours, theirs):
+    for dense, fc in (('Dense_0', 'fc1'), ('Dense_1', 'fc2')):
+      flat[f'{theirs}.{fc}.weight'], flat[f'{theirs}.{fc}.bias'] = _unlinear(
+          ours[dense]['kernel'], ours[dense]['bias'])
+  for i in range(transformer.num_layers):
+    block, layer = encoder[f'encoderblock_{i}'], f'encoder.layers.{i}.'
+    attention = block['MultiHeadDotProductAttention_1']
+    for ours, theirs in (('query', 'q_proj'), ('key', 'k_proj'), ('value', 'v_proj')):
+      flat[f'{layer}self_attn.{theirs}.weight'], flat[f'{layer}self_attn.{theirs}.bias'] = (
+          _unlinear(attention[ours]['kernel'], attention[ours]['bias']))
+    attention_out(attention, f'{layer}self_attn.out_proj')
+    norm(block['LayerNorm_0'], f'{layer}layer_norm1')
+    norm(block['LayerNorm_2'], f'{layer}layer_norm2')
+    mlp(block['MlpBlock_3'], f'{layer}mlp')
+  norm(encoder['encoder_norm'], 'post_layernorm')
+  head = params['MAPHead_0']
+  pooling = head['MultiHeadDotProductAttention_0']
+  flat['head.probe'] = np.asarray(head['probe'])
+  flat['head.attention.in_proj_weight'] = np.concatenate(
+      [_unlinear(pooling[n]['kernel'], pooling[n]['bias'])[0] for n in ('query', 'key', 'value')])
+  flat['head.attention.in_proj_bias'] = np.concatenate(
+      [np.asarray(pooling[n]['bias']).reshape(-1) for n in ('query', 'key', 'value')])
+  attention_out(pooling, 'head.attention.out_proj')
+  norm(head['LayerNorm_0'], 'head.layernorm')
+  mlp(head['MlpBlock_0'], 'head.mlp')
+  hf = dict(model_type='siglip_vision_model', architectures=['SiglipVisionModel'],
+            hidden_size=width, intermediate_size=int(transformer.mlp_dim),
+            num_hidden_layers=int(transformer.num_layers),
+            num_attention_heads=int(transformer.num_heads), num_channels=3,
+            image_size=int(read.image_size[0]), patch_size=int(config.patches.size[0]),
+            hidden_act='gelu_pytorch_tanh' if transformer.get('gelu_approximate', True) else
+            'gelu', layer_norm_eps=float(transformer.get('layer_norm_epsilon', 1e-6)),
+            attention_dropout=0.0, vision_use_head=True)
   common.write_model_dir(path, flat, hf)
