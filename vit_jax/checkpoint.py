@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vit_jax import config_lib, layouts, models, models_vit
+from vit_jax import datasets, layouts, models, models_vit
 
 Params = Any
 DESCRIPTION_KEY = 'vit_jax_description'  # The model config inside an exported .npz.
@@ -245,7 +245,7 @@ class Exported(NamedTuple):
 
 
 # The official ImageNet-21k releases (all its classes) were trained with sigmoids.
-IMAGENET21K_CLASSES = config_lib.DATASETS['imagenet21k']['num_classes']
+IMAGENET21K_CLASSES = datasets.DATASETS['imagenet21k']['num_classes']
 
 
 def load_model(path: str) -> Exported:

@@ -8,21 +8,7 @@ import os
 import ml_collections
 
 from vit_jax import evaluators, models, models_vit, objectives
-
-# Class count, train-set size and the default splits of the datasets the recipes know by name.
-# Any other TFDS name works too (its class count is then read from the TFDS builder).
-DATASETS = {
-    'digits': dict(num_classes=10, train_size=1438, train='train', test='test'),
-    'cifar10': dict(num_classes=10, train_size=50_000, train='train[:98%]', test='test'),
-    'cifar100': dict(num_classes=100, train_size=50_000, train='train[:98%]', test='test'),
-    'imagenet2012': dict(num_classes=1000, train_size=1_281_167, train='train[:99%]',
-                         test='validation'),
-    # No TFDS builder: the release unpacked into one folder per class (README, "ImageNet-21k").
-    'imagenet21k': dict(num_classes=21_843, train_size=13_155_000, train='train[:99%]',
-                        test='train[99%:]', multi_label=True, dataset='folder:~/imagenet21k'),
-    'oxford_iiit_pet': dict(num_classes=37, train_size=3_680, train='train[:90%]', test='test'),
-    'oxford_flowers102': dict(num_classes=102, train_size=1_020, train='train', test='test'),
-}
+from vit_jax.datasets import DATASETS  # Recipes read the facts here too.
 
 TRAINERS = ('train', 'evaluate', 'inference_time')
 OPTIMIZERS = ('adam', 'sgd')
