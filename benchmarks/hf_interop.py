@@ -60,6 +60,8 @@ def hf_families():
           num_register_tokens=4, layerscale_value=0.5), lambda out: out.pooler_output),
       'SiglipVisionModel': (t.SiglipVisionModel, t.SiglipVisionConfig(**SMALL),
                             lambda out: out.pooler_output),
+      'CLIPVisionModel': (t.CLIPVisionModel, t.CLIPVisionConfig(**SMALL),
+                          lambda out: out.pooler_output),
   }
 
 

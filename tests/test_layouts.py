@@ -31,7 +31,8 @@ def layer_norm(x, w, b, eps):
 
 
 def reference(w, images, names, *, eps, distilled=False, registers=False, layer_scale=False,
-              fused_qkv=False, no_embed_class=False, class_token=True, tanh_gelu=False):
+              fused_qkv=False, no_embed_class=False, class_token=True, tanh_gelu=False,
+              pre_norm=False, quick_gelu=False):
   """A PyTorch-style ViT (Linear: x W^T + b) over images NHWC; `names` maps roles to keys.
   Returns the final normalised tokens (batch, tokens, D), registers included."""
   x = jnp.asarray(images, jnp.float64)
@@ -50,6 +51,8 @@ def reference(w, images, names, *, eps, distilled=False, registers=False, layer_
   if registers:
     reg = jnp.broadcast_to(w[names['registers']], (b,) + w[names['registers']].shape[1:])
     x = jnp.concatenate([x[:, :len(prefix)], reg, x[:, len(prefix):]], axis=1)
+  if pre_norm:
+    x = layer_norm(x, w[names['pre_norm'] + '.weight'], w[names['pre_norm'] + '.bias'], eps)
   head_dim = WIDTH // HEADS
   for i in range(LAYERS):
     key = lambda role: names[role].format(i=i)
@@ -68,8 +71,8 @@ def reference(w, images, names, *, eps, distilled=False, registers=False, layer_
       y = y * w[key('ls1')]
     x = x + y
     y = layer_norm(x, w[key('ln2') + '.weight'], w[key('ln2') + '.bias'], eps)
-    y = jax.nn.gelu(y @ w[key('fc1') + '.weight'].T + w[key('fc1') + '.bias'],
-                    approximate=tanh_gelu)
+    y = y @ w[key('fc1') + '.weight'].T + w[key('fc1') + '.bias']
+    y = y * jax.nn.sigmoid(1.702 * y) if quick_gelu else jax.nn.gelu(y, approximate=tanh_gelu)
     y = y @ w[key('fc2') + '.weight'].T + w[key('fc2') + '.bias']
     if layer_scale:
       y = y * w[key('ls2')]
@@ -508,3 +511,34 @@ def test_the_vision_tower_of_a_full_siglip_model(tmp_path):
   convert.convert(path, str(tmp_path / 'tower'), 'hf')
   np.testing.assert_allclose(apply(checkpoint.load_model(str(tmp_path / 'tower')), x), expected,
                              atol=1e-5, rtol=0)
+
+
+def test_the_vision_tower_of_a_full_clip_model(tmp_path):
+  """CLIP: class embedding (D,), no patch bias, a LayerNorm before the blocks, quick GELU."""
+  names = dict(SIGLIP, cls='vision_model.embeddings.class_embedding',
+               pre_norm='vision_model.pre_layrnorm')
+  w = random_weights(names, prefix_tokens=1, pos_tokens=5)
+  rng = np.random.default_rng(4)
+  w['vision_model.embeddings.position_embedding.weight'] = rng.standard_normal(
+      (5, WIDTH)).astype(np.float32) * 0.2
+  w[names['cls']] = w[names['cls']].reshape(WIDTH)
+  del w['vision_model.embeddings.patch_embedding.bias']
+  w['vision_model.pre_layrnorm.weight'] = 1 + w['vision_model.post_layernorm.bias']
+  w['vision_model.pre_layrnorm.bias'] = w['vision_model.post_layernorm.weight'] - 1
+  extra = {'visual_projection.weight': w['vision_model.post_layernorm.weight'][None],
+           'text_model.final_layer_norm.weight': w['vision_model.post_layernorm.weight']}
+  path = write_hf(tmp_path / 'clip', {**w, **extra}, dict(
+      model_type='clip', architectures=['CLIPModel'], vision_config=dict(
+          HF_CONFIG, hidden_act='quick_gelu', layer_norm_eps=1e-5)))
+  exported = checkpoint.load_model(path)
+  x = images()
+  reshaped = {**w, names['cls']: w[names['cls']].reshape(1, 1, WIDTH),
+              'vision_model.embeddings.position_embedding.weight':
+              w['vision_model.embeddings.position_embedding.weight'][None],
+              'vision_model.embeddings.patch_embedding.bias': np.zeros(WIDTH, np.float32)}
+  tokens = reference(reshaped, x, names, eps=1e-5, pre_norm=True, quick_gelu=True)
+  np.testing.assert_allclose(apply(exported, x), tokens[:, 0], atol=1e-5, rtol=0)
+  from vit_jax import convert
+  convert.convert(path, str(tmp_path / 'tower'), 'hf')
+  np.testing.assert_allclose(apply(checkpoint.load_model(str(tmp_path / 'tower')), x),
+                             tokens[:, 0], atol=1e-5, rtol=0)

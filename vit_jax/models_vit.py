@@ -180,6 +180,7 @@ class MlpBlock(nn.Module):
   mlp_dim: int
   dropout_rate: float = 0.0
   gelu_approximate: bool = True
+  quick_gelu: bool = False  # CLIP's x * sigmoid(1.702 x) instead.
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -191,7 +192,8 @@ class MlpBlock(nn.Module):
         bias_init=nn.initializers.normal(stddev=1e-6))
     width = x.shape[-1]
     x = dense(self.mlp_dim, name='Dense_0')(x)
-    x = nn.gelu(x, approximate=self.gelu_approximate)
+    x = (x * jax.nn.sigmoid(1.702 * x) if self.quick_gelu else
+         nn.gelu(x, approximate=self.gelu_approximate))
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     x = dense(width, name='Dense_1')(x)
     return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
@@ -271,6 +273,7 @@ class Encoder1DBlock(nn.Module):
   num_prefix_tokens: int = 0
   layer_norm_epsilon: float = LAYER_NORM_EPSILON
   layer_scale: Optional[float] = None
+  quick_gelu: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -297,8 +300,8 @@ class Encoder1DBlock(nn.Module):
     y = layer_norm(name='LayerNorm_2')(x)
     y = MlpBlock(
         mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
-        gelu_approximate=self.gelu_approximate, dtype=self.dtype, param_dtype=self.param_dtype,
-        name='MlpBlock_3')(y, deterministic=deterministic)
+        gelu_approximate=self.gelu_approximate, quick_gelu=self.quick_gelu, dtype=self.dtype,
+        param_dtype=self.param_dtype, name='MlpBlock_3')(y, deterministic=deterministic)
     x = x + drop_path(scaled(y, 'layer_scale_mlp'), layer, deterministic=deterministic)
     self.sow('intermediates', 'output', x)
     return x
@@ -345,6 +348,8 @@ class Encoder(nn.Module):
   # Options of other ViT families (Hugging Face, timm, DINOv2); the defaults are the paper's.
   layer_norm_epsilon: float = LAYER_NORM_EPSILON  # Hugging Face's ViT and DeiT: 1e-12.
   layer_scale: Optional[float] = None  # LayerScale's initial value (DINOv2: 1e-5 or 1.0).
+  pre_norm: bool = False  # CLIP: a LayerNorm of the tokens before the first block.
+  quick_gelu: bool = False  # CLIP's MLP activation, x * sigmoid(1.702 x).
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -368,6 +373,9 @@ class Encoder(nn.Module):
       x = x + jnp.asarray(table, x.dtype)[None]
     # Dropout right after adding the position embeddings (paper App. B.1).
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    if self.pre_norm:
+      x = nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype,
+                       param_dtype=self.param_dtype, name='pre_norm')(x)
     if registers is not None:
       x = jnp.concatenate([x[:, :num_prefix_tokens], jnp.broadcast_to(
           registers.astype(x.dtype), (x.shape[0],) + registers.shape[1:]),
@@ -388,7 +396,7 @@ class Encoder(nn.Module):
         attention=self.attention, num_prefix_tokens=num_prefix_tokens,
         relative_grid=tuple(grid) if self.posemb == 'relative' else None,
         layer_norm_epsilon=self.layer_norm_epsilon, layer_scale=self.layer_scale,
-        dtype=self.dtype, param_dtype=self.param_dtype)
+        quick_gelu=self.quick_gelu, dtype=self.dtype, param_dtype=self.param_dtype)
     if self.scan:
       block = nn.scan(block, variable_axes={'params': 0, 'intermediates': 0},
                       split_rngs={'params': True, 'dropout': True},

@@ -18,8 +18,9 @@ from vit_jax.layouts import common
 # model_type -> the prefix its *For... wrappers put before the backbone's keys.
 PREFIXES = {'vit': 'vit.', 'deit': 'deit.', 'dinov2': 'dinov2.',
             'dinov2_with_registers': 'dinov2_with_registers.'}
-SIGLIP = ('siglip', 'siglip_vision_model')  # The full model (its vision tower) or the tower.
-NOT_YET = ('clip', 'clip_vision_model')
+# The full model (its vision tower is read) or the tower alone.
+SIGLIP, CLIP = ('siglip', 'siglip_vision_model'), ('clip', 'clip_vision_model')
+NOT_YET = ()
 
 
 def is_model_dir(path: str) -> bool:
@@ -50,8 +51,8 @@ def read(path: str) -> common.Read:
   if model_type in NOT_YET:
     raise ValueError(f'{path} is a Hugging Face {model_type!r} model, which vit_jax does not read '
                      f'yet; it reads {sorted(PREFIXES)}.')
-  if model_type in SIGLIP:
-    return _read_siglip(path, hf)
+  if model_type in SIGLIP + CLIP:
+    return _read_tower(path, hf)
   if model_type not in PREFIXES:
     raise ValueError(f'{path} is a Hugging Face {model_type!r} model, not a ViT family vit_jax '
                      f'reads ({sorted(PREFIXES)}).')
@@ -183,8 +184,8 @@ def write(read: common.Read, path: str):
   transformers loads: ViT(Model|ForImageClassification), DeiTForImageClassificationWithTeacher,
   Dinov2(WithRegisters)Model. Raises ValueError naming what the family cannot express."""
   config, params = read.config, read.params
-  if config.classifier == 'map':
-    return _write_siglip(read, path)
+  if config.classifier == 'map' or config.transformer.get('pre_norm', False):
+    return _write_tower(read, path)
   transformer = config.transformer
   problems = common.plain_vit_problems(config, params)
   patch = tuple(config.patches.size)
@@ -292,15 +293,23 @@ def write(read: common.Read, path: str):
   common.write_model_dir(path, flat, hf)
 
 
-def _read_siglip(path: str, hf: dict) -> common.Read:
-  """SiglipVisionModel, or the vision tower of a SiglipModel: no class token, a learned table of
-  the patches only, the final LayerNorm (`post_layernorm`) and multi-head attention pooling
-  (`head`: a probe attending to every token), which is classifier='map' here."""
-  vision = hf.get('vision_config', hf) if hf['model_type'] == 'siglip' else hf
+def _read_tower(path: str, hf: dict) -> common.Read:
+  """The vision tower of SigLIP or CLIP (a *VisionModel, or the full image-text model).
+
+  SigLIP: no class token, a learned table of the patches only, the final LayerNorm
+  (`post_layernorm`) and multi-head attention pooling (`head`: a probe attending to every
+  token), which is classifier='map' here. CLIP: a class token (`class_embedding`), a patch
+  embedding without bias, a LayerNorm before the first block (`pre_layrnorm`: pre_norm here),
+  quick GELU, and `post_layernorm` on the class token (here on every token, then the class
+  token is read: the same output).
+  """
+  clip = hf['model_type'] in CLIP
+  vision = hf.get('vision_config', hf) if hf['model_type'] in ('siglip', 'clip') else hf
   flat = {}
   for key, value in common.read_safetensors_dir(path).items():
-    if key.startswith('text_model.') or key in ('logit_scale', 'logit_bias'):
-      continue  # The text tower of a full SiglipModel.
+    if key.startswith('text_model.') or key in ('logit_scale', 'logit_bias', 'text_projection.weight',
+                                                'visual_projection.weight'):
+      continue  # The text tower and the projections to the joint space.
     flat[key[len('vision_model.'):] if key.startswith('vision_model.') else key] = value
   flat.pop('embeddings.position_ids', None)  # A buffer some versions saved.
   width, heads = vision['hidden_size'], vision['num_attention_heads']
@@ -308,9 +317,15 @@ def _read_siglip(path: str, hf: dict) -> common.Read:
   attention_of = lambda prefix, names: {
       ours: dict(zip(('kernel', 'bias'), _linear(flat, f'{prefix}{theirs}', (heads, head_dim))))
       for ours, theirs in names}
+  if clip:
+    flat.setdefault('embeddings.patch_embedding.bias', np.zeros(width, np.float32))
   params = {'embedding': common.pop_conv(flat, 'embeddings.patch_embedding')}
+  if clip:
+    params['cls'] = flat.pop('embeddings.class_embedding').reshape(1, 1, width)
   encoder = {'posembed_input': {
       'pos_embedding': flat.pop('embeddings.position_embedding.weight')[None]}}
+  if clip:
+    encoder['pre_norm'] = _norm(flat, 'pre_layrnorm')
   num_layers = 1 + max(int(m.group(1)) for k in flat
                        if (m := re.match(r'encoder\.layers\.(\d+)\.', k)))
   for i in range(num_layers):
@@ -330,7 +345,7 @@ def _read_siglip(path: str, hf: dict) -> common.Read:
                                            _linear(flat, f'{layer}mlp.fc2', (width,))))}}
   encoder['encoder_norm'] = _norm(flat, 'post_layernorm')
   params['Transformer'] = encoder
-  classifier = 'gap'
+  classifier = 'token' if clip else 'gap'
   if 'head.probe' in flat:  # torch.nn.MultiheadAttention: query, key, value stacked.
     classifier = 'map'
     stacked_w, stacked_b = flat.pop('head.attention.in_proj_weight'), flat.pop(
@@ -356,32 +371,50 @@ def _read_siglip(path: str, hf: dict) -> common.Read:
       f'hf:{hf.get("_name_or_path") or os.path.basename(os.path.normpath(path))}',
       hidden_size=width, mlp_dim=mlp_dim, num_heads=heads, num_layers=num_layers, patch=patch,
       classifier=classifier)
-  act = vision.get('hidden_act', 'gelu_pytorch_tanh')
+  act = vision.get('hidden_act', 'quick_gelu' if clip else 'gelu_pytorch_tanh')
+  if act not in ('gelu', 'gelu_pytorch_tanh', 'quick_gelu'):
+    raise ValueError(f'{path}: hidden_act={act!r} is not supported.')
   config.transformer.gelu_approximate = act != 'gelu'
-  config.transformer.layer_norm_epsilon = float(vision.get('layer_norm_eps', 1e-6))
-  side = int(round(encoder['posembed_input']['pos_embedding'].shape[1] ** 0.5))
+  if act == 'quick_gelu':
+    config.transformer.quick_gelu = True
+  if clip:
+    config.transformer.pre_norm = True
+  config.transformer.layer_norm_epsilon = float(
+      vision.get('layer_norm_eps', 1e-5 if clip else 1e-6))
+  side = int(round((encoder['posembed_input']['pos_embedding'].shape[1] - clip) ** 0.5))
   return common.Read(params, config, None, (side * patch, side * patch), resample='bicubic',
                      preprocessing=_preprocessing(path))
 
 
-def _write_siglip(read: common.Read, path: str):
-  """A model with attention pooling and no class token as a SiglipVisionModel directory."""
+def _write_tower(read: common.Read, path: str):
+  """An attention-pooled model without class token as a SiglipVisionModel directory; one with a
+  pre-norm, quick GELU and a bias-free patch embedding as a CLIPVisionModel directory."""
   config, params = read.config, read.params
   transformer = config.transformer
-  problems = [p for p in common.plain_vit_problems(config, params) if 'classifier' not in p]
+  clip = config.classifier != 'map'
+  family = 'CLIP' if clip else 'SigLIP'
+  problems = [p for p in common.plain_vit_problems(config, params)
+              if clip or 'classifier' not in p]
+  if clip and (np.any(np.asarray(params['embedding']['bias'])) or
+               not transformer.get('quick_gelu', False)):
+    problems.append('a patch embedding bias or an activation other than quick GELU')
   if 'head' in params or 'pre_logits' in params:
-    problems.append('a head or pre-logits layer after the attention pooling')
+    problems.append('a head or pre-logits layer')
   if tuple(config.patches.size)[0] != tuple(config.patches.size)[1]:
     problems.append('a patch that is not square')
   if problems:
-    raise ValueError(f'Cannot write a Hugging Face SigLIP vision model: {"; ".join(problems)}.')
+    raise ValueError(f'Cannot write a Hugging Face {family} vision model: '
+                     f'{"; ".join(problems)}.')
   width = config.hidden_size
   encoder = params['Transformer']
   flat = {'embeddings.patch_embedding.weight': np.asarray(
       params['embedding']['kernel']).transpose(3, 2, 0, 1),
-          'embeddings.patch_embedding.bias': np.asarray(params['embedding']['bias']),
           'embeddings.position_embedding.weight': np.asarray(
               encoder['posembed_input']['pos_embedding'])[0]}
+  if clip:
+    flat['embeddings.class_embedding'] = np.asarray(params['cls']).reshape(width)
+  else:
+    flat['embeddings.patch_embedding.bias'] = np.asarray(params['embedding']['bias'])
   def attention_out(attention, prefix):
     flat[f'{prefix}.weight'] = np.asarray(attention['out']['kernel']).reshape(-1, width).T
     flat[f'{prefix}.bias'] = np.asarray(attention['out']['bias'])
@@ -403,6 +436,16 @@ def _write_siglip(read: common.Read, path: str):
     norm(block['LayerNorm_2'], f'{layer}layer_norm2')
     mlp(block['MlpBlock_3'], f'{layer}mlp')
   norm(encoder['encoder_norm'], 'post_layernorm')
+  if clip:
+    norm(encoder['pre_norm'], 'pre_layrnorm')
+    common.write_model_dir(path, flat, dict(
+        model_type='clip_vision_model', architectures=['CLIPVisionModel'], hidden_size=width,
+        intermediate_size=int(transformer.mlp_dim), num_hidden_layers=int(transformer.num_layers),
+        num_attention_heads=int(transformer.num_heads), num_channels=3,
+        image_size=int(read.image_size[0]), patch_size=int(config.patches.size[0]),
+        hidden_act='quick_gelu', attention_dropout=0.0,
+        layer_norm_eps=float(transformer.get('layer_norm_epsilon', 1e-5))))
+    return
   head = params['MAPHead_0']
   pooling = head['MultiHeadDotProductAttention_0']
   flat['head.probe'] = np.asarray(head['probe'])
