@@ -542,3 +542,31 @@ def test_the_vision_tower_of_a_full_clip_model(tmp_path):
   convert.convert(path, str(tmp_path / 'tower'), 'hf')
   np.testing.assert_allclose(apply(checkpoint.load_model(str(tmp_path / 'tower')), x),
                              tokens[:, 0], atol=1e-5, rtol=0)
+
+
+def test_sharded_directories_and_missing_files(tmp_path):
+  w = random_weights(HF_VIT, prefix_tokens=1, pos_tokens=5, prefix='vit.',
+                     heads=[('classifier', 3)])
+  directory = tmp_path / 'sharded'
+  directory.mkdir()
+  names = sorted(w)
+  shards = {'model-00001-of-00002.safetensors': names[:len(names) // 2],
+            'model-00002-of-00002.safetensors': names[len(names) // 2:]}
+  for shard, keys in shards.items():
+    save_file({k: w[k] for k in keys}, str(directory / shard))
+  (directory / 'model.safetensors.index.json').write_text(json.dumps(
+      {'weight_map': {k: shard for shard, keys in shards.items() for k in keys}}))
+  (directory / 'config.json').write_text(json.dumps(dict(HF_CONFIG, model_type='vit',
+                                                         hidden_act='gelu')))
+  x = images()
+  tokens = reference(unprefixed(w, 'vit.'), x, HF_VIT, eps=1e-12)
+  expected = tokens[:, 0] @ w['classifier.weight'].T + w['classifier.bias']
+  np.testing.assert_allclose(apply(checkpoint.load_model(str(directory)), x), expected,
+                             atol=1e-5, rtol=0)
+  os.remove(directory / 'model-00002-of-00002.safetensors')
+  with pytest.raises(FileNotFoundError, match=r"the shards \['model-00002-of-00002.safetensors'\] "
+                                              r'named by its model.safetensors.index.json'):
+    checkpoint.load_model(str(directory))
+  os.remove(directory / 'model.safetensors.index.json')
+  with pytest.raises(FileNotFoundError, match=r'has a config.json but no model.safetensors'):
+    checkpoint.load_model(str(directory))
