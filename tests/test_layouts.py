@@ -375,9 +375,23 @@ def test_fine_tuning_a_hugging_face_directory_from_the_recipe(tmp_path):
                      heads=[('classifier', 3)])
   path = write_hf(tmp_path / 'vit', w, dict(HF_CONFIG, model_type='vit', hidden_act='gelu',
                                             layer_norm_eps=1e-12))
+  mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # DeiT's, say.
+  (tmp_path / 'vit' / 'preprocessor_config.json').write_text(json.dumps(
+      {'image_mean': mean, 'image_std': std}))
   config = parse_config(f'--config=configs/finetune.py:{path},digits',
                         *[a for a in TINY[1:] if 'model.' not in a])
   assert config.pretrained_path == path and config.model.transformer.layer_norm_epsilon == 1e-12
+  assert (config.pp.mean, config.pp.std) == (mean, std)  # The file's normalisation.
+  from vit_jax import input_pipeline
+  source = input_pipeline.get_source(config, 'test')
+  normalised = next(input_pipeline.eval_batches(config, source, batch_size=4, num_steps=1))
+  with config.unlocked():
+    config.pp.mean = config.pp.std = None
+  plain = next(input_pipeline.eval_batches(config, source, batch_size=4, num_steps=1))
+  np.testing.assert_allclose(normalised['image'], ((plain['image'] + 1) / 2 - mean) / std,
+                             atol=1e-5)
+  with config.unlocked():
+    config.pp.mean, config.pp.std = mean, std
   results = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert results['step'] == 6 and 0 <= results['test']['accuracy_test'] <= 1
   tuned = checkpoint.load_model(str(tmp_path / 'run' / 'model.npz'))  # Our export of it.

@@ -52,6 +52,10 @@ def base_config() -> ml_collections.ConfigDict:
       randaug_layers=0,       # RandAugment: operations per image (AugReg uses 2); 0 = off.
       randaug_magnitude=10.0,  # Their strength: 0 (none) to 10 (rotations of 30 degrees, ...).
       mixup_alpha=0.0,        # Mixup's Beta(alpha, alpha) (AugReg: 0.2 or 0.5); 0 = off.
+      # Pixels (in [0, 1]) normalised as (pixel - mean) / std per channel, as a checkpoint of
+      # another library expects (DeiT, DINOv2: ImageNet's); None: to [-1, 1], as the paper's.
+      mean=ml_collections.FieldReference(None, field_type=object),
+      std=ml_collections.FieldReference(None, field_type=object),
   ))
 
   c.model = models.get_config('ViT-B_16')
@@ -143,6 +147,13 @@ def recipe_args(arg: str, recipe: str, usage: str, alternative: str = '') -> lis
 
 def dataset_info(name: str) -> dict:
   return DATASETS.get(name, {})
+
+
+def set_normalisation(c: ml_collections.ConfigDict, read):
+  """The input normalisation a checkpoint (checkpoint.read_any) expects, if not [-1, 1]."""
+  if read.preprocessing:
+    c.pp.mean = tuple(float(x) for x in read.preprocessing['mean'])
+    c.pp.std = tuple(float(x) for x in read.preprocessing['std'])
 
 
 def set_dataset(c: ml_collections.ConfigDict, name: str):
@@ -255,6 +266,13 @@ def check(config, *, device_count: int, process_count: int = 1):
          f'pp.randaug_magnitude={config.pp.randaug_magnitude} in [0, 10].')
   if config.pp.mixup_alpha < 0:
     fail(f'pp.mixup_alpha={config.pp.mixup_alpha} must be >= 0.')
+  if (config.pp.mean is None) != (config.pp.std is None) or (
+      config.pp.mean is not None and not all(
+          len(v) == 3 and all(isinstance(x, (int, float)) for x in v)
+          for v in (config.pp.mean, config.pp.std)) or
+      config.pp.std is not None and min(config.pp.std) <= 0):
+    fail(f'pp.mean={config.pp.mean} and pp.std={config.pp.std}: both None, or both three numbers '
+         '(one per channel; std positive).')
   if not 0 < config.pp.crop_min_area <= 1:
     fail(f'pp.crop_min_area={config.pp.crop_min_area} must lie in (0, 1].')
 

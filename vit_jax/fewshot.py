@@ -139,7 +139,8 @@ def evaluate_checkpoint(path: str, *, dataset: str, train_split='train', test_sp
   every local device."""
   from vit_jax import config_lib, input_pipeline
   from vit_jax.models_vit import VisionTransformer
-  params, model_config, _, image_size, _ = checkpoint.load_model(path)
+  read = checkpoint.read_any(path)
+  params, model_config, image_size = read.params, read.config, read.image_size
   if model_config.classifier == 'unpooled':
     raise ValueError(f'{path} has one output per patch (classifier=\'unpooled\', e.g. a masked '
                      'patch prediction model): few-shot evaluation needs one representation per '
@@ -147,6 +148,7 @@ def evaluate_checkpoint(path: str, *, dataset: str, train_split='train', test_sp
   config = config_lib.base_config()
   config.dataset = dataset
   config.pp.crop = image_size[0] if image_size[0] == image_size[1] else tuple(image_size)
+  config_lib.set_normalisation(config, read)
   model = VisionTransformer(num_classes=None, **model_config)
   if random_init:
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(image_size) + (3,)),

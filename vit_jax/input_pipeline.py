@@ -264,7 +264,7 @@ def train_batches(config, source: Source, *, batch_size: int, start_step: int = 
       image = preprocess.randaugment(image, tf.random.experimental.stateless_fold_in(
           crop_seed, 1), num_layers=config.pp.randaug_layers,
                                      magnitude=config.pp.randaug_magnitude)
-    return {'image': preprocess.to_value_range(image),
+    return {'image': preprocess.to_value_range(image, config.pp.mean, config.pp.std),
             'labels': _targets(example['label'], source.num_classes, source.multi_label)}
 
   dataset = stream.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
@@ -290,7 +290,7 @@ def eval_batches(config, source: Source, *, batch_size: int, num_steps: int) -> 
   def prepare(example):
     image = preprocess.resize_and_central_crop(source.decode(example['image']), resize, size,
                                                antialias=config.pp.antialias)
-    return {'image': preprocess.to_value_range(image),
+    return {'image': preprocess.to_value_range(image, config.pp.mean, config.pp.std),
             'labels': _targets(example['label'], source.num_classes, source.multi_label),
             'mask': tf.constant(1.0)}
 

@@ -68,9 +68,14 @@ def random_flip(image, seed):
   return tf.image.stateless_random_flip_left_right(image, seed)
 
 
-def to_value_range(image):
-  """Maps [0, 255] to [-1, 1], the input range of the official checkpoints."""
-  return tf.cast(image, tf.float32) / 127.5 - 1.0
+def to_value_range(image, mean=None, std=None):
+  """Maps [0, 255] to [-1, 1], the input range of the official checkpoints; with `mean` and
+  `std` (per channel, of [0, 1] pixels, as Hugging Face's image processors say) to
+  (pixel - mean) / std instead."""
+  if mean is None:
+    return tf.cast(image, tf.float32) / 127.5 - 1.0
+  return (tf.cast(image, tf.float32) / 255.0 - tf.constant(mean, tf.float32)) / tf.constant(
+      std, tf.float32)
 
 
 # ----------------------------------------------------------- AugReg regularisers (Steiner et al.)
