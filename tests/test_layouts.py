@@ -286,7 +286,7 @@ def test_timm_tables_resample_as_antialiased_bicubic(new_shape):
   grid = np.random.default_rng(0).standard_normal((4, 4, 2)).astype(np.float32)
   expected = np.stack([np.asarray(Image.fromarray(grid[..., c], mode='F').resize(
       new_shape[::-1], Image.BICUBIC)) for c in range(2)], axis=-1)
-  np.testing.assert_allclose(checkpoint.resampler('bicubic_antialias')(grid, new_shape),
+  np.testing.assert_allclose(layouts.resampler('bicubic_antialias')(grid, new_shape),
                              expected, atol=1e-5)
 
 
@@ -445,7 +445,8 @@ def test_the_tools_read_a_hugging_face_directory_with_its_names_and_normalisatio
   w = random_weights(HF_VIT, prefix_tokens=1, pos_tokens=5, prefix='vit.',
                      heads=[('classifier', 3)])
   path = write_hf(tmp_path / 'vit', w, dict(
-      HF_CONFIG, model_type='vit', hidden_act='gelu', id2label={'0': 'cat', '1': 'dog', '2': 'owl'}))
+      HF_CONFIG, model_type='vit', hidden_act='gelu',
+      id2label={'0': 'cat', '1': 'dog', '2': 'owl'}))
   mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
   (tmp_path / 'vit' / 'preprocessor_config.json').write_text(json.dumps(
       {'image_mean': mean, 'image_std': std}))

@@ -1,4 +1,5 @@
-"""Official ViT `.npz` checkpoints: read, write, and adapt to a new model (fine-tuning).
+"""Checkpoints: every reader's entry point (official / big_vision / own .npz files here; Hugging
+Face and timm through vit_jax/layouts/), .npz writing, and adapting to a new model (fine-tuning).
 
 A checkpoint is `np.savez` of the flattened parameter tree with `/`-joined keys, e.g.
 `Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel`. Paths with a scheme (`gs://...`) go
@@ -19,19 +20,15 @@ import ml_collections
 import numpy as np
 
 from vit_jax import datasets, layouts, models, models_vit
+from vit_jax.layouts import official
+# Names this module has always offered; their home is now vit_jax/layouts/.
+from vit_jax.layouts.common import (  # pylint: disable=unused-import
+    CheckpointMismatchError, SCANNED_BLOCK, stack_layers, unstack_layers)
+from vit_jax.layouts.official import (  # pylint: disable=unused-import
+    infer_model_config, resample_grid)
 
 Params = Any
 DESCRIPTION_KEY = 'vit_jax_description'  # The model config inside an exported .npz.
-
-# Newer Flax numbers a block's sub-modules per type; the official files number them per block.
-_NEWER_TO_OFFICIAL = {
-    'MultiHeadDotProductAttention_0': 'MultiHeadDotProductAttention_1',
-    'LayerNorm_1': 'LayerNorm_2',
-    'MlpBlock_0': 'MlpBlock_3',
-}
-
-
-CheckpointMismatchError = layouts.common.CheckpointMismatchError
 
 
 class NonFiniteParametersError(ValueError):
@@ -130,74 +127,6 @@ def write_bytes(path: str, data: bytes):
     raise
 
 
-SCANNED_BLOCK = ('Transformer', models_vit.SCANNED_BLOCK)  # A scanned encoder's stacked block.
-
-
-def unstack_layers(flat: dict) -> dict:
-  """A scanned encoder's parameters (`Transformer/encoderblock/...`, leading layer axis) as the
-  per-layer blocks `Transformer/encoderblock_{i}/...`; other keys as they are."""
-  layout = {}
-  for key, value in flat.items():
-    if key[:2] == SCANNED_BLOCK:
-      for layer in range(value.shape[0]):
-        layout[('Transformer', f'encoderblock_{layer}') + key[2:]] = value[layer]
-    else:
-      layout[key] = value
-  return layout
-
-
-def stack_layers(flat: dict) -> dict:
-  """The inverse of unstack_layers: per-layer blocks as one stacked `Transformer/encoderblock`."""
-  layout, layers = {}, {}
-  for key, value in flat.items():
-    if key[0] == 'Transformer' and key[1].startswith('encoderblock_'):
-      layers.setdefault(key[2:], {})[int(key[1][len('encoderblock_'):])] = value
-    else:
-      layout[key] = value
-  for rest, values in layers.items():
-    layout[SCANNED_BLOCK + rest] = jnp.stack([values[i] for i in range(len(values))])
-  return layout
-
-
-def _from_big_vision(flat: dict) -> dict:
-  """big_vision's ViT layout (big_vision/models/vit.py) as the official one:
-  - a scanned encoder, per layer (unstack_layers);
-  - the top-level `pos_embedding` (added before the class token is prepended, so it has no
-    slot for it) as `Transformer/posembed_input/pos_embedding`, with a zero class-token slot
-    (which computes exactly what big_vision computes);
-  - `Transformer/pos_embedding` (its pre-2022 files, class-token slot included) likewise.
-  Their `MAPHead_0` is this codebase's classifier='map'."""
-  layout = {}
-  for key, value in unstack_layers(flat).items():
-    if key in (('pos_embedding',), ('Transformer', 'pos_embedding')):
-      if key == ('pos_embedding',) and ('cls',) in flat:
-        value = np.concatenate([np.zeros_like(value[:, :1]), value], axis=1)
-      layout[('Transformer', 'posembed_input', 'pos_embedding')] = value
-    else:
-      layout[key] = value
-  return layout
-
-
-def _to_official_layout(flat: dict) -> dict:
-  """{key tuple: array} in the official spelling and shapes: big_vision's layout (see
-  _from_big_vision); the newer Flax numbering of a block's modules; GroupNorm scales and biases
-  of shape (1, 1, 1, C), as the AugReg hybrids store them (older Flax), as (C,); relative
-  position tables of this codebase's earlier exports (`Transformer/relative_position_{i}`) in
-  their block."""
-  layout = {}
-  for key, value in _from_big_vision(flat).items():
-    if len(key) > 2 and key[0] == 'Transformer' and key[1].startswith('relative_position_'):
-      key = ('Transformer', f'encoderblock_{key[1][len("relative_position_"):]}',
-             'relative_position') + key[2:]
-    if len(key) > 2 and key[0] == 'Transformer' and key[1].startswith('encoderblock_'):
-      key = key[:2] + (_NEWER_TO_OFFICIAL.get(key[2], key[2]),) + key[3:]
-    if (len(key) > 1 and key[-2].startswith('gn') and key[-1] in ('scale', 'bias') and
-        value.ndim == 4):
-      value = value.reshape(-1)
-    layout[key] = value
-  return layout
-
-
 def _load(path: str):
   """(nested parameters in the official layout, the file's description or None)."""
   with _open_npz(io.BytesIO(_read_bytes(path)), path) as npz:
@@ -212,7 +141,7 @@ def _load(path: str):
   if not flat:
     raise ValueError(f'{path} holds no parameters.')
   check_finite(flat, path)
-  return flax.traverse_util.unflatten_dict(_to_official_layout(flat)), description
+  return flax.traverse_util.unflatten_dict(official.to_official_layout(flat)), description
 
 
 def _foreign(path: str) -> Optional[layouts.Read]:
@@ -373,23 +302,6 @@ def save(params: Params, path: str, *, model_config=None, image_size=None,
   write_bytes(path, buffer.getvalue())
 
 
-def resample_grid(grid: np.ndarray, new_shape: Sequence[int]) -> np.ndarray:
-  """Bilinearly resamples a (h, w, D) grid to new_shape = (h', w'), corners aligned.
-
-  Aligned corners (like scipy.ndimage.zoom with order=1, which the official code uses) keep the
-  embeddings of the four corner patches exactly.
-  """
-  scales, shifts = [], []
-  for old, new in zip(grid.shape[:2], new_shape):
-    scale = (new - 1) / (old - 1) if old > 1 and new > 1 else new / old
-    scales.append(scale)
-    shifts.append(0.5 * (1 - scale) if old > 1 and new > 1 else 0.0)
-  resampled = jax.image.scale_and_translate(
-      jnp.asarray(grid, jnp.float32), tuple(new_shape) + grid.shape[2:], (0, 1),
-      jnp.array(scales), jnp.array(shifts), method='linear', antialias=False)
-  return np.asarray(resampled).astype(grid.dtype)
-
-
 def _grid_shape(num_tokens: int, image_size, token_stride, what: str):
   if image_size is not None:
     shape = (image_size[0] // token_stride[0], image_size[1] // token_stride[1])
@@ -406,21 +318,8 @@ def _grid_shape(num_tokens: int, image_size, token_stride, what: str):
   return side, side
 
 
-def resampler(method: str):
-  """(h, w, D) grid, new (h', w') -> the grid resampled the way a layout's library does it:
-  'bilinear' (official: corners aligned), 'bicubic' (PyTorch's interpolate: Hugging Face's
-  DINOv2 and ViT), 'bicubic_antialias' (timm's resample_abs_pos_embed)."""
-  if method == 'bicubic':
-    return layouts.common.resample_bicubic
-  if method == 'bicubic_antialias':
-    return lambda grid, shape: np.asarray(jax.image.resize(
-        jnp.asarray(grid, jnp.float32), tuple(shape) + grid.shape[2:], 'cubic',
-        antialias=True)).astype(grid.dtype)
-  return resample_grid
-
-
 def _adapt_position_embeddings(restored: dict, init: dict, token_stride, image_size,
-                               pretrained_image_size, resample=resample_grid) -> None:
+                               pretrained_image_size, resample=official.resample_grid) -> None:
   """Resamples the checkpoint's position embeddings to the target grid, in place.
 
   The class-token slot (present when the model has `cls`) is carried over or, when only the
@@ -505,7 +404,7 @@ def load_pretrained(*, pretrained_path: str, init_params: Params, model_config,
 
   _adapt_position_embeddings(restored, init, models.token_stride(model_config), image_size,
                              pretrained_image_size or (foreign and foreign.image_size),
-                             resampler(foreign.resample if foreign else 'bilinear'))
+                             layouts.resampler(foreign.resample if foreign else 'bilinear'))
   _adapt_learned_tables(restored, init)
   for token in ('cls', 'dist', 'registers'):  # gap -> token, DeiT -> ViT, ...
     if (token,) in init:
@@ -534,61 +433,6 @@ def _check_fits(restored: dict, init: dict, path: str):
         lines.append(f'  {title}: {len(keys)}')
         lines.extend(f'    {key}' for key in keys)
     raise CheckpointMismatchError('\n'.join(lines))
-
-
-def _posemb_and_grid(encoder: dict, has_class_token: bool):
-  """(posemb variant, patch grid) read off the position-embedding parameters, if any."""
-  table = encoder.get('posembed_input', {})
-  if 'pos_embedding' in table:
-    side = math.isqrt(table['pos_embedding'].shape[1] - has_class_token)
-    return 'learn', (side, side)
-  if 'row_embedding' in table:
-    return 'learn_2d', (len(table['row_embedding']), len(table['column_embedding']))
-  if 'relative_position' in encoder['encoderblock_0']:
-    offsets = encoder['encoderblock_0']['relative_position']['relative_position_bias'].shape
-    return 'relative', ((offsets[0] + 1) // 2, (offsets[1] + 1) // 2)
-  return None, None
-
-
-def infer_model_config(params: Params, name: str = 'from-checkpoint'):
-  """The model config of a ViT checkpoint, read off its parameter shapes, and its image size.
-
-  Returns (config, num_classes, image_size); a 1D table is taken as a square grid. For files
-  that do not describe themselves (official releases); see load_model.
-  """
-  try:
-    patch_h, patch_w, _, width = params['embedding']['kernel'].shape
-    encoder = params['Transformer']
-    num_layers = sum(1 for k in encoder if k.startswith('encoderblock_'))
-    block = encoder['encoderblock_0']
-    _, num_heads, _ = block['MultiHeadDotProductAttention_1']['query']['kernel'].shape
-    mlp_dim = block['MlpBlock_3']['Dense_0']['kernel'].shape[1]
-  except KeyError as e:
-    raise ValueError(f'Not a ViT checkpoint: it has no parameter {e}.') from None
-  # Masked patch prediction models (mpp.py) have a [mask] embedding and one output per patch.
-  classifier = ('unpooled' if 'mask_token' in params else 'map' if 'MAPHead_0' in params else
-                'token' if 'cls' in params else 'gap')
-  posemb, grid = _posemb_and_grid(encoder, classifier == 'token')
-  if posemb is None:
-    raise ValueError('The checkpoint has no position-embedding parameters: its model used fixed '
-                     "sincos2d embeddings or none, which the parameters cannot tell apart, nor "
-                     'its resolution. Export it again with this version of vit_jax (exports '
-                     'now carry their model config).')
-  config = models.vit_config(
-      name, hidden_size=width, mlp_dim=mlp_dim, num_heads=num_heads, num_layers=num_layers,
-      patch=patch_h, classifier=classifier,
-      representation_size=params['pre_logits']['kernel'].shape[1] if 'pre_logits' in params
-      else None)
-  config.patches.size = (patch_h, patch_w)
-  config.transformer.posemb = posemb
-  if 'conv_root' in params:  # A hybrid: count the units of each ResNet stage.
-    stages = sorted(int(k[len('block'):]) for k in params if k.startswith('block'))
-    config.resnet = ml_collections.ConfigDict({
-        'num_layers': tuple(len(params[f'block{s}']) for s in stages),
-        'width_factor': params['conv_root']['kernel'].shape[-1] // 64})
-  num_classes = params['head']['kernel'].shape[-1] if 'head' in params else None
-  stride_h, stride_w = models.token_stride(config)
-  return config, num_classes, (grid[0] * stride_h, grid[1] * stride_w)
 
 
 def patch_embedding_kernel(params: Params):

@@ -1,4 +1,6 @@
-r"""Converts a checkpoint between layouts: python -m vit_jax.convert --format=hf|timm|npz SOURCE DEST
+r"""Converts a checkpoint between layouts:
+
+python -m vit_jax.convert --format=hf|timm|npz SOURCE DEST
 
 SOURCE: anything checkpoint.load_model reads (an .npz of any Google release or of a run here, a
 Hugging Face model directory, a timm .safetensors file, hf://ORG/NAME[@REVISION]).

@@ -1,4 +1,5 @@
-"""The processes of a multi-host run: joining them, and agreeing on what they run before they run it.
+"""The processes of a multi-host run: joining them, and agreeing on what they run before they
+run it.
 
 Processes that disagree (another config on one host, another class folder, a missing peer) do
 not fail in any way a user can read: a collective of another shape aborts in gloo / NCCL, one of

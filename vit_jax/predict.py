@@ -68,7 +68,8 @@ class Classifier(NamedTuple):
 
 
 def load_classifier(checkpoint_path: str, model_name=None) -> Classifier:
-  """The classifier of a checkpoint; the probabilities are sigmoids for a multi-label model, a softmax distribution
+  """The classifier of a checkpoint; the probabilities are sigmoids for a multi-label model, a
+  softmax distribution
   otherwise. Images are normalised as the checkpoint expects (Hugging Face files: the mean and
   std of their preprocessor_config.json)."""
   read = checkpoint.read_any(checkpoint_path)

@@ -9,7 +9,11 @@ holds, and `hf://ORG/NAME[@REVISION]` ids resolved through the local Hugging Fac
 import os
 from typing import Optional
 
-from vit_jax.layouts import common, hugging_face, timm
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax.layouts import common, hugging_face, official, timm
 
 Read = common.Read
 HF_SCHEME = 'hf://'
@@ -33,7 +37,7 @@ def resolve(path: str) -> str:
                                              allow_patterns=HUB_FILES)
   except errors.LocalEntryNotFoundError as e:
     raise FileNotFoundError(
-        f'{path} is not in the local Hugging Face cache ({os.environ.get("HF_HUB_CACHE") or "~/.cache/huggingface/hub"}) '
+        f'{path} is not in the local Hugging Face cache ({huggingface_hub.constants.HF_HUB_CACHE}) '
         'and the Hub cannot be reached (HF_HUB_OFFLINE is set, or no network): download it once '
         f'with the network ({type(e).__name__}).') from None
   except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError) as e:
@@ -66,3 +70,16 @@ def _read(path: str) -> Optional[Read]:
     raise ValueError(f'{path}: a .safetensors file with neither timm\'s keys (patch_embed.proj) '
                      'nor beside a Hugging Face config.json: pass the model directory.')
   return None
+
+
+def resampler(method: str):
+  """(h, w, D) grid, new (h', w') -> the grid resampled the way a layout's library does it:
+  'bilinear' (official: corners aligned), 'bicubic' (PyTorch's interpolate: Hugging Face's
+  DINOv2 and ViT), 'bicubic_antialias' (timm's resample_abs_pos_embed)."""
+  if method == 'bicubic':
+    return common.resample_bicubic
+  if method == 'bicubic_antialias':
+    return lambda grid, shape: np.asarray(jax.image.resize(
+        jnp.asarray(grid, jnp.float32), tuple(shape) + grid.shape[2:], 'cubic',
+        antialias=True)).astype(grid.dtype)
+  return official.resample_grid

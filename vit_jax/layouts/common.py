@@ -5,7 +5,10 @@ import json
 import os
 from typing import NamedTuple, Optional
 
+import jax.numpy as jnp
 import numpy as np
+
+from vit_jax import models_vit
 
 
 class CheckpointMismatchError(ValueError):
@@ -152,3 +155,32 @@ def write_safetensors(path: str, flat: dict):
     if os.path.exists(temporary):
       os.remove(temporary)
     raise
+
+
+SCANNED_BLOCK = ('Transformer', models_vit.SCANNED_BLOCK)  # A scanned encoder's stacked block.
+
+
+def unstack_layers(flat: dict) -> dict:
+  """A scanned encoder's parameters (`Transformer/encoderblock/...`, leading layer axis) as the
+  per-layer blocks `Transformer/encoderblock_{i}/...`; other keys as they are."""
+  layout = {}
+  for key, value in flat.items():
+    if key[:2] == SCANNED_BLOCK:
+      for layer in range(value.shape[0]):
+        layout[('Transformer', f'encoderblock_{layer}') + key[2:]] = value[layer]
+    else:
+      layout[key] = value
+  return layout
+
+
+def stack_layers(flat: dict) -> dict:
+  """The inverse of unstack_layers: per-layer blocks as one stacked `Transformer/encoderblock`."""
+  layout, layers = {}, {}
+  for key, value in flat.items():
+    if key[0] == 'Transformer' and key[1].startswith('encoderblock_'):
+      layers.setdefault(key[2:], {})[int(key[1][len('encoderblock_'):])] = value
+    else:
+      layout[key] = value
+  for rest, values in layers.items():
+    layout[SCANNED_BLOCK + rest] = jnp.stack([values[i] for i in range(len(values))])
+  return layout

@@ -307,7 +307,8 @@ def _read_tower(path: str, hf: dict) -> common.Read:
   vision = hf.get('vision_config', hf) if hf['model_type'] in ('siglip', 'clip') else hf
   flat = {}
   for key, value in common.read_safetensors_dir(path).items():
-    if key.startswith('text_model.') or key in ('logit_scale', 'logit_bias', 'text_projection.weight',
+    if key.startswith('text_model.') or key in ('logit_scale', 'logit_bias',
+                                                'text_projection.weight',
                                                 'visual_projection.weight'):
       continue  # The text tower and the projections to the joint space.
     flat[key[len('vision_model.'):] if key.startswith('vision_model.') else key] = value
@@ -361,7 +362,8 @@ def _read_tower(path: str, hf: dict) -> common.Read:
     params['MAPHead_0'] = {
         'probe': flat.pop('head.probe'), 'MultiHeadDotProductAttention_0': attention,
         'LayerNorm_0': _norm(flat, 'head.layernorm'),
-        'MlpBlock_0': {'Dense_0': dict(zip(('kernel', 'bias'), _linear(flat, 'head.mlp.fc1', (-1,)))),
+        'MlpBlock_0': {'Dense_0': dict(zip(('kernel', 'bias'),
+                                           _linear(flat, 'head.mlp.fc1', (-1,)))),
                        'Dense_1': dict(zip(('kernel', 'bias'),
                                            _linear(flat, 'head.mlp.fc2', (width,))))}}
   common.refuse_leftovers(flat, path)
