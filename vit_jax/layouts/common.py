@@ -71,6 +71,25 @@ def pop_conv(flat: dict, name: str) -> dict:
           'bias': flat.pop(f'{name}.bias')}
 
 
+def split_qkv(weight, bias, heads: int) -> dict:
+  """Query, key and value projections stacked in one PyTorch weight (3 D, D) and bias (3 D)
+  (timm's fused qkv, torch.nn.MultiheadAttention's in_proj) as this model's three."""
+  width = weight.shape[1]
+  return {name: {'kernel': w.T.reshape(width, heads, width // heads),
+                 'bias': b.reshape(heads, width // heads)}
+          for name, w, b in zip(('query', 'key', 'value'), np.split(weight, 3),
+                                np.split(bias, 3))}
+
+
+def stack_qkv(attention: dict) -> tuple:
+  """The inverse of split_qkv: (weight (3 D, D), bias (3 D)) of an attention's parameters."""
+  names = ('query', 'key', 'value')
+  weight = [np.asarray(attention[n]['kernel']).reshape(attention[n]['kernel'].shape[0], -1).T
+            for n in names]
+  return (np.concatenate(weight),
+          np.concatenate([np.asarray(attention[n]['bias']).reshape(-1) for n in names]))
+
+
 def refuse_leftovers(flat: dict, path: str):
   """Weights a reader did not place mean a model it does not know: name them."""
   if flat:

@@ -351,11 +351,7 @@ def _read_tower(path: str, hf: dict) -> common.Read:
     classifier = 'map'
     stacked_w, stacked_b = flat.pop('head.attention.in_proj_weight'), flat.pop(
         'head.attention.in_proj_bias')
-    attention = {}
-    for j, name in enumerate(('query', 'key', 'value')):
-      rows = slice(j * width, (j + 1) * width)
-      attention[name] = {'kernel': stacked_w[rows].T.reshape(width, heads, head_dim),
-                         'bias': stacked_b[rows].reshape(heads, head_dim)}
+    attention = common.split_qkv(stacked_w, stacked_b, heads)
     out = flat.pop('head.attention.out_proj.weight')
     attention['out'] = {'kernel': out.T.reshape(heads, head_dim, width),
                         'bias': flat.pop('head.attention.out_proj.bias')}
@@ -451,10 +447,8 @@ def _write_tower(read: common.Read, path: str):
   head = params['MAPHead_0']
   pooling = head['MultiHeadDotProductAttention_0']
   flat['head.probe'] = np.asarray(head['probe'])
-  flat['head.attention.in_proj_weight'] = np.concatenate(
-      [_unlinear(pooling[n]['kernel'], pooling[n]['bias'])[0] for n in ('query', 'key', 'value')])
-  flat['head.attention.in_proj_bias'] = np.concatenate(
-      [np.asarray(pooling[n]['bias']).reshape(-1) for n in ('query', 'key', 'value')])
+  flat['head.attention.in_proj_weight'], flat['head.attention.in_proj_bias'] = (
+      common.stack_qkv(pooling))
   attention_out(pooling, 'head.attention.out_proj')
   norm(head['LayerNorm_0'], 'head.layernorm')
   mlp(head['MlpBlock_0'], 'head.mlp')

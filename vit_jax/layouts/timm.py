@@ -60,11 +60,7 @@ def read(path: str, flat: dict, hub_config: dict = None) -> common.Read:
     block = f'blocks.{i}.'
     qkv_weight = flat.pop(f'{block}attn.qkv.weight')  # (3 D, D): query, key, value stacked.
     qkv_bias = flat.pop(f'{block}attn.qkv.bias', np.zeros(3 * width, qkv_weight.dtype))
-    attention = {}
-    for j, name in enumerate(('query', 'key', 'value')):
-      rows = slice(j * width, (j + 1) * width)
-      attention[name] = {'kernel': qkv_weight[rows].T.reshape(width, heads, head_dim),
-                         'bias': qkv_bias[rows].reshape(heads, head_dim)}
+    attention = common.split_qkv(qkv_weight, qkv_bias, heads)
     attention['out'] = {'kernel': flat.pop(f'{block}attn.proj.weight').T.reshape(
         heads, head_dim, width), 'bias': flat.pop(f'{block}attn.proj.bias')}
     encoder[f'encoderblock_{i}'] = {
@@ -163,11 +159,7 @@ def write(read: common.Read, path: str) -> str:
   for i in range(transformer.num_layers):
     block, name = encoder[f'encoderblock_{i}'], f'blocks.{i}.'
     attention = block['MultiHeadDotProductAttention_1']
-    flat[f'{name}attn.qkv.weight'] = np.concatenate(
-        [np.asarray(attention[n]['kernel']).reshape(width, width).T
-         for n in ('query', 'key', 'value')])
-    flat[f'{name}attn.qkv.bias'] = np.concatenate(
-        [np.asarray(attention[n]['bias']).reshape(-1) for n in ('query', 'key', 'value')])
+    flat[f'{name}attn.qkv.weight'], flat[f'{name}attn.qkv.bias'] = common.stack_qkv(attention)
     flat[f'{name}attn.proj.weight'] = np.asarray(attention['out']['kernel']).reshape(-1, width).T
     flat[f'{name}attn.proj.bias'] = np.asarray(attention['out']['bias'])
     for ours, theirs in (('LayerNorm_0', 'norm1'), ('LayerNorm_2', 'norm2')):
