@@ -70,6 +70,8 @@ def timm_families():
       'vit_tiny_patch16_224': dict(depth=2, num_classes=10),
       'deit_tiny_distilled_patch16_224': dict(depth=2, num_classes=10),
       'vit_small_patch14_reg4_dinov2': dict(depth=2, num_classes=0, img_size=224),
+      'vit_base_patch16_siglip_224': dict(depth=2, num_classes=10),
+      'vit_base_patch16_clip_quickgelu_224': dict(depth=2, num_classes=10),
   }
 
 
@@ -88,7 +90,7 @@ def main():
   args = parser.parse_args()
   import timm
   import transformers
-  from safetensors.torch import load_file, save_file
+  from safetensors.torch import load_file
   torch.manual_seed(0)
   size2 = (args.second_resolution,) * 2
   images = torch.rand(2, 3, 224, 224) * 2 - 1
@@ -116,8 +118,8 @@ def main():
       rows.append((name, 'vit_jax -> transformers', relative(again, theirs), None))
     for name, kwargs in timm_families().items():
       model = perturbed(timm.create_model(name, pretrained=False, **kwargs))
-      path = os.path.join(tmp, name + '.safetensors')
-      save_file(model.state_dict(), path)
+      path = os.path.join(tmp, name)  # timm's Hub layout: config.json (architecture) + weights.
+      timm.models.save_for_hf(model, path, safe_serialization=True)
       features = not kwargs.get('num_classes')
       patch = model.patch_embed.patch_size[0]
       size2 = ((args.second_resolution // patch) * patch,) * 2

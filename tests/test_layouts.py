@@ -466,6 +466,24 @@ def test_the_tools_read_a_hugging_face_directory_with_its_names_and_normalisatio
   assert len(figures) == 4
 
 
+def attention_pool(tokens, probe, qkv_weight, qkv_bias, h, *, tanh_gelu, names=None):
+  """A probe attending to every token, then LayerNorm + MLP with a residual (SigLIP's head);
+  h(name) gives the out projection, norm and MLP weights under `names`' spelling."""
+  names = names or dict(out='attention.out_proj', norm='layernorm', fc1='mlp.fc1', fc2='mlp.fc2')
+  q_w, k_w, v_w = np.split(qkv_weight, 3)
+  q_b, k_b, v_b = np.split(qkv_bias, 3)
+  split = lambda t: t.reshape(t.shape[0], -1, HEADS, WIDTH // HEADS).transpose(0, 2, 1, 3)
+  q = split(jnp.broadcast_to(probe, (tokens.shape[0], 1, WIDTH)) @ q_w.T + q_b)
+  k, v = split(tokens @ k_w.T + k_b), split(tokens @ v_w.T + v_b)
+  a = jax.nn.softmax(q @ k.transpose(0, 1, 3, 2) / np.sqrt(WIDTH // HEADS), axis=-1)
+  pooled = (a @ v).transpose(0, 2, 1, 3).reshape(tokens.shape[0], 1, WIDTH)
+  pooled = pooled @ h(names['out'] + '.weight').T + h(names['out'] + '.bias')
+  y = layer_norm(pooled, h(names['norm'] + '.weight'), h(names['norm'] + '.bias'), 1e-6)
+  y = jax.nn.gelu(y @ h(names['fc1'] + '.weight').T + h(names['fc1'] + '.bias'),
+                  approximate=tanh_gelu)
+  return (pooled + y @ h(names['fc2'] + '.weight').T + h(names['fc2'] + '.bias'))[:, 0]
+
+
 SIGLIP = dict(patch='vision_model.embeddings.patch_embedding',
               pos='vision_model.embeddings.position_embedding.weight',
               ln1='vision_model.encoder.layers.{i}.layer_norm1',
@@ -510,17 +528,8 @@ def test_the_vision_tower_of_a_full_siglip_model(tmp_path):
          w['vision_model.embeddings.position_embedding.weight'][None]}
   tokens = reference(pos, x, SIGLIP, eps=1e-6, class_token=False, tanh_gelu=True)
   h = lambda name: head[f'vision_model.head.{name}']
-  q_w, k_w, v_w = np.split(h('attention.in_proj_weight'), 3)
-  q_b, k_b, v_b = np.split(h('attention.in_proj_bias'), 3)
-  split = lambda t: t.reshape(t.shape[0], -1, HEADS, WIDTH // HEADS).transpose(0, 2, 1, 3)
-  q = split(jnp.broadcast_to(h('probe'), (2, 1, WIDTH)) @ q_w.T + q_b)
-  k, v = split(tokens @ k_w.T + k_b), split(tokens @ v_w.T + v_b)
-  a = jax.nn.softmax(q @ k.transpose(0, 1, 3, 2) / np.sqrt(WIDTH // HEADS), axis=-1)
-  pooled = (a @ v).transpose(0, 2, 1, 3).reshape(2, 1, WIDTH)
-  pooled = pooled @ h('attention.out_proj.weight').T + h('attention.out_proj.bias')
-  y = layer_norm(pooled, h('layernorm.weight'), h('layernorm.bias'), 1e-6)
-  y = jax.nn.gelu(y @ h('mlp.fc1.weight').T + h('mlp.fc1.bias'), approximate=True)
-  expected = (pooled + y @ h('mlp.fc2.weight').T + h('mlp.fc2.bias'))[:, 0]
+  expected = attention_pool(tokens, h('probe'), h('attention.in_proj_weight'),
+                            h('attention.in_proj_bias'), h, tanh_gelu=True)
   np.testing.assert_allclose(apply(exported, x), expected, atol=1e-5, rtol=0)
   from vit_jax import convert  # And back, as a SiglipVisionModel.
   convert.convert(path, str(tmp_path / 'tower'), 'hf')
@@ -585,3 +594,47 @@ def test_sharded_directories_and_missing_files(tmp_path):
   os.remove(directory / 'model.safetensors.index.json')
   with pytest.raises(FileNotFoundError, match=r'has a config.json but no model.safetensors'):
     checkpoint.load_model(str(directory))
+
+
+def test_timm_siglip_and_clip(tmp_path, monkeypatch):
+  """timm's SigLIP (attn_pool: latent, q, kv) and CLIP (norm_pre, no patch bias, quick GELU
+  named by the architecture in its Hub config.json)."""
+  monkeypatch.setitem(timm_layout.HEADS_BY_WIDTH, WIDTH, HEADS)
+  rng = np.random.default_rng(5)
+  normal = lambda *shape: (rng.standard_normal(shape) * 0.2).astype(np.float32)
+  siglip = random_weights(TIMM, prefix_tokens=1, pos_tokens=4, fused_qkv=True)
+  del siglip['cls_token']
+  pool = {'attn_pool.latent': normal(1, 1, WIDTH), 'attn_pool.q.weight': normal(WIDTH, WIDTH),
+          'attn_pool.q.bias': normal(WIDTH), 'attn_pool.kv.weight': normal(2 * WIDTH, WIDTH),
+          'attn_pool.kv.bias': normal(2 * WIDTH), 'attn_pool.proj.weight': normal(WIDTH, WIDTH),
+          'attn_pool.proj.bias': normal(WIDTH), 'attn_pool.norm.weight': 1 + normal(WIDTH),
+          'attn_pool.norm.bias': normal(WIDTH), 'attn_pool.mlp.fc1.weight': normal(MLP, WIDTH),
+          'attn_pool.mlp.fc1.bias': normal(MLP), 'attn_pool.mlp.fc2.weight': normal(WIDTH, MLP),
+          'attn_pool.mlp.fc2.bias': normal(WIDTH)}
+  save_file({**siglip, **pool}, str(tmp_path / 'siglip.safetensors'))
+  exported = checkpoint.load_model(str(tmp_path / 'siglip.safetensors'))
+  x = images()
+  tokens = reference(siglip, x, TIMM, eps=1e-6, fused_qkv=True, class_token=False)
+  expected = attention_pool(
+      tokens, pool['attn_pool.latent'],
+      np.concatenate([pool['attn_pool.q.weight'], pool['attn_pool.kv.weight']]),
+      np.concatenate([pool['attn_pool.q.bias'], pool['attn_pool.kv.bias']]),
+      lambda name: pool[f'attn_pool.{name}'], tanh_gelu=False,
+      names=dict(out='proj', norm='norm', fc1='mlp.fc1', fc2='mlp.fc2'))
+  np.testing.assert_allclose(apply(exported, x), expected, atol=1e-5, rtol=0)
+
+  clip = random_weights(dict(TIMM, pre_norm='norm_pre'), prefix_tokens=1, pos_tokens=5,
+                        fused_qkv=True, heads=[('head', 6)])
+  del clip['patch_embed.proj.bias']
+  clip['norm_pre.weight'], clip['norm_pre.bias'] = 1 + normal(WIDTH), normal(WIDTH)
+  directory = tmp_path / 'clip'
+  directory.mkdir()
+  save_file(clip, str(directory / 'model.safetensors'))
+  (directory / 'config.json').write_text(json.dumps(
+      {'architecture': 'vit_base_patch16_clip_quickgelu_224', 'num_classes': 6}))
+  exported = checkpoint.load_model(str(directory))
+  tokens = reference(dict(clip, **{'patch_embed.proj.bias': np.zeros(WIDTH, np.float32)}), x,
+                     dict(TIMM, pre_norm='norm_pre'), eps=1e-5, fused_qkv=True, pre_norm=True,
+                     quick_gelu=True)
+  np.testing.assert_allclose(apply(exported, x), tokens[:, 0] @ clip['head.weight'].T +
+                             clip['head.bias'], atol=1e-5, rtol=0)

@@ -17,7 +17,7 @@ from vit_jax import models
 from vit_jax.layouts import common
 
 HEADS_BY_WIDTH = {1280: 16, 1408: 16}  # Otherwise width // 64.
-NOT_YET = ('fc_norm.weight', 'norm_pre.weight', 'attn_pool.latent', 'attn_pool.q.weight')
+NOT_YET = ('fc_norm.weight',)  # Average pooling with its own norm (MAE, BEiT-style models).
 
 
 def is_state_dict(flat: dict) -> bool:
@@ -39,6 +39,11 @@ def read(path: str, flat: dict, hub_config: dict = None) -> common.Read:
     raise ValueError(f'{path}: a timm model with {unsupported[0].split(".")[0]} (pooling or '
                      'pre-norm options vit_jax does not read yet).')
   flat = dict(flat)
+  architecture = (hub_config or {}).get('architecture', '')
+  clip = 'norm_pre.weight' in flat  # CLIP: a pre-norm, no patch embedding bias.
+  if clip:
+    flat.setdefault('patch_embed.proj.bias', np.zeros(flat['patch_embed.proj.weight'].shape[0],
+                                                      np.float32))
   embedding = common.pop_conv(flat, 'patch_embed.proj')
   patch_h, patch_w, _, width = embedding['kernel'].shape
   heads = (hub_config or {}).get('model_args', {}).get('num_heads') or HEADS_BY_WIDTH.get(
@@ -75,6 +80,20 @@ def read(path: str, flat: dict, hub_config: dict = None) -> common.Read:
       encoder[f'encoderblock_{i}']['layer_scale_mlp'] = {'scale': flat.pop(f'{block}ls2.gamma')}
       layer_scale = 1e-5  # Its initial value; only training from scratch reads it.
   encoder['encoder_norm'] = _norm(flat, 'norm')
+  if clip:
+    encoder['pre_norm'] = _norm(flat, 'norm_pre')
+  if 'attn_pool.latent' in flat:  # SigLIP: attention pooling (timm's AttentionPoolLatent).
+    key_value = flat.pop('attn_pool.kv.weight'), flat.pop('attn_pool.kv.bias')
+    keys_values = common.split_qkv(
+        np.concatenate([flat.pop('attn_pool.q.weight'), key_value[0]]),
+        np.concatenate([flat.pop('attn_pool.q.bias'), key_value[1]]), heads)
+    keys_values['out'] = {'kernel': flat.pop('attn_pool.proj.weight').T.reshape(
+        heads, head_dim, width), 'bias': flat.pop('attn_pool.proj.bias')}
+    params['MAPHead_0'] = {
+        'probe': flat.pop('attn_pool.latent'), 'MultiHeadDotProductAttention_0': keys_values,
+        'LayerNorm_0': _norm(flat, 'attn_pool.norm'),
+        'MlpBlock_0': {'Dense_0': _linear(flat, 'attn_pool.mlp.fc1'),
+                       'Dense_1': _linear(flat, 'attn_pool.mlp.fc2')}}
 
   num_registers = params['registers'].shape[1] if 'registers' in params else 0
   side = int(round(np.sqrt(table.shape[1] - len(prefix))))
@@ -99,9 +118,14 @@ def read(path: str, flat: dict, hub_config: dict = None) -> common.Read:
       (hub_config or {}).get('architecture', f'timm:{os.path.basename(path)}'),
       hidden_size=width, mlp_dim=params['Transformer']['encoderblock_0']['MlpBlock_3']
       ['Dense_0']['kernel'].shape[1], num_heads=heads, num_layers=num_layers, patch=patch_h,
-      classifier='token' if 'cls' in params else 'gap')
+      classifier='map' if 'MAPHead_0' in params else 'token' if 'cls' in params else 'gap')
   config.patches.size = (patch_h, patch_w)
   config.transformer.gelu_approximate = False  # torch.nn.GELU: the exact form.
+  if clip:  # timm's CLIP models: torch.nn.LayerNorm's epsilon; OpenAI's weights: quick GELU.
+    config.transformer.pre_norm = True
+    config.transformer.layer_norm_epsilon = 1e-5
+    if 'quickgelu' in architecture:
+      config.transformer.quick_gelu = True
   if layer_scale is not None:
     config.transformer.layer_scale = layer_scale
   if 'dist' in params:
@@ -135,25 +159,32 @@ def write(read: common.Read, path: str) -> str:
   builds the model it loads into strictly."""
   config, params = read.config, read.params
   transformer = config.transformer
-  problems = common.plain_vit_problems(config, params)
+  problems = [p for p in common.plain_vit_problems(config, params)
+              if config.classifier != 'map' or 'classifier' not in p]
   if 'pre_logits' in params:
     problems.append('a pre-logits layer (timm ViTs have none)')
+  clip = transformer.get('pre_norm', False)
+  if clip and np.any(np.asarray(params['embedding']['bias'])):
+    problems.append('a pre-norm (CLIP) model with a patch embedding bias')
   if problems:
     raise ValueError(f'Cannot write a timm model: {"; ".join(problems)}.')
   width = config.hidden_size
   encoder = params['Transformer']
   registers = config.get('num_registers', 0)
   conv = params['embedding']
-  flat = {'patch_embed.proj.weight': np.asarray(conv['kernel']).transpose(3, 2, 0, 1),
-          'patch_embed.proj.bias': np.asarray(conv['bias'])}
+  flat = {'patch_embed.proj.weight': np.asarray(conv['kernel']).transpose(3, 2, 0, 1)}
+  if not clip:
+    flat['patch_embed.proj.bias'] = np.asarray(conv['bias'])
   table = np.asarray(encoder['posembed_input']['pos_embedding'])
   prefix = 1 + bool(config.get('distilled', False))
-  cls = np.asarray(params['cls'])
-  if registers:  # timm: no_embed_class; the class token's position folded into the token.
-    cls = cls + table[:, :1]
-    table = table[:, prefix:]
-    flat['reg_token'] = np.asarray(params['registers'])
-  flat['cls_token'], flat['pos_embed'] = cls, table
+  if 'cls' in params:
+    cls = np.asarray(params['cls'])
+    if registers:  # timm: no_embed_class; the class token's position folded into the token.
+      cls = cls + table[:, :1]
+      table = table[:, prefix:]
+      flat['reg_token'] = np.asarray(params['registers'])
+    flat['cls_token'] = cls
+  flat['pos_embed'] = table
   if config.get('distilled', False):
     flat['dist_token'] = np.asarray(params['dist'])
   for i in range(transformer.num_layers):
@@ -173,6 +204,23 @@ def write(read: common.Read, path: str) -> str:
       flat[f'{name}ls2.gamma'] = np.asarray(block['layer_scale_mlp']['scale'])
   flat['norm.weight'] = np.asarray(encoder['encoder_norm']['scale'])
   flat['norm.bias'] = np.asarray(encoder['encoder_norm']['bias'])
+  if clip:
+    flat['norm_pre.weight'] = np.asarray(encoder['pre_norm']['scale'])
+    flat['norm_pre.bias'] = np.asarray(encoder['pre_norm']['bias'])
+  if 'MAPHead_0' in params:
+    head = params['MAPHead_0']
+    pooling = head['MultiHeadDotProductAttention_0']
+    weight, bias = common.stack_qkv(pooling)
+    flat['attn_pool.latent'] = np.asarray(head['probe'])
+    flat['attn_pool.q.weight'], flat['attn_pool.q.bias'] = weight[:width], bias[:width]
+    flat['attn_pool.kv.weight'], flat['attn_pool.kv.bias'] = weight[width:], bias[width:]
+    flat['attn_pool.proj.weight'] = np.asarray(pooling['out']['kernel']).reshape(-1, width).T
+    flat['attn_pool.proj.bias'] = np.asarray(pooling['out']['bias'])
+    flat['attn_pool.norm.weight'] = np.asarray(head['LayerNorm_0']['scale'])
+    flat['attn_pool.norm.bias'] = np.asarray(head['LayerNorm_0']['bias'])
+    for ours, theirs in (('Dense_0', 'fc1'), ('Dense_1', 'fc2')):
+      flat[f'attn_pool.mlp.{theirs}.weight'] = np.asarray(head['MlpBlock_0'][ours]['kernel']).T
+      flat[f'attn_pool.mlp.{theirs}.bias'] = np.asarray(head['MlpBlock_0'][ours]['bias'])
   for ours, theirs in (('head', 'head'), ('head_dist', 'head_dist')):
     if ours in params:
       flat[f'{theirs}.weight'] = np.asarray(params[ours]['kernel']).T
@@ -188,7 +236,12 @@ def _create_model_call(read: common.Read) -> str:
   transformer = config.transformer
   width, patch = config.hidden_size, config.patches.size[0]
   size = SIZE_NAMES.get(width, f'w{width}')
-  if config.get('distilled', False):
+  if config.classifier == 'map':
+    name = f'vit_{size}_patch{patch}_siglip_{read.image_size[0]}'
+  elif transformer.get('pre_norm', False):
+    quick = '_quickgelu' if transformer.get('quick_gelu', False) else ''
+    name = f'vit_{size}_patch{patch}_clip{quick}_{read.image_size[0]}'
+  elif config.get('distilled', False):
     name = f'deit_{size}_distilled_patch{patch}_{read.image_size[0]}'
   elif config.get('num_registers', 0):
     name = f'vit_{size}_patch{patch}_reg{config.num_registers}_dinov2'
@@ -206,7 +259,9 @@ def _create_model_call(read: common.Read) -> str:
     args.update(reg_tokens=int(config.num_registers), no_embed_class=True)
   text = ', '.join(f'{k}={v!r}' for k, v in args.items())
   extra = []
-  if transformer.get('gelu_approximate', True):
+  if transformer.get('quick_gelu', False):
+    extra.append("act_layer='quick_gelu'")
+  elif transformer.get('gelu_approximate', True):
     extra.append("act_layer='gelu_tanh'")
   epsilon = transformer.get('layer_norm_epsilon', 1e-6)
   if epsilon != 1e-6:
