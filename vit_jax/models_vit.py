@@ -38,9 +38,13 @@ def batch_sharded(x):
   """x, split along its batch over every device when traced under a mesh (train.py's steps):
   XLA then gathers an FSDP-sharded weight where it is used instead of gathering the batch."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
+  # Only the mesh's automatic axes: under jax.pmap or shard_map the batch axis is manual, and
+  # each device already holds its own examples.
+  axes = tuple(name for name, kind in zip(mesh.axis_names, mesh.axis_types)
+               if kind == jax.sharding.AxisType.Auto) if not mesh.empty else ()
+  if not axes:
     return x
-  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(mesh.axis_names))
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
 
 
 def _check_shape(module: nn.Module, name: str, shape):
