@@ -35,7 +35,7 @@ def reference(w, images, names, *, eps, distilled=False, registers=False, layer_
               pre_norm=False, quick_gelu=False):
   """A PyTorch-style ViT (Linear: x W^T + b) over images NHWC; `names` maps roles to keys.
   Returns the final normalised tokens (batch, tokens, D), registers included."""
-  x = jnp.asarray(images, jnp.float64)
+  x = jnp.asarray(images, jnp.float32)
   b, h, wd, c = x.shape
   patches = x.reshape(b, h // PATCH, PATCH, wd // PATCH, PATCH, c).transpose(0, 1, 3, 5, 2, 4)
   patches = patches.reshape(b, -1, c * PATCH * PATCH)  # (C, P, P): torch's Conv2d order.
