@@ -7,7 +7,7 @@ import os
 
 import ml_collections
 
-from vit_jax import evaluators, models, models_vit, objectives
+from vit_jax import evaluator_specs, models, models_vit, objectives
 from vit_jax.datasets import DATASETS  # Recipes read the facts here too.
 
 TRAINERS = ('train', 'evaluate', 'inference_time')
@@ -84,7 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 1000
   # What the run measures, by name (evaluators.py): the test split of the dataset, and whatever
   # a recipe adds (ImageNet ReaL / v2, few-shot on other datasets, ...).
-  c.evals = ml_collections.ConfigDict({'test': evaluators.classification(
+  c.evals = ml_collections.ConfigDict({'test': evaluator_specs.classification(
       c.get_ref('test_split'), every=c.get_ref('eval_every'))})
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
@@ -129,9 +129,9 @@ def add_imagenet_variants(c: ml_collections.ConfigDict):
   """ImageNet-1k runs report ReaL (Beyer et al. 2020) and ImageNet-v2 next to the validation
   split (TFDS prepares both from the ImageNet manual download and the network)."""
   every = c.get_ref('eval_every')
-  c.evals.real = evaluators.classification('validation', dataset='imagenet2012_real',
+  c.evals.real = evaluator_specs.classification('validation', dataset='imagenet2012_real',
                                            label_key='real_label', every=every)
-  c.evals.v2 = evaluators.classification('test', dataset='imagenet_v2', every=every)
+  c.evals.v2 = evaluator_specs.classification('test', dataset='imagenet_v2', every=every)
 
 
 def recipe_args(arg: str, recipe: str, usage: str, alternative: str = '') -> list:
@@ -191,7 +191,7 @@ def check(config, *, device_count: int, process_count: int = 1):
   one_of('model.classifier', config.model.classifier, objectives.kind(config).classifiers)
 
   for name, spec in config.evals.items():
-    one_of(f'evals.{name}.type', spec.type, evaluators.TYPES)
+    one_of(f'evals.{name}.type', spec.type, evaluator_specs.TYPES)
     if name in ('step', 'train_loss', 'wall_time_sec', 'segments', 'evaluated', 'dataset',
                 'time'):
       fail(f'evals.{name}: the name is taken by results.json / eval_results.json.')

@@ -17,23 +17,10 @@ import logging
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from vit_jax import sharding
-
-TYPES = ('classification', 'fewshot')
-
-
-def classification(split, *, dataset='', every=1000, label_key='') -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(type='classification', dataset=dataset, split=split,
-                                        every=every, label_key=label_key))
-
-
-def few_shot(datasets: dict, *, every=0, shots=(1, 5, 10, 25), seeds=3,
-             l2_reg=1.0) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(type='fewshot', datasets=datasets, every=every,
-                                        shots=shots, seeds=seeds, l2_reg=l2_reg))
-
+# The specs (plain data: recipes and config_lib build them) live below the modules that run them.
+from vit_jax.evaluator_specs import TYPES, classification, few_shot  # pylint: disable=unused-import
 
 def _local_batch(config) -> int:
   return config.batch_eval // jax.process_count()
