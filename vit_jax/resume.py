@@ -334,11 +334,12 @@ def _structure_differences(stored: dict, wanted: dict, partial: bool) -> list:
 class Checkpoints:
   """The train-state checkpoints of one workdir (orbax, asynchronous saves)."""
 
-  def __init__(self, workdir: str, keep: int):
+  def __init__(self, workdir: str, keep: int, *, saving: bool = True):
+    """saving=False: only restored from (evaluation), which a read-only directory allows."""
     self.workdir = os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
     self.keep = keep
-    if jax.process_index() == 0:
+    if saving and jax.process_index() == 0:
       self._probe_writable()
     self.manager = self._new_manager()
     self.saving = None  # The step of the save in flight.

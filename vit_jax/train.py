@@ -450,7 +450,8 @@ def evaluate(config, workdir: str) -> dict:
       step, evaluated = 0, config.pretrained_path
     else:  # Only the parameters are read: the optimizer of the run does not matter.
       step_abstract = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
-      restored = resume.Checkpoints(workdir, config.keep_checkpoints).restore_latest(
+      restored = resume.Checkpoints(workdir, config.keep_checkpoints,
+                                    saving=False).restore_latest(
           {'params': abstract, 'step': step_abstract}, partial=True)
       if restored is None:
         raise ValueError(f'Nothing to evaluate: no pretrained_path and no checkpoint in {workdir}.')
