@@ -159,6 +159,16 @@ class WorkdirLock:
     self.release()
 
 
+def make_writable_directory(directory: str):
+  """Creates `directory` and writes a file into it; raises the OSError if it cannot (root may
+  write where os.access says no, and a read-only mount refuses root too: try it)."""
+  os.makedirs(directory, exist_ok=True)
+  probe = os.path.join(directory, f'.write-test-{os.getpid()}')
+  with open(probe, 'w'):
+    pass
+  os.remove(probe)
+
+
 def remove_temporaries(workdir: str):
   """Deletes what a killed writer left in the workdir (`<file>.tmp-<pid>`, see
   checkpoint.write_bytes): called by the lock's holder, so no live writer owns them."""
@@ -227,9 +237,7 @@ class Workdir:
   def check_compatible(self, config, *, num_outputs, image_size, keys=STATE_DEFINING_KEYS):
     """Refuses a config whose state differs from the last training run's, naming each change,
     when the workdir holds what that run made (checkpoints or an export)."""
-    checkpoints = os.path.join(self.path, CHECKPOINT_DIR)
-    made = os.path.exists(os.path.join(self.path, EXPORT_FILE)) or (
-        os.path.isdir(checkpoints) and any(name.isdigit() for name in os.listdir(checkpoints)))
+    made = os.path.exists(os.path.join(self.path, EXPORT_FILE)) or self.has_checkpoints()
     last = self.last_training() if made else None
     if last is None:
       return
@@ -246,13 +254,14 @@ class Workdir:
           f'workdir {self.path} holds checkpoints of a different run ({details}). Nothing was '
           f'changed. Use the config it was trained with (see {HISTORY_FILE}), or a new workdir.')
 
+  def has_checkpoints(self) -> bool:
+    checkpoints = os.path.join(self.path, CHECKPOINT_DIR)
+    return os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))
+
   def check_pretrained_path(self, config):
     """Refuses to resume with another pretrained_path than the run started from: it is read
     only at step 0, so the run would go on from the old one while the history said otherwise."""
-    checkpoints = os.path.join(self.path, CHECKPOINT_DIR)
-    if not (os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))):
-      return
-    last = self.last_training()
+    last = self.last_training() if self.has_checkpoints() else None
     if last is None:
       return
     then, now = last[0].get('pretrained_path'), config.pretrained_path
@@ -349,12 +358,8 @@ class Checkpoints:
   def _probe_writable(self):
     """Names an unwritable checkpoint directory before any step: orbax would fail the first
     save and leave its threads waiting for a coordination timeout."""
-    probe = os.path.join(self.directory, f'.write-test-{os.getpid()}')
     try:
-      os.makedirs(self.directory, exist_ok=True)
-      with open(probe, 'w'):
-        pass
-      os.remove(probe)
+      make_writable_directory(self.directory)
     except OSError as e:
       raise CheckpointSaveError(
           f'The checkpoint directory {self.directory} is not writable ({e.strerror}); nothing '

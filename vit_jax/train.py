@@ -220,12 +220,8 @@ def opened_workdir(config, workdir):
     jax.config.update('jax_compilation_cache_dir',
                       os.path.expanduser(config.compilation_cache_dir))
   if jax.process_index() == 0:
-    try:  # Root may write where os.access says no: try it.
-      os.makedirs(workdir, exist_ok=True)
-      probe = os.path.join(workdir, f'.write-test-{os.getpid()}')
-      with open(probe, 'w'):
-        pass
-      os.remove(probe)
+    try:
+      resume.make_writable_directory(workdir)
     except OSError as e:
       raise ValueError(f'workdir {workdir} is not writable ({e.strerror}).') from None
   with resume.WorkdirLock(workdir) as lock:
