@@ -32,9 +32,10 @@ def layer_norm(x, w, b, eps):
 
 def reference(w, images, names, *, eps, distilled=False, registers=False, layer_scale=False,
               fused_qkv=False, no_embed_class=False, class_token=True, tanh_gelu=False,
-              pre_norm=False, quick_gelu=False):
+              pre_norm=False, quick_gelu=False, swiglu=False):
   """A PyTorch-style ViT (Linear: x W^T + b) over images NHWC; `names` maps roles to keys.
-  Returns the final normalised tokens (batch, tokens, D), registers included."""
+  Returns the final normalised tokens (batch, tokens, D), registers included (not normalised
+  where names['norm'] is None: timm's fc_norm models)."""
   x = jnp.asarray(images, jnp.float32)
   b, h, wd, c = x.shape
   patches = x.reshape(b, h // PATCH, PATCH, wd // PATCH, PATCH, c).transpose(0, 1, 3, 5, 2, 4)
@@ -72,11 +73,17 @@ def reference(w, images, names, *, eps, distilled=False, registers=False, layer_
     x = x + y
     y = layer_norm(x, w[key('ln2') + '.weight'], w[key('ln2') + '.bias'], eps)
     y = y @ w[key('fc1') + '.weight'].T + w[key('fc1') + '.bias']
-    y = y * jax.nn.sigmoid(1.702 * y) if quick_gelu else jax.nn.gelu(y, approximate=tanh_gelu)
+    if swiglu:  # [gate; up] in one weight: SiLU(gate) * up.
+      gate, up = y[..., :y.shape[-1] // 2], y[..., y.shape[-1] // 2:]
+      y = gate / (1 + jnp.exp(-gate)) * up
+    else:
+      y = y * jax.nn.sigmoid(1.702 * y) if quick_gelu else jax.nn.gelu(y, approximate=tanh_gelu)
     y = y @ w[key('fc2') + '.weight'].T + w[key('fc2') + '.bias']
     if layer_scale:
       y = y * w[key('ls2')]
     x = x + y
+  if names['norm'] is None:
+    return x
   return layer_norm(x, w[names['norm'] + '.weight'], w[names['norm'] + '.bias'], eps)
 
 
@@ -94,6 +101,8 @@ HF_DINOV2 = dict(HF_VIT, ln1='encoder.layer.{i}.norm1', ln2='encoder.layer.{i}.n
                  fc1='encoder.layer.{i}.mlp.fc1', fc2='encoder.layer.{i}.mlp.fc2',
                  ls1='encoder.layer.{i}.layer_scale1.lambda1',
                  ls2='encoder.layer.{i}.layer_scale2.lambda1')
+HF_DINOV2_SWIGLU = dict(HF_DINOV2, fc1='encoder.layer.{i}.mlp.weights_in',
+                        fc2='encoder.layer.{i}.mlp.weights_out')
 TIMM = dict(patch='patch_embed.proj', cls='cls_token', dist='dist_token', pos='pos_embed',
             registers='reg_token', ln1='blocks.{i}.norm1', ln2='blocks.{i}.norm2',
             qkv='blocks.{i}.attn.qkv', o='blocks.{i}.attn.proj', fc1='blocks.{i}.mlp.fc1',
@@ -102,13 +111,15 @@ TIMM = dict(patch='patch_embed.proj', cls='cls_token', dist='dist_token', pos='p
 
 
 def random_weights(names, *, prefix_tokens, pos_tokens, registers=0, layer_scale=False,
-                   fused_qkv=False, prefix='', heads=(), seed=0):
-  """Every weight the family's model has, in its names and PyTorch shapes."""
+                   fused_qkv=False, prefix='', heads=(), seed=0, swiglu=False, fc_norm=False):
+  """Every weight the family's model has, in its names and PyTorch shapes (prefix_tokens=0:
+  no class token; swiglu: fc1 twice as wide as fc2 reads; fc_norm: timm's norm after pooling)."""
   rng = np.random.default_rng(seed)
   normal = lambda *shape, scale=0.2: (rng.standard_normal(shape) * scale).astype(np.float32)
   w = {names['patch'] + '.weight': normal(WIDTH, 3, PATCH, PATCH),
-       names['patch'] + '.bias': normal(WIDTH), names['cls']: normal(1, 1, WIDTH),
-       names['pos']: normal(1, pos_tokens, WIDTH)}
+       names['patch'] + '.bias': normal(WIDTH), names['pos']: normal(1, pos_tokens, WIDTH)}
+  if prefix_tokens:
+    w[names['cls']] = normal(1, 1, WIDTH)
   if prefix_tokens == 2:
     w[names['dist']] = normal(1, 1, WIDTH)
   if registers:
@@ -123,14 +134,17 @@ def random_weights(names, *, prefix_tokens, pos_tokens, registers=0, layer_scale
       w[key(role) + '.weight'] = normal(rows, WIDTH)
       w[key(role) + '.bias'] = normal(rows)
     w[key('o') + '.weight'], w[key('o') + '.bias'] = normal(WIDTH, WIDTH), normal(WIDTH)
-    w[key('fc1') + '.weight'], w[key('fc1') + '.bias'] = normal(MLP, WIDTH), normal(MLP)
+    fc1 = 2 * MLP if swiglu else MLP
+    w[key('fc1') + '.weight'], w[key('fc1') + '.bias'] = normal(fc1, WIDTH), normal(fc1)
     w[key('fc2') + '.weight'], w[key('fc2') + '.bias'] = normal(WIDTH, MLP), normal(WIDTH)
     if layer_scale:
       w[key('ls1')], w[key('ls2')] = 1 + normal(WIDTH), 1 + normal(WIDTH)
-  w[names['norm'] + '.weight'], w[names['norm'] + '.bias'] = 1 + normal(WIDTH), normal(WIDTH)
-  for name, outputs in heads:
-    w[name + '.weight'], w[name + '.bias'] = normal(outputs, WIDTH), normal(outputs)
-  return {(prefix + k if not k.startswith(tuple(h for h, _ in heads)) else k): v
+  for norm in ([names['norm']] if names['norm'] else []) + (['fc_norm'] if fc_norm else []):
+    w[norm + '.weight'], w[norm + '.bias'] = 1 + normal(WIDTH), normal(WIDTH)
+  for name, outputs, *inputs in heads:
+    inputs = inputs[0] if inputs else WIDTH
+    w[name + '.weight'], w[name + '.bias'] = normal(outputs, inputs), normal(outputs)
+  return {(prefix + k if not k.startswith(tuple(h[0] for h in heads)) else k): v
           for k, v in w.items()}
 
 
@@ -226,28 +240,90 @@ def test_hugging_face_dinov2_layer_scale_and_registers(tmp_path, registers):
                              atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize('family', ['vit', 'deit_distilled', 'dinov2_reg4'])
+def test_hugging_face_deit_for_image_classification_reads_the_class_token_only(tmp_path):
+  """DeiTForImageClassification: the distillation token is in the sequence, one classifier on
+  the class token (a distilled DeiT fine-tuned further)."""
+  w = random_weights(HF_VIT, prefix_tokens=2, pos_tokens=6, prefix='deit.',
+                     heads=[('classifier', 4)])
+  path = write_hf(tmp_path / 'deit', w, dict(
+      HF_CONFIG, model_type='deit', hidden_act='gelu', layer_norm_eps=1e-12,
+      architectures=['DeiTForImageClassification']))
+  exported = checkpoint.load_model(path)
+  assert exported.config.distilled and not exported.config.distillation_head
+  x = images()
+  tokens = reference(unprefixed(w, 'deit.'), x, HF_VIT, eps=1e-12, distilled=True)
+  expected = tokens[:, 0] @ w['classifier.weight'].T + w['classifier.bias']
+  np.testing.assert_allclose(apply(exported, x), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize('registers', [0, 4])
+def test_hugging_face_dinov2_giant_swiglu_with_its_linear_classifier(tmp_path, registers):
+  """DINOv2-giant's SwiGLU MLP (weights_in = [gate; up]; mlp_ratio 3 gives 2/3 * 48 = 32 gated
+  units) and Dinov2ForImageClassification's head on [class token; mean patch token]."""
+  w = random_weights(HF_DINOV2_SWIGLU, prefix_tokens=1, pos_tokens=5, registers=registers,
+                     layer_scale=True, swiglu=True, prefix='dinov2.',
+                     heads=[('classifier', 3, 2 * WIDTH)])
+  model_type = 'dinov2_with_registers' if registers else 'dinov2'
+  w = {k.replace('dinov2.', f'{model_type}.', 1): v for k, v in w.items()}
+  config = dict(HF_CONFIG, model_type=model_type, mlp_ratio=3, use_swiglu_ffn=True,
+                hidden_act='gelu', layer_norm_eps=1e-6, layerscale_value=1.0)
+  if registers:
+    config['num_register_tokens'] = registers
+  exported = checkpoint.load_model(write_hf(tmp_path / model_type, w, config))
+  assert exported.config.transformer.swiglu and exported.config.transformer.mlp_dim == MLP
+  assert exported.config.classifier == 'token_and_gap' and exported.num_classes == 3
+  x = images()
+  tokens = reference(unprefixed(w, f'{model_type}.'), x, HF_DINOV2_SWIGLU, eps=1e-6,
+                     registers=bool(registers), layer_scale=True, swiglu=True)
+  pooled = jnp.concatenate([tokens[:, 0], tokens[:, 1 + registers:].mean(1)], axis=-1)
+  expected = pooled @ w['classifier.weight'].T + w['classifier.bias']
+  np.testing.assert_allclose(apply(exported, x), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize('family', ['vit', 'deit_distilled', 'dinov2_reg4', 'dinov2_giant',
+                                    'reg4_gap'])
 def test_timm_state_dicts(tmp_path, monkeypatch, family):
+  """vit_*, deit_*_distilled_*, *_reg4_dinov2 (no_embed_class), vit_giant_patch14_dinov2
+  (SwiGLUPacked fc1) and the *_reg4_gap_* models (no class token, registers, average pooling,
+  fc_norm after it instead of norm)."""
   monkeypatch.setitem(timm_layout.HEADS_BY_WIDTH, WIDTH, HEADS)  # timm's own: 64 channels a head.
-  distilled, registers = family == 'deit_distilled', 4 if family == 'dinov2_reg4' else 0
+  distilled, registers = family == 'deit_distilled', 4 if 'reg4' in family else 0
+  gap = family == 'reg4_gap'
+  dinov2 = family.startswith('dinov2')
   heads = [('head', 5)] + ([('head_dist', 5)] if distilled else [])
-  w = random_weights(TIMM, prefix_tokens=1 + distilled,
+  names = dict(TIMM, norm=None) if gap else TIMM
+  w = random_weights(names, prefix_tokens=0 if gap else 1 + distilled,
                      pos_tokens=4 if registers else 5 + distilled, registers=registers,
-                     layer_scale=bool(registers), fused_qkv=True,
-                     heads=[] if registers else heads)
+                     layer_scale=bool(registers) or dinov2, fused_qkv=True,
+                     heads=[] if dinov2 else heads, swiglu=family == 'dinov2_giant', fc_norm=gap)
   path = str(tmp_path / f'{family}.safetensors')
   save_file(w, path)
   exported = checkpoint.load_model(path)
   x = images()
-  tokens = reference(w, x, TIMM, eps=1e-6, distilled=distilled, registers=bool(registers),
-                     layer_scale=bool(registers), fused_qkv=True, no_embed_class=bool(registers))
-  if registers:  # DINOv2: features, no head.
+  tokens = reference(w, x, names, eps=1e-6, distilled=distilled, registers=bool(registers),
+                     layer_scale=bool(registers) or dinov2, fused_qkv=True,
+                     no_embed_class=bool(registers), class_token=not gap,
+                     swiglu=family == 'dinov2_giant')
+  if dinov2:  # DINOv2: features, no head.
     expected = tokens[:, 0]
+  elif gap:
+    pooled = layer_norm(tokens[:, registers:].mean(1), w['fc_norm.weight'], w['fc_norm.bias'],
+                        1e-6)
+    expected = pooled @ w['head.weight'].T + w['head.bias']
   else:
     expected = tokens[:, 0] @ w['head.weight'].T + w['head.bias']
     if distilled:
       expected = (expected + tokens[:, 1] @ w['head_dist.weight'].T + w['head_dist.bias']) / 2
   np.testing.assert_allclose(apply(exported, x), expected, atol=1e-5, rtol=0)
+
+
+def test_a_timm_class_token_with_average_pooling_is_named(tmp_path):
+  w = random_weights(dict(TIMM, norm=None), prefix_tokens=1, pos_tokens=5, fused_qkv=True,
+                     fc_norm=True)
+  path = str(tmp_path / 'mae_finetuned.safetensors')
+  save_file(w, path)
+  with pytest.raises(ValueError, match=r'averages its tokens \(fc_norm\) but has a class token'):
+    checkpoint.load_model(path)
 
 
 # ---------------------------------------------------------------- position tables resampled
@@ -402,28 +478,50 @@ def test_fine_tuning_a_hugging_face_directory_from_the_recipe(tmp_path):
 
 # ------------------------------------------------------------------------------ writing back
 
+FAMILIES = {  # name: (key names, random_weights arguments, config.json additions)
+    'vit_head': (HF_VIT, dict(prefix_tokens=1, pos_tokens=5, prefix='vit.',
+                              heads=[('classifier', 3)]), dict(model_type='vit')),
+    'vit_pooler': (HF_VIT, dict(prefix_tokens=1, pos_tokens=5, heads=[('pooler.dense', WIDTH)]),
+                   dict(model_type='vit')),
+    'deit_teacher': (HF_VIT, dict(prefix_tokens=2, pos_tokens=6, prefix='deit.', heads=[
+        ('cls_classifier', 3), ('distillation_classifier', 3)]), dict(model_type='deit')),
+    'deit_one_head': (HF_VIT, dict(prefix_tokens=2, pos_tokens=6, prefix='deit.',
+                                   heads=[('classifier', 3)]), dict(model_type='deit')),
+    'dinov2_reg': (HF_DINOV2, dict(prefix_tokens=1, pos_tokens=5, registers=4, layer_scale=True),
+                   dict(model_type='dinov2_with_registers', mlp_ratio=MLP // WIDTH)),
+    'dinov2_giant_classifier': (HF_DINOV2_SWIGLU, dict(
+        prefix_tokens=1, pos_tokens=5, layer_scale=True, swiglu=True, prefix='dinov2.',
+        heads=[('classifier', 3, 2 * WIDTH)]), dict(model_type='dinov2', mlp_ratio=3,
+                                                     use_swiglu_ffn=True)),
+    'timm_reg4_gap': (dict(TIMM, norm=None), dict(prefix_tokens=0, pos_tokens=4, registers=4,
+                                                  layer_scale=True, fused_qkv=True,
+                                                  heads=[('head', 3)], fc_norm=True), None),
+}
+# What a format cannot express, and the error that says so.
+REFUSED = {('vit_pooler', 'timm'): 'Cannot write a timm model: a pre-logits layer',
+           ('deit_one_head', 'timm'): 'Cannot write a timm model: a distilled model with one head',
+           ('dinov2_giant_classifier', 'timm'): "Cannot write a timm model: classifier='token_and_gap'",
+           ('timm_reg4_gap', 'hf'): 'Cannot write a Hugging Face model: .*a LayerNorm after pooling'}
+
+
 @pytest.mark.parametrize('fmt', ['npz', 'hf', 'timm'])
-@pytest.mark.parametrize('family', ['vit_head', 'vit_pooler', 'deit_teacher', 'dinov2_reg'])
+@pytest.mark.parametrize('family', sorted(FAMILIES))
 def test_every_family_converts_to_every_format_with_the_same_outputs(tmp_path, monkeypatch,
                                                                      family, fmt):
   from vit_jax import convert
   monkeypatch.setitem(timm_layout.HEADS_BY_WIDTH, WIDTH, HEADS)
-  names = HF_DINOV2 if family == 'dinov2_reg' else HF_VIT
-  spec = {'vit_head': dict(prefix_tokens=1, pos_tokens=5, prefix='vit.',
-                           heads=[('classifier', 3)]),
-          'vit_pooler': dict(prefix_tokens=1, pos_tokens=5, heads=[('pooler.dense', WIDTH)]),
-          'deit_teacher': dict(prefix_tokens=2, pos_tokens=6, prefix='deit.',
-                               heads=[('cls_classifier', 3), ('distillation_classifier', 3)]),
-          'dinov2_reg': dict(prefix_tokens=1, pos_tokens=5, registers=4, layer_scale=True)}[family]
-  model_type = {'vit_head': 'vit', 'vit_pooler': 'vit', 'deit_teacher': 'deit',
-                'dinov2_reg': 'dinov2_with_registers'}[family]
-  source = write_hf(tmp_path / 'source', random_weights(names, **spec), dict(
-      HF_CONFIG, model_type=model_type, hidden_act='gelu', mlp_ratio=MLP // WIDTH,
-      layer_norm_eps=1e-6))
+  names, spec, hf_config = FAMILIES[family]
+  weights = random_weights(names, **spec)
+  if hf_config is None:  # A timm state dict.
+    source = str(tmp_path / 'source.safetensors')
+    save_file(weights, source)
+  else:
+    source = write_hf(tmp_path / 'source', weights, dict(
+        HF_CONFIG, hidden_act='gelu', layer_norm_eps=1e-6, **hf_config))
   dest = str(tmp_path / ('dest.safetensors' if fmt == 'timm' else 'dest.npz' if fmt == 'npz'
                          else 'dest'))
-  if fmt == 'timm' and family == 'vit_pooler':
-    with pytest.raises(ValueError, match=r'Cannot write a timm model: a pre-logits layer'):
+  if (family, fmt) in REFUSED:
+    with pytest.raises(ValueError, match=REFUSED[family, fmt]):
       convert.convert(source, dest, fmt)
     assert not os.path.exists(dest)
     return
@@ -432,10 +530,9 @@ def test_every_family_converts_to_every_format_with_the_same_outputs(tmp_path, m
   before, after = checkpoint.load_model(source), checkpoint.load_model(dest)
   assert after.num_classes == before.num_classes and after.image_size == before.image_size
   x = images()
-  np.testing.assert_allclose(apply(after, x, num_classes=None if family == 'vit_pooler' else
-                                   'file'),
-                             apply(before, x, num_classes=None if family == 'vit_pooler' else
-                                   'file'), atol=1e-6, rtol=0)
+  num_classes = None if family == 'vit_pooler' else 'file'
+  np.testing.assert_allclose(apply(after, x, num_classes), apply(before, x, num_classes),
+                             atol=1e-6, rtol=0)
   with pytest.raises(FileExistsError, match='nothing was written'):
     convert.convert(source, dest, fmt)
 

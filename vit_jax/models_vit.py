@@ -15,7 +15,9 @@ Position embeddings (paper App. D.4), `transformer.posemb`: 'learn' (1D, the def
 relative 2D offset and head, added to the attention logits) or 'none'.
 
 Pooling, `classifier`: 'token' (the class token), 'gap' (mean of the tokens), 'map' (multi-head
-attention pooling, as big_vision's ViTs: a learned probe attends to all tokens) or 'unpooled'.
+attention pooling, as big_vision's ViTs: a learned probe attends to all tokens), 'token_and_gap'
+(the class token beside the mean patch token, as DINOv2's linear classifiers read them) or
+'unpooled'.
 """
 
 import functools
@@ -31,7 +33,7 @@ from vit_jax import models_resnet
 Dtype = Any
 LAYER_NORM_EPSILON = 1e-6  # As in the official checkpoints; Flax's default is 1e-5.
 POSEMBS = ('learn', 'learn_2d', 'sincos2d', 'relative', 'none')
-CLASSIFIERS = ('token', 'gap', 'map', 'unpooled')
+CLASSIFIERS = ('token', 'gap', 'map', 'token_and_gap', 'unpooled')
 
 
 def batch_sharded(x):
@@ -180,11 +182,16 @@ class MultiHeadDotProductAttention(nn.Module):
 
 
 class MlpBlock(nn.Module):
-  """Dense(D->M) -> GELU -> dropout -> Dense(M->D) -> dropout."""
+  """Dense(D->M) -> GELU -> dropout -> Dense(M->D) -> dropout.
+
+  With `swiglu` (DINOv2-giant) the first Dense is twice as wide, (D->2M), and its halves gate
+  each other: SiLU(first half) * second half, the gated linear unit of Shazeer (2020).
+  """
   mlp_dim: int
   dropout_rate: float = 0.0
   gelu_approximate: bool = True
   quick_gelu: bool = False  # CLIP's x * sigmoid(1.702 x) instead.
+  swiglu: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -195,9 +202,14 @@ class MlpBlock(nn.Module):
         kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.normal(stddev=1e-6))
     width = x.shape[-1]
-    x = dense(self.mlp_dim, name='Dense_0')(x)
-    x = (x * jax.nn.sigmoid(1.702 * x) if self.quick_gelu else
-         nn.gelu(x, approximate=self.gelu_approximate))
+    x = dense(2 * self.mlp_dim if self.swiglu else self.mlp_dim, name='Dense_0')(x)
+    if self.swiglu:
+      gate, x = jnp.split(x, 2, axis=-1)
+      x = nn.silu(gate) * x
+    elif self.quick_gelu:
+      x = x * jax.nn.sigmoid(1.702 * x)
+    else:
+      x = nn.gelu(x, approximate=self.gelu_approximate)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     x = dense(width, name='Dense_1')(x)
     return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
@@ -278,6 +290,7 @@ class Encoder1DBlock(nn.Module):
   layer_norm_epsilon: float = LAYER_NORM_EPSILON
   layer_scale: Optional[float] = None
   quick_gelu: bool = False
+  swiglu: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -304,8 +317,9 @@ class Encoder1DBlock(nn.Module):
     y = layer_norm(name='LayerNorm_2')(x)
     y = MlpBlock(
         mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
-        gelu_approximate=self.gelu_approximate, quick_gelu=self.quick_gelu, dtype=self.dtype,
-        param_dtype=self.param_dtype, name='MlpBlock_3')(y, deterministic=deterministic)
+        gelu_approximate=self.gelu_approximate, quick_gelu=self.quick_gelu, swiglu=self.swiglu,
+        dtype=self.dtype, param_dtype=self.param_dtype,
+        name='MlpBlock_3')(y, deterministic=deterministic)
     x = x + drop_path(scaled(y, 'layer_scale_mlp'), layer, deterministic=deterministic)
     self.sow('intermediates', 'output', x)
     return x
@@ -354,6 +368,8 @@ class Encoder(nn.Module):
   layer_scale: Optional[float] = None  # LayerScale's initial value (DINOv2: 1e-5 or 1.0).
   pre_norm: bool = False  # CLIP: a LayerNorm of the tokens before the first block.
   quick_gelu: bool = False  # CLIP's MLP activation, x * sigmoid(1.702 x).
+  swiglu: bool = False  # DINOv2-giant's gated MLP (see MlpBlock).
+  final_norm: bool = True  # False where the model normalises after pooling (timm's fc_norm).
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -400,7 +416,8 @@ class Encoder(nn.Module):
         attention=self.attention, num_prefix_tokens=num_prefix_tokens,
         relative_grid=tuple(grid) if self.posemb == 'relative' else None,
         layer_norm_epsilon=self.layer_norm_epsilon, layer_scale=self.layer_scale,
-        quick_gelu=self.quick_gelu, dtype=self.dtype, param_dtype=self.param_dtype)
+        quick_gelu=self.quick_gelu, swiglu=self.swiglu, dtype=self.dtype,
+        param_dtype=self.param_dtype)
     if self.scan:
       block = nn.scan(block, variable_axes={'params': 0, 'intermediates': 0},
                       split_rngs={'params': True, 'dropout': True},
@@ -409,6 +426,8 @@ class Encoder(nn.Module):
     else:
       for i in range(self.num_layers):
         x = block(name=f'encoderblock_{i}', **block_args)(x, i, not train)
+    if not self.final_norm:
+      return x
     return nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype,
                         param_dtype=self.param_dtype, name='encoder_norm')(x)
 
@@ -431,8 +450,13 @@ class VisionTransformer(nn.Module):
   head_bias_init: float = 0.0
   model_name: Optional[str] = None
   # DeiT: a distillation token after the class token, with its own head `head_dist`; the
-  # logits are the mean of both heads' (the representation: of both tokens).
+  # logits are the mean of both heads' (the representation: of both tokens). Without
+  # `distillation_head` (a distilled DeiT fine-tuned further), only the class token is read.
   distilled: bool = False
+  distillation_head: bool = True
+  # timm's fc_norm: the final LayerNorm applied to the pooled representation (`pool_norm`)
+  # instead of to every token (the encoder's `encoder_norm`).
+  pool_norm: bool = False
   num_registers: int = 0  # DINOv2's register tokens (Darcet et al. 2023): no position, unread.
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -472,8 +496,9 @@ class VisionTransformer(nn.Module):
 
     if self.distilled and self.classifier != 'token':
       raise ValueError(f'distilled=True needs classifier=\'token\', not {self.classifier!r}.')
+    class_token = self.classifier in ('token', 'token_and_gap')
     prefix = [self.param(name, nn.initializers.zeros, (1, 1, self.hidden_size), self.param_dtype)
-              for name in (['cls'] if self.classifier == 'token' else []) +
+              for name in (['cls'] if class_token else []) +
               (['dist'] if self.distilled else [])]
     num_prefix_tokens = len(prefix)
     if prefix:
@@ -484,7 +509,8 @@ class VisionTransformer(nn.Module):
       registers = self.param('registers', nn.initializers.zeros,
                              (1, self.num_registers, self.hidden_size), self.param_dtype)
 
-    x = Encoder(name='Transformer', dtype=self.dtype, param_dtype=self.param_dtype,
+    x = Encoder(name='Transformer', final_norm=not self.pool_norm, dtype=self.dtype,
+                param_dtype=self.param_dtype,
                 **self.transformer)(x, train=train, grid=(grid_h, grid_w),
                                     num_prefix_tokens=num_prefix_tokens, registers=registers)
     patch_tokens = x[:, num_prefix_tokens + self.num_registers:]
@@ -495,6 +521,8 @@ class VisionTransformer(nn.Module):
       x = x[:, :num_prefix_tokens]  # The class token (and the distillation token).
     elif self.classifier == 'gap':
       x = jnp.mean(patch_tokens, axis=1)
+    elif self.classifier == 'token_and_gap':
+      x = jnp.concatenate([x[:, 0], jnp.mean(patch_tokens, axis=1)], axis=-1)
     elif self.classifier == 'map':
       x = MAPHead(num_heads=self.transformer['num_heads'], mlp_dim=self.transformer['mlp_dim'],
                   gelu_approximate=self.transformer.get('gelu_approximate', True),
@@ -503,6 +531,9 @@ class VisionTransformer(nn.Module):
                   dtype=self.dtype, param_dtype=self.param_dtype, name='MAPHead_0')(x)
     if self.classifier == 'token' and not self.distilled:
       x = x[:, 0]
+    if self.pool_norm:
+      x = nn.LayerNorm(epsilon=self.transformer.get('layer_norm_epsilon', LAYER_NORM_EPSILON),
+                       dtype=self.dtype, param_dtype=self.param_dtype, name='pool_norm')(x)
 
     if self.representation_size is not None:
       x = nn.Dense(self.representation_size, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -513,7 +544,9 @@ class VisionTransformer(nn.Module):
         self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=nn.initializers.zeros,
         bias_init=nn.initializers.constant(self.head_bias_init), name=name)
-    if self.distilled:  # Inference as DeiT: the mean of the two heads (or representations).
+    if self.distilled and not self.distillation_head:
+      x = x[:, 0]
+    elif self.distilled:  # Inference as DeiT: the mean of the two heads (or representations).
       if not self.num_classes:
         return x.mean(axis=1)
       return (head('head')(x[:, 0]) + head('head_dist')(x[:, 1])) / 2

@@ -23,7 +23,8 @@ class Classification:
   """Softmax cross-entropy over `num_classes`; top-1 / top-5 accuracy."""
   name = 'classification'
   metric_names = ('accuracy_test', 'accuracy_test_top5', 'loss_test')
-  classifiers = ('token', 'gap', 'map')  # The model's pooling: one output per image.
+  # The model's pooling: one output per image.
+  classifiers = ('token', 'gap', 'map', 'token_and_gap')
   uses_labels = True  # The dataset's labels (and so its class names) are what it learns.
 
   def __init__(self, num_classes: int):

@@ -1,6 +1,8 @@
 """Hugging Face `transformers` model directories (config.json + model.safetensors, sharded too):
-ViTModel / ViTForImageClassification, DeiTForImageClassification(WithTeacher), Dinov2Model,
-Dinov2WithRegistersModel, as this codebase's parameter tree and model config.
+ViTModel / ViTForImageClassification, DeiTModel / DeiTForImageClassification(WithTeacher),
+Dinov2(WithRegisters)Model / ...ForImageClassification (SwiGLU MLP of the giant model too),
+SiglipVisionModel and CLIPVisionModel (or the vision tower of the full model), as this
+codebase's parameter tree and model config.
 
 The key names are those of the files on the Hub (transformers v5 renames modules in memory but
 writes these names back when it saves). PyTorch's Linear stores (out, in): kernels transpose.
@@ -20,7 +22,6 @@ PREFIXES = {'vit': 'vit.', 'deit': 'deit.', 'dinov2': 'dinov2.',
             'dinov2_with_registers': 'dinov2_with_registers.'}
 # The full model (its vision tower is read) or the tower alone.
 SIGLIP, CLIP = ('siglip', 'siglip_vision_model'), ('clip', 'clip_vision_model')
-NOT_YET = ()
 
 
 def is_model_dir(path: str) -> bool:
@@ -48,16 +49,11 @@ def read(path: str) -> common.Read:
   with open(os.path.join(path, 'config.json')) as f:
     hf = json.load(f)
   model_type = hf.get('model_type')
-  if model_type in NOT_YET:
-    raise ValueError(f'{path} is a Hugging Face {model_type!r} model, which vit_jax does not read '
-                     f'yet; it reads {sorted(PREFIXES)}.')
   if model_type in SIGLIP + CLIP:
     return _read_tower(path, hf)
   if model_type not in PREFIXES:
     raise ValueError(f'{path} is a Hugging Face {model_type!r} model, not a ViT family vit_jax '
                      f'reads ({sorted(PREFIXES)}).')
-  if hf.get('use_swiglu_ffn'):
-    raise ValueError(f'{path}: the SwiGLU MLP of DINOv2-giant is not supported yet.')
   flat = common.read_safetensors_dir(path)
   prefix = PREFIXES[model_type]
   flat = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in flat.items()}
@@ -65,6 +61,7 @@ def read(path: str) -> common.Read:
   width, heads = hf['hidden_size'], hf['num_attention_heads']
   head_dim = width // heads
   dinov2 = model_type.startswith('dinov2')
+  swiglu = dinov2 and bool(hf.get('use_swiglu_ffn'))  # weights_in: [gate; up] stacked.
   params = {'embedding': common.pop_conv(flat, 'embeddings.patch_embeddings.projection')}
   params['cls'] = flat.pop('embeddings.cls_token')
   distilled = 'embeddings.distillation_token' in flat
@@ -86,8 +83,10 @@ def read(path: str) -> common.Read:
     out_weight = flat.pop(f'{layer}attention.output.dense.weight')
     attention['out'] = {'kernel': out_weight.T.reshape(heads, head_dim, width),
                         'bias': flat.pop(f'{layer}attention.output.dense.bias')}
-    mlp_in, mlp_out = ((f'{layer}mlp.fc1', f'{layer}mlp.fc2') if dinov2 else
-                       (f'{layer}intermediate.dense', f'{layer}output.dense'))
+    mlp_in, mlp_out = (
+        (f'{layer}mlp.weights_in', f'{layer}mlp.weights_out') if swiglu else
+        (f'{layer}mlp.fc1', f'{layer}mlp.fc2') if dinov2 else
+        (f'{layer}intermediate.dense', f'{layer}output.dense'))
     block = {
         'LayerNorm_0': _norm(flat, f'{layer}{"norm1" if dinov2 else "layernorm_before"}'),
         'MultiHeadDotProductAttention_1': attention,
@@ -110,22 +109,22 @@ def read(path: str) -> common.Read:
     if f'{name}.weight' in flat:
       k, b = _linear(flat, name, (-1,))
       params[ours] = {'kernel': k, 'bias': b}
-  if distilled and ('head' in params) != ('head_dist' in params):
-    raise ValueError(f'{path}: a distilled DeiT with one classifier (its class token\'s): load '
-                     'the ...WithTeacher model (both heads) or the headless DeiTModel.')
-  if dinov2 and 'head' in params and params['head']['kernel'].shape[0] != width:
-    raise ValueError(f'{path}: Dinov2ForImageClassification (a head on the class token and the '
-                     'mean patch token) is not supported yet; use its Dinov2Model.')
+  if 'head_dist' in params and 'head' not in params:
+    raise common.CheckpointMismatchError(
+        f'{path}: a distillation_classifier without the cls_classifier beside it.')
+  # Dinov2ForImageClassification reads the class token beside the mean patch token.
+  token_and_gap = 'head' in params and params['head']['kernel'].shape[0] == 2 * width
   common.refuse_leftovers(flat, path)
 
   patch = hf['patch_size']
   patch = tuple(patch) if isinstance(patch, (list, tuple)) else (patch, patch)
   mlp_dim = params['Transformer']['encoderblock_0']['MlpBlock_3']['Dense_0']['kernel'].shape[1]
+  mlp_dim //= 2 if swiglu else 1
   config = models.vit_config(
       f'hf:{hf.get("_name_or_path") or os.path.basename(os.path.normpath(path))}',
       hidden_size=width, mlp_dim=mlp_dim, num_heads=heads, num_layers=num_layers, patch=patch[0],
       representation_size=params['pre_logits']['kernel'].shape[1] if 'pre_logits' in params
-      else None)
+      else None, classifier='token_and_gap' if token_and_gap else 'token')
   config.patches.size = patch
   act = hf.get('hidden_act', 'gelu')
   if act not in ('gelu', 'gelu_new', 'gelu_pytorch_tanh'):
@@ -135,8 +134,12 @@ def read(path: str) -> common.Read:
       hf.get('layer_norm_eps', 1e-6 if dinov2 else 1e-12))
   if dinov2:
     config.transformer.layer_scale = float(hf.get('layerscale_value', 1.0))
+  if swiglu:
+    config.transformer.swiglu = True
   if distilled:
     config.distilled = True
+    if 'head' in params and 'head_dist' not in params:  # DeiTForImageClassification.
+      config.distillation_head = False
   if registers is not None:
     config.num_registers = int(registers.shape[1])
   size = hf.get('image_size', 518 if dinov2 else 224)
@@ -181,20 +184,30 @@ def _unlinear(kernel, bias) -> tuple:
 
 def write(read: common.Read, path: str):
   """`read` (this codebase's params and config) as a Hugging Face model directory that
-  transformers loads: ViT(Model|ForImageClassification), DeiTForImageClassificationWithTeacher,
-  Dinov2(WithRegisters)Model. Raises ValueError naming what the family cannot express."""
+  transformers loads: ViT(Model|ForImageClassification), DeiT(Model|ForImageClassification|
+  ForImageClassificationWithTeacher), Dinov2(WithRegisters)(Model|ForImageClassification).
+  Raises ValueError naming what the family cannot express."""
   config, params = read.config, read.params
   if config.classifier == 'map' or config.transformer.get('pre_norm', False):
     return _write_tower(read, path)
   transformer = config.transformer
-  problems = common.plain_vit_problems(config, params)
+  token_and_gap = config.classifier == 'token_and_gap'
+  problems = [p for p in common.plain_vit_problems(config, params)
+              if not (token_and_gap and 'classifier' in p)]
   patch = tuple(config.patches.size)
   if patch[0] != patch[1]:
     problems.append(f'patch {patch} is not square')
-  dinov2 = transformer.get('layer_scale') is not None or config.get('num_registers', 0) > 0
+  if config.get('pool_norm', False):
+    problems.append('a LayerNorm after pooling (timm\'s fc_norm)')
+  swiglu = transformer.get('swiglu', False)
+  dinov2 = (transformer.get('layer_scale') is not None or config.get('num_registers', 0) > 0 or
+            swiglu or token_and_gap)
   distilled = config.get('distilled', False)
-  if dinov2 and ('head' in params or 'pre_logits' in params):
-    problems.append('a DINOv2 model (LayerScale / registers) with a head or pre-logits layer')
+  if dinov2 and 'pre_logits' in params:
+    problems.append('a DINOv2 model (LayerScale / registers) with a pre-logits layer')
+  if dinov2 and 'head' in params and not token_and_gap:
+    problems.append("a DINOv2 model with a head on the class token alone (Dinov2ForImage"
+                    "Classification's reads classifier='token_and_gap')")
   if distilled and 'pre_logits' in params:
     problems.append('a distilled model with a pre-logits layer')
   if 'pre_logits' in params and 'head' in params:
@@ -223,7 +236,8 @@ def write(read: common.Read, path: str):
     flat['embeddings.mask_token'] = np.zeros((1, width), np.float32)  # Dinov2Model has one.
   for i in range(num_layers):
     block, layer = encoder[f'encoderblock_{i}'], f'encoder.layer.{i}.'
-    names = (('norm1', 'norm2', 'mlp.fc1', 'mlp.fc2') if dinov2 else
+    names = (('norm1', 'norm2', 'mlp.weights_in', 'mlp.weights_out') if swiglu else
+             ('norm1', 'norm2', 'mlp.fc1', 'mlp.fc2') if dinov2 else
              ('layernorm_before', 'layernorm_after', 'intermediate.dense', 'output.dense'))
     for ours, theirs in zip(('LayerNorm_0', 'LayerNorm_2'), names[:2]):
       flat[f'{layer}{theirs}.weight'] = np.asarray(block[ours]['scale'])
@@ -250,8 +264,9 @@ def write(read: common.Read, path: str):
         params['pre_logits']['kernel'], params['pre_logits']['bias'])
 
   heads = {}
+  with_teacher = distilled and config.get('distillation_head', True)
   if 'head' in params:
-    heads['cls_classifier' if distilled else 'classifier'] = params['head']
+    heads['cls_classifier' if with_teacher else 'classifier'] = params['head']
   if 'head_dist' in params:
     heads['distillation_classifier'] = params['head_dist']
   if heads:  # The *For...Classification wrappers prefix the backbone.
@@ -260,8 +275,11 @@ def write(read: common.Read, path: str):
       flat[f'{name}.weight'], flat[f'{name}.bias'] = _unlinear(head['kernel'], head['bias'])
   architecture = {
       'vit': 'ViTForImageClassification' if heads else 'ViTModel',
-      'deit': 'DeiTForImageClassificationWithTeacher' if heads else 'DeiTModel',
-      'dinov2': 'Dinov2Model', 'dinov2_with_registers': 'Dinov2WithRegistersModel'}[model_type]
+      'deit': ('DeiTModel' if not heads else 'DeiTForImageClassificationWithTeacher'
+               if with_teacher else 'DeiTForImageClassification'),
+      'dinov2': 'Dinov2ForImageClassification' if heads else 'Dinov2Model',
+      'dinov2_with_registers': ('Dinov2WithRegistersForImageClassification' if heads else
+                                'Dinov2WithRegistersModel')}[model_type]
   mlp_dim = transformer.mlp_dim
   hf = dict(model_type=model_type, architectures=[architecture], hidden_size=width,
             num_hidden_layers=num_layers, num_attention_heads=transformer.num_heads,
@@ -273,11 +291,9 @@ def write(read: common.Read, path: str):
   if read.image_size[0] != read.image_size[1]:
     hf['image_size'] = [int(s) for s in read.image_size]
   if dinov2:
-    if mlp_dim % width:
-      raise ValueError(f'Cannot write a Hugging Face DINOv2 model: MLP size {mlp_dim} is not a '
-                       f'multiple of the width {width} (its config has mlp_ratio).')
-    hf.update(mlp_ratio=mlp_dim // width, layerscale_value=float(transformer.layer_scale),
-              use_swiglu_ffn=False, drop_path_rate=0.0)
+    hf.update(mlp_ratio=_mlp_ratio(mlp_dim, width, swiglu),
+              layerscale_value=float(transformer.get('layer_scale') or 1.0),
+              use_swiglu_ffn=bool(swiglu), drop_path_rate=0.0)
     if config.get('num_registers', 0):
       hf['num_register_tokens'] = int(config.num_registers)
   else:
@@ -291,6 +307,20 @@ def write(read: common.Read, path: str):
     if read.multi_label:
       hf['problem_type'] = 'multi_label_classification'
   common.write_model_dir(path, flat, hf)
+
+
+def _mlp_ratio(mlp_dim: int, width: int, swiglu: bool) -> float:
+  """The mlp_ratio of a DINOv2 config from which transformers builds an MLP of `mlp_dim`: int(
+  width * ratio) hidden units, or for SwiGLU two thirds of that rounded up to a multiple of 8."""
+  hidden = 1.5 * mlp_dim if swiglu else mlp_dim
+  for ratio in (hidden / width, (hidden + 0.5) / width):  # The second survives int()'s rounding.
+    built = int(width * ratio)
+    if swiglu:
+      built = (int(built * 2 / 3) + 7) // 8 * 8
+    if built == mlp_dim:
+      return ratio
+  raise ValueError(f'Cannot write a Hugging Face DINOv2 model: its config cannot express an '
+                   f'MLP of {mlp_dim} ({"SwiGLU, " if swiglu else ""}width {width}).')
 
 
 def _read_tower(path: str, hf: dict) -> common.Read:

@@ -1,10 +1,13 @@
 """timm `VisionTransformer` state dicts saved as .safetensors (`vit_*`, `deit_*`, `*_dinov2`,
-`*_reg4_dinov2`) as this codebase's parameter tree and model config.
+`*_reg4_dinov2`, `*_siglip*`, `*_clip*`, `*_reg*_gap*`) as this codebase's parameter tree and
+model config.
 
 timm's files do not say their head count: it is read off the width as timm's own model
 definitions set it (64 channels a head, except ViT-H/14 and ViT-g/14's 16 heads). Fused
 `qkv` weights are split into query, key and value; position tables without slots for the prefix
 tokens (`no_embed_class`: DeiT-3, DINOv2 with registers) get zero slots, which computes the same.
+DINOv2-giant's packed SwiGLU MLP has an `mlp.fc1` twice as wide as `mlp.fc2` reads; `fc_norm`
+(the final norm after average pooling, where `norm` is then absent) is pool_norm here.
 """
 
 import json
@@ -17,7 +20,6 @@ from vit_jax import models
 from vit_jax.layouts import common
 
 HEADS_BY_WIDTH = {1280: 16, 1408: 16}  # Otherwise width // 64.
-NOT_YET = ('fc_norm.weight',)  # Average pooling with its own norm (MAE, BEiT-style models).
 
 
 def is_state_dict(flat: dict) -> bool:
@@ -34,10 +36,6 @@ def _norm(flat, name):
 
 def read(path: str, flat: dict, hub_config: dict = None) -> common.Read:
   """A timm state dict as (params, model config, num_classes, image size, ...)."""
-  unsupported = [k for k in NOT_YET if k in flat]
-  if unsupported:
-    raise ValueError(f'{path}: a timm model with {unsupported[0].split(".")[0]} (pooling or '
-                     'pre-norm options vit_jax does not read yet).')
   flat = dict(flat)
   architecture = (hub_config or {}).get('architecture', '')
   clip = 'norm_pre.weight' in flat  # CLIP: a pre-norm, no patch embedding bias.
@@ -61,6 +59,8 @@ def read(path: str, flat: dict, hub_config: dict = None) -> common.Read:
   num_layers = 1 + max(int(m.group(1)) for k in flat if (m := re.match(r'blocks\.(\d+)\.', k)))
   encoder = {}
   layer_scale = None
+  # SwiGLUPacked: fc1 holds [gate; up], each as wide as fc2's input.
+  swiglu = flat['blocks.0.mlp.fc1.weight'].shape[0] == 2 * flat['blocks.0.mlp.fc2.weight'].shape[1]
   for i in range(num_layers):
     block = f'blocks.{i}.'
     qkv_weight = flat.pop(f'{block}attn.qkv.weight')  # (3 D, D): query, key, value stacked.
@@ -79,7 +79,11 @@ def read(path: str, flat: dict, hub_config: dict = None) -> common.Read:
           'scale': flat.pop(f'{block}ls1.gamma')}
       encoder[f'encoderblock_{i}']['layer_scale_mlp'] = {'scale': flat.pop(f'{block}ls2.gamma')}
       layer_scale = 1e-5  # Its initial value; only training from scratch reads it.
-  encoder['encoder_norm'] = _norm(flat, 'norm')
+  pool_norm = 'fc_norm.weight' in flat
+  if pool_norm:
+    params['pool_norm'] = _norm(flat, 'fc_norm')
+  else:
+    encoder['encoder_norm'] = _norm(flat, 'norm')
   if clip:
     encoder['pre_norm'] = _norm(flat, 'norm_pre')
   if 'attn_pool.latent' in flat:  # SigLIP: attention pooling (timm's AttentionPoolLatent).
@@ -98,7 +102,7 @@ def read(path: str, flat: dict, hub_config: dict = None) -> common.Read:
   num_registers = params['registers'].shape[1] if 'registers' in params else 0
   side = int(round(np.sqrt(table.shape[1] - len(prefix))))
   if side * side == table.shape[1] - len(prefix):
-    if num_registers:
+    if num_registers and prefix:
       raise ValueError(f'{path}: position embeddings for register tokens are not supported.')
   else:  # no_embed_class: the table holds the patches only.
     side = int(round(np.sqrt(table.shape[1])))
@@ -114,10 +118,15 @@ def read(path: str, flat: dict, hub_config: dict = None) -> common.Read:
     params['head_dist'] = _linear(flat, 'head_dist')
   common.refuse_leftovers(flat, path)
 
+  # Average pooling: what timm pairs with fc_norm unless its config.json says otherwise.
+  global_pool = (hub_config or {}).get('global_pool') or ('avg' if pool_norm else 'token')
+  if 'cls' in params and global_pool == 'avg':
+    raise ValueError(f'{path}: a timm model that averages its tokens (fc_norm) but has a class '
+                     'token, which vit_jax\'s average pooling (classifier=\'gap\') does not have.')
   config = models.vit_config(
       (hub_config or {}).get('architecture', f'timm:{os.path.basename(path)}'),
       hidden_size=width, mlp_dim=params['Transformer']['encoderblock_0']['MlpBlock_3']
-      ['Dense_0']['kernel'].shape[1], num_heads=heads, num_layers=num_layers, patch=patch_h,
+      ['Dense_1']['kernel'].shape[0], num_heads=heads, num_layers=num_layers, patch=patch_h,
       classifier='map' if 'MAPHead_0' in params else 'token' if 'cls' in params else 'gap')
   config.patches.size = (patch_h, patch_w)
   config.transformer.gelu_approximate = False  # torch.nn.GELU: the exact form.
@@ -128,6 +137,10 @@ def read(path: str, flat: dict, hub_config: dict = None) -> common.Read:
       config.transformer.quick_gelu = True
   if layer_scale is not None:
     config.transformer.layer_scale = layer_scale
+  if swiglu:
+    config.transformer.swiglu = True
+  if pool_norm:
+    config.pool_norm = True
   if 'dist' in params:
     config.distilled = True
   if num_registers:
@@ -160,9 +173,11 @@ def write(read: common.Read, path: str) -> str:
   config, params = read.config, read.params
   transformer = config.transformer
   problems = [p for p in common.plain_vit_problems(config, params)
-              if config.classifier != 'map' or 'classifier' not in p]
+              if config.classifier not in ('map', 'gap') or 'classifier' not in p]
   if 'pre_logits' in params:
     problems.append('a pre-logits layer (timm ViTs have none)')
+  if config.get('distilled', False) and not config.get('distillation_head', True):
+    problems.append('a distilled model with one head (timm\'s distilled DeiT has two)')
   clip = transformer.get('pre_norm', False)
   if clip and np.any(np.asarray(params['embedding']['bias'])):
     problems.append('a pre-norm (CLIP) model with a patch embedding bias')
@@ -177,12 +192,13 @@ def write(read: common.Read, path: str) -> str:
     flat['patch_embed.proj.bias'] = np.asarray(conv['bias'])
   table = np.asarray(encoder['posembed_input']['pos_embedding'])
   prefix = 1 + bool(config.get('distilled', False))
+  if registers:
+    flat['reg_token'] = np.asarray(params['registers'])
   if 'cls' in params:
     cls = np.asarray(params['cls'])
     if registers:  # timm: no_embed_class; the class token's position folded into the token.
       cls = cls + table[:, :1]
       table = table[:, prefix:]
-      flat['reg_token'] = np.asarray(params['registers'])
     flat['cls_token'] = cls
   flat['pos_embed'] = table
   if config.get('distilled', False):
@@ -202,8 +218,10 @@ def write(read: common.Read, path: str) -> str:
     if 'layer_scale_attention' in block:
       flat[f'{name}ls1.gamma'] = np.asarray(block['layer_scale_attention']['scale'])
       flat[f'{name}ls2.gamma'] = np.asarray(block['layer_scale_mlp']['scale'])
-  flat['norm.weight'] = np.asarray(encoder['encoder_norm']['scale'])
-  flat['norm.bias'] = np.asarray(encoder['encoder_norm']['bias'])
+  final_norm = params['pool_norm'] if 'pool_norm' in params else encoder['encoder_norm']
+  final_name = 'fc_norm' if 'pool_norm' in params else 'norm'
+  flat[f'{final_name}.weight'] = np.asarray(final_norm['scale'])
+  flat[f'{final_name}.bias'] = np.asarray(final_norm['bias'])
   if clip:
     flat['norm_pre.weight'] = np.asarray(encoder['pre_norm']['scale'])
     flat['norm_pre.bias'] = np.asarray(encoder['pre_norm']['bias'])
@@ -243,23 +261,34 @@ def _create_model_call(read: common.Read) -> str:
     name = f'vit_{size}_patch{patch}_clip{quick}_{read.image_size[0]}'
   elif config.get('distilled', False):
     name = f'deit_{size}_distilled_patch{patch}_{read.image_size[0]}'
+  elif config.classifier == 'gap':
+    registers = config.get('num_registers', 0)
+    registers = f'_reg{registers}' if registers else ''
+    name = f'vit_{size}_patch{patch}{registers}_gap_{read.image_size[0]}'
   elif config.get('num_registers', 0):
     name = f'vit_{size}_patch{patch}_reg{config.num_registers}_dinov2'
   elif transformer.get('layer_scale') is not None:
     name = f'vit_{size}_patch{patch}_dinov2'
   else:
     name = f'vit_{size}_patch{patch}_{read.image_size[0]}'
+  swiglu = transformer.get('swiglu', False)
   args = dict(embed_dim=width, depth=transformer.num_layers, num_heads=transformer.num_heads,
-              mlp_ratio=transformer.mlp_dim / width, patch_size=patch,
+              mlp_ratio=transformer.mlp_dim * (2 if swiglu else 1) / width, patch_size=patch,
               img_size=tuple(int(s) for s in read.image_size),
               num_classes=read.num_classes or 0)
   if transformer.get('layer_scale') is not None:
     args['init_values'] = float(transformer.layer_scale)
   if config.get('num_registers', 0):
     args.update(reg_tokens=int(config.num_registers), no_embed_class=True)
+  if config.classifier == 'gap':
+    args.update(class_token=False, global_pool='avg')
+  if config.classifier == 'gap' or config.get('pool_norm', False):
+    args['fc_norm'] = bool(config.get('pool_norm', False))
   text = ', '.join(f'{k}={v!r}' for k, v in args.items())
   extra = []
-  if transformer.get('quick_gelu', False):
+  if swiglu:  # timm's DINOv2-giant MLP: one fc1 holding [gate; up].
+    extra.append("mlp_layer=timm.layers.SwiGLUPacked, act_layer='silu'")
+  elif transformer.get('quick_gelu', False):
     extra.append("act_layer='quick_gelu'")
   elif transformer.get('gelu_approximate', True):
     extra.append("act_layer='gelu_tanh'")
