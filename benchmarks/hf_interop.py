@@ -52,6 +52,17 @@ def hf_families():
       'DeiTForImageClassificationWithTeacher': (
           t.DeiTForImageClassificationWithTeacher, t.DeiTConfig(**SMALL, num_labels=10),
           lambda out: out.logits),
+      'DeiTForImageClassification': (
+          t.DeiTForImageClassification, t.DeiTConfig(**SMALL, num_labels=10),
+          lambda out: out.logits),
+      'Dinov2ForImageClassification (SwiGLU)': (t.Dinov2ForImageClassification, t.Dinov2Config(
+          **{k: v for k, v in SMALL.items() if k != 'intermediate_size'}, mlp_ratio=4,
+          use_swiglu_ffn=True, layerscale_value=0.5, num_labels=10), lambda out: out.logits),
+      'Dinov2WithRegistersForImageClassification': (
+          t.Dinov2WithRegistersForImageClassification, t.Dinov2WithRegistersConfig(
+              **{k: v for k, v in SMALL.items() if k != 'intermediate_size'}, mlp_ratio=4,
+              num_register_tokens=4, layerscale_value=0.5, num_labels=10),
+          lambda out: out.logits),
       'Dinov2Model': (t.Dinov2Model, t.Dinov2Config(
           **{k: v for k, v in SMALL.items() if k != 'intermediate_size'}, mlp_ratio=4,
           layerscale_value=0.5), lambda out: out.pooler_output),
@@ -70,6 +81,9 @@ def timm_families():
       'vit_tiny_patch16_224': dict(depth=2, num_classes=10),
       'deit_tiny_distilled_patch16_224': dict(depth=2, num_classes=10),
       'vit_small_patch14_reg4_dinov2': dict(depth=2, num_classes=0, img_size=224),
+      'vit_giant_patch14_dinov2': dict(depth=2, embed_dim=192, num_heads=3, num_classes=0,
+                                       img_size=224),  # SwiGLUPacked MLP.
+      'vit_medium_patch16_reg4_gap_256': dict(depth=2, num_classes=10, img_size=224),  # fc_norm.
       'vit_base_patch16_siglip_224': dict(depth=2, num_classes=10),
       'vit_base_patch16_clip_quickgelu_224': dict(depth=2, num_classes=10),
   }

@@ -309,18 +309,19 @@ def write(read: common.Read, path: str):
   common.write_model_dir(path, flat, hf)
 
 
-def _mlp_ratio(mlp_dim: int, width: int, swiglu: bool) -> float:
-  """The mlp_ratio of a DINOv2 config from which transformers builds an MLP of `mlp_dim`: int(
-  width * ratio) hidden units, or for SwiGLU two thirds of that rounded up to a multiple of 8."""
-  hidden = 1.5 * mlp_dim if swiglu else mlp_dim
-  for ratio in (hidden / width, (hidden + 0.5) / width):  # The second survives int()'s rounding.
-    built = int(width * ratio)
-    if swiglu:
-      built = (int(built * 2 / 3) + 7) // 8 * 8
-    if built == mlp_dim:
-      return ratio
-  raise ValueError(f'Cannot write a Hugging Face DINOv2 model: its config cannot express an '
-                   f'MLP of {mlp_dim} ({"SwiGLU, " if swiglu else ""}width {width}).')
+def _mlp_ratio(mlp_dim: int, width: int, swiglu: bool) -> int:
+  """The (integer: transformers' Dinov2Config types it so) mlp_ratio from which transformers
+  builds an MLP of `mlp_dim`: width * ratio hidden units, or for SwiGLU two thirds of that
+  rounded up to a multiple of 8."""
+  ratio = max(round((1.5 if swiglu else 1) * mlp_dim / width), 1)
+  built = width * ratio
+  if swiglu:
+    built = (int(built * 2 / 3) + 7) // 8 * 8
+  if built != mlp_dim:
+    raise ValueError(f'Cannot write a Hugging Face DINOv2 model: its config (an integer '
+                     f'mlp_ratio) cannot express an MLP of {mlp_dim} '
+                     f'({"SwiGLU, " if swiglu else ""}width {width}).')
+  return ratio
 
 
 def _read_tower(path: str, hf: dict) -> common.Read:

@@ -163,10 +163,6 @@ def read_hub_config(path: str) -> dict:
 
 # ------------------------------------------------------------------------------------ writing
 
-SIZE_NAMES = {192: 'tiny', 384: 'small', 768: 'base', 1024: 'large', 1280: 'huge',
-              1408: 'giant', 1536: 'giant'}
-
-
 def write(read: common.Read, path: str) -> str:
   """`read` as a timm state dict (.safetensors); returns the timm.create_model(...) call that
   builds the model it loads into strictly."""
@@ -248,41 +244,41 @@ def write(read: common.Read, path: str) -> str:
 
 
 def _create_model_call(read: common.Read) -> str:
-  """timm.create_model(...) for the architecture of `read`: the named model whose defaults fit,
-  with the keyword arguments that differ from them."""
+  """timm.create_model(...) for the architecture of `read`: a timm model of its family, with
+  every keyword argument that defines the architecture (so that the family's defaults, such as
+  the size in its name, do not matter)."""
   config = read.config
   transformer = config.transformer
   width, patch = config.hidden_size, config.patches.size[0]
-  size = SIZE_NAMES.get(width, f'w{width}')
+  registers = config.get('num_registers', 0)
+  swiglu = transformer.get('swiglu', False)
   if config.classifier == 'map':
-    name = f'vit_{size}_patch{patch}_siglip_{read.image_size[0]}'
+    name = 'vit_base_patch16_siglip_224'
   elif transformer.get('pre_norm', False):
     quick = '_quickgelu' if transformer.get('quick_gelu', False) else ''
-    name = f'vit_{size}_patch{patch}_clip{quick}_{read.image_size[0]}'
+    name = f'vit_base_patch16_clip{quick}_224'
   elif config.get('distilled', False):
-    name = f'deit_{size}_distilled_patch{patch}_{read.image_size[0]}'
+    name = 'deit_base_distilled_patch16_224'
   elif config.classifier == 'gap':
-    registers = config.get('num_registers', 0)
-    registers = f'_reg{registers}' if registers else ''
-    name = f'vit_{size}_patch{patch}{registers}_gap_{read.image_size[0]}'
-  elif config.get('num_registers', 0):
-    name = f'vit_{size}_patch{patch}_reg{config.num_registers}_dinov2'
+    name = 'vit_medium_patch16_reg4_gap_256' if registers else 'vit_base_patch16_gap_224'
+  elif swiglu:
+    name = 'vit_giant_patch14_dinov2'
+  elif registers:
+    name = 'vit_base_patch14_reg4_dinov2'
   elif transformer.get('layer_scale') is not None:
-    name = f'vit_{size}_patch{patch}_dinov2'
+    name = 'vit_base_patch14_dinov2'
   else:
-    name = f'vit_{size}_patch{patch}_{read.image_size[0]}'
-  swiglu = transformer.get('swiglu', False)
+    name = 'vit_base_patch16_224'
   args = dict(embed_dim=width, depth=transformer.num_layers, num_heads=transformer.num_heads,
               mlp_ratio=transformer.mlp_dim * (2 if swiglu else 1) / width, patch_size=patch,
               img_size=tuple(int(s) for s in read.image_size),
-              num_classes=read.num_classes or 0)
-  if transformer.get('layer_scale') is not None:
-    args['init_values'] = float(transformer.layer_scale)
-  if config.get('num_registers', 0):
-    args.update(reg_tokens=int(config.num_registers), no_embed_class=True)
+              num_classes=read.num_classes or 0,
+              init_values=(None if transformer.get('layer_scale') is None else
+                           float(transformer.layer_scale)),
+              reg_tokens=int(registers), no_embed_class=bool(registers))
   if config.classifier == 'gap':
     args.update(class_token=False, global_pool='avg')
-  if config.classifier == 'gap' or config.get('pool_norm', False):
+  if config.classifier != 'map':
     args['fc_norm'] = bool(config.get('pool_norm', False))
   text = ', '.join(f'{k}={v!r}' for k, v in args.items())
   extra = []
@@ -292,7 +288,8 @@ def _create_model_call(read: common.Read) -> str:
     extra.append("act_layer='quick_gelu'")
   elif transformer.get('gelu_approximate', True):
     extra.append("act_layer='gelu_tanh'")
+  else:
+    extra.append("act_layer='gelu'")
   epsilon = transformer.get('layer_norm_epsilon', 1e-6)
-  if epsilon != 1e-6:
-    extra.append(f'norm_layer=functools.partial(torch.nn.LayerNorm, eps={epsilon!r})')
+  extra.append(f'norm_layer=functools.partial(torch.nn.LayerNorm, eps={epsilon!r})')
   return f"timm.create_model({name!r}, pretrained=False, {', '.join([text] + extra)})"
