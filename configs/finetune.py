@@ -32,7 +32,7 @@ def get_config(arg='B_16,cifar10'):
       c.pretrained_path = f'gs://vit_models/imagenet21k/ViT-{source}.npz'
   else:  # A checkpoint (.npz, Hugging Face directory, timm .safetensors, hf://ORG/NAME):
     from vit_jax import checkpoint  # its own architecture and input normalisation.
-    source_model = checkpoint.read_any(source)
+    source_model = checkpoint.load_model(source)
     c.model = source_model.config
     c.pretrained_path = source
     config_lib.set_normalisation(c, source_model)

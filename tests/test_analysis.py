@@ -34,7 +34,7 @@ def test_mean_attention_distance_of_known_patterns():
   tokens = 1 + 4
   to_self = np.eye(tokens)[None, None]
   uniform = np.full((1, 1, tokens, tokens), 1 / tokens)
-  distance = analysis.mean_attention_distance([to_self, uniform], grid, patch, num_prefix_tokens=1)
+  distance = analysis.mean_attention_distance([to_self, uniform], grid, patch)
   assert distance.shape == (2, 1)
   assert distance[0, 0] == 0.0
   # Uniform over a 2x2 grid: from any patch, distances 0, 16, 16, 16*sqrt(2), averaged.
@@ -160,7 +160,7 @@ def test_exports_of_every_variant_describe_themselves(tmp_path, posemb, classifi
   checkpoint.save(params, path, model_config=config, image_size=(8, 12))
   apply = lambda model, p: jax.jit(lambda p: model.apply({'params': p}, images, train=False))(p)
   logits = apply(model, params)
-  loaded, loaded_config, num_classes, image_size, _ = checkpoint.load_model(path)
+  loaded, loaded_config, num_classes, image_size = checkpoint.load_model(path)[:4]
   assert (loaded_config.to_dict(), num_classes, image_size) == (config.to_dict(), 10, (8, 12))
   np.testing.assert_array_equal(apply(VisionTransformer(num_classes=10, **loaded_config), loaded),
                                 logits)

@@ -177,7 +177,7 @@ def big_vision_reference_logits(p, images, pool):
 def test_big_vision_layout_gives_reference_logits(tmp_path, images, pool, scan):
   path = str(tmp_path / 'big_vision.npz')
   np.savez(path, **big_vision_arrays(pool, scan))
-  params, config, num_classes, image_size, _ = checkpoint.load_model(path)
+  params, config, num_classes, image_size = checkpoint.load_model(path)[:4]
   assert (config.classifier, num_classes, image_size) == (
       {'tok': 'token', 'gap': 'gap', 'map': 'map'}[pool], CLASSES, (16, 16))
   config.transformer.gelu_approximate = True  # big_vision's nn.gelu default, as the official.

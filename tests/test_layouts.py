@@ -466,14 +466,27 @@ def test_fine_tuning_a_hugging_face_directory_from_the_recipe(tmp_path):
   plain = next(input_pipeline.eval_batches(config, source, batch_size=4, num_steps=1))
   np.testing.assert_allclose(normalised['image'], ((plain['image'] + 1) / 2 - mean) / std,
                              atol=1e-5)
+  # Fed [-1, 1] instead of what the file expects: refused, naming both, before any work.
+  with pytest.raises(ValueError, match=r'expects inputs normalised as --config.pp.mean=\(0.485, '
+                     r'.*but the config normalises as \[-1, 1\].*Nothing was trained'):
+    train.train_and_evaluate(config, str(tmp_path / 'refused'))
+  assert not os.path.exists(tmp_path / 'refused' / 'checkpoints')
   with config.unlocked():
     config.pp.mean, config.pp.std = mean, std
   results = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert results['step'] == 6 and 0 <= results['test']['accuracy_test'] <= 1
-  tuned = checkpoint.load_model(str(tmp_path / 'run' / 'model.npz'))  # Our export of it.
+  export = str(tmp_path / 'run' / 'model.npz')
+  tuned = checkpoint.load_model(export)  # Our export of it: its normalisation and class names.
   assert tuned.config.transformer.layer_norm_epsilon == 1e-12 and tuned.num_classes == 10
+  assert tuned.preprocessing == {'mean': list(mean), 'std': list(std)}
+  assert tuned.class_names == [str(i) for i in range(10)]
   np.testing.assert_array_equal(tuned.params['Transformer']['encoderblock_1']['LayerNorm_0']
                                 ['scale'].shape, (WIDTH,))
+  # Evaluating the export (or the source) feeds it what it describes, whatever the config says.
+  with config.unlocked():
+    config.pp.mean = config.pp.std = None
+    config.pretrained_path = export
+  assert train.with_exported_model(config).pp.mean == mean
 
 
 # ------------------------------------------------------------------------------ writing back
@@ -559,8 +572,27 @@ def test_the_tools_read_a_hugging_face_directory_with_its_names_and_normalisatio
   assert 0 <= few[1] <= 1
   exported = checkpoint.load_model(path)
   figures = analysis.analyse(exported.params, VisionTransformer(num_classes=3, **exported.config),
-                             exported.config, x, str(tmp_path / 'figures'))
+                             exported.config, x, str(tmp_path / 'figures'), exported.model_inputs)
   assert len(figures) == 4
+  # The attention the model computed is on the normalised images.
+  weights = analysis.attention_weights(VisionTransformer(num_classes=3, **exported.config),
+                                       exported.params, exported.model_inputs(x))
+  assert not np.allclose(weights[0], analysis.attention_weights(
+      VisionTransformer(num_classes=3, **exported.config), exported.params, x)[0])
+
+
+def test_analysis_of_models_with_distillation_and_register_tokens(tmp_path):
+  """The patches are the last tokens whatever precedes them (class, distillation, registers)."""
+  from vit_jax import analysis
+  for name, (names, spec, hf_config) in [('deit', FAMILIES['deit_teacher']),
+                                         ('dinov2', FAMILIES['dinov2_reg'])]:
+    path = write_hf(tmp_path / name, random_weights(names, **spec), dict(
+        HF_CONFIG, hidden_act='gelu', **hf_config))
+    exported = checkpoint.load_model(path)
+    model = VisionTransformer(num_classes=exported.num_classes, **exported.config)
+    figures = analysis.analyse(exported.params, model, exported.config, images(),
+                               str(tmp_path / f'{name}_figures'))
+    assert len(figures) == 4
 
 
 def attention_pool(tokens, probe, qkv_weight, qkv_bias, h, *, tanh_gelu, names=None):

@@ -225,6 +225,12 @@ def test_an_export_whose_description_contradicts_its_arrays_is_refused(finished,
     path = tmp_path / 'garbled.npz'
     np.savez(path, **dict(params, **{checkpoint.DESCRIPTION_KEY: np.frombuffer(b'{no', np.uint8)}))
     checkpoint.load_model(str(path))
+  with pytest.raises(ValueError, match=r'names.npz: its vit_jax_description has class_names '
+                     r'that are not 10 strings'):
+    checkpoint.load_model(write('names.npz', class_names=['cat', 'dog']))
+  with pytest.raises(ValueError, match=r'pp.npz: its vit_jax_description has a preprocessing that'):
+    checkpoint.read_description(write('pp.npz', preprocessing={'mean': [0.5] * 3,
+                                                               'std': [0.0] * 3}))
   del description['model']
   with pytest.raises(ValueError, match=r'nomodel.npz: its vit_jax_description lacks model'):
     checkpoint.load_model(write('nomodel.npz'))

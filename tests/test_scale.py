@@ -136,7 +136,7 @@ def test_per_layer_file_loads_into_a_scanned_model_and_exports_per_layer(tmp_pat
   config = small_config(posemb='relative', scan=True, remat='full')
   checkpoint.save(loaded, again, model_config=config, image_size=(12, 8))
   assert load_npz(again).keys() == load_npz(path).keys() | {checkpoint.DESCRIPTION_KEY}
-  _, described, _, _, _ = checkpoint.load_model(again)
+  described = checkpoint.load_model(again).config
   assert not described.transformer.scan and described.transformer.remat == 'none'
 
 

@@ -50,12 +50,10 @@ def attention_rollout(weights: list) -> jnp.ndarray:
 
 def rollout_maps(rollout, grid, has_class_token: bool) -> jnp.ndarray:
   """(batch, grid_h, grid_w): what the class token (or, for gap models, the average token)
-  attends to, normalised to a maximum of 1."""
-  if has_class_token:
-    attention = rollout[:, 0, 1:]
-  else:
-    attention = rollout.mean(axis=1)
-  maps = attention.reshape((-1,) + tuple(grid))
+  attends to among the patches (the last grid_h * grid_w tokens, after any class, distillation
+  and register tokens), normalised to a maximum of 1."""
+  attention = rollout[:, 0] if has_class_token else rollout.mean(axis=1)
+  maps = attention[:, -grid[0] * grid[1]:].reshape((-1,) + tuple(grid))
   return maps / maps.max(axis=(1, 2), keepdims=True)
 
 
@@ -66,16 +64,16 @@ def position_embedding_similarity(pos_embedding, grid) -> np.ndarray:
   return (unit @ unit.T).reshape(tuple(grid) * 2)
 
 
-def mean_attention_distance(weights: list, grid, patch_size, num_prefix_tokens: int) -> np.ndarray:
+def mean_attention_distance(weights: list, grid, patch_size) -> np.ndarray:
   """(layers, heads): the image-space distance in pixels spanned by attention, averaged over
-  query patches and images (the "attention distance" of Fig. 7). Attention to the class token
-  is left out and the rest renormalised."""
+  query patches and images (the "attention distance" of Fig. 7). Attention to the tokens before
+  the patches (class, distillation, register tokens) is left out and the rest renormalised."""
   rows, cols = np.meshgrid(np.arange(grid[0]), np.arange(grid[1]), indexing='ij')
   centres = np.stack([rows.ravel() * patch_size[0], cols.ravel() * patch_size[1]], axis=-1)
   distance = np.linalg.norm(centres[:, None] - centres[None], axis=-1)  # (patches, patches)
   result = []
   for layer in weights:
-    patches = np.asarray(layer)[:, :, num_prefix_tokens:, num_prefix_tokens:]
+    patches = np.asarray(layer)[:, :, -len(distance):, -len(distance):]
     patches = patches / patches.sum(axis=-1, keepdims=True)
     result.append((patches * distance).sum(axis=-1).mean(axis=(0, 2)))
   return np.stack(result)
@@ -175,15 +173,16 @@ FIGURES = ('attention_rollout.png', 'position_embedding_similarity.png',
            'attention_distance.png', 'embedding_filters.png')
 
 
-def analyse(params, model, config, images, outdir) -> list:
+def analyse(params, model, config, images, outdir, model_inputs=lambda x: x) -> list:
   """Writes the figures for `params` (all four, or three for models without absolute position
-  embeddings); returns their paths."""
+  embeddings); returns their paths. `images` are in [-1, 1]; `model_inputs` normalises them as
+  the model takes them (checkpoint.load_model(...).model_inputs)."""
   from vit_jax import checkpoint, models
   os.makedirs(outdir, exist_ok=True)
   stride = models.token_stride(config)  # Pixels per token (a hybrid's stem included).
   grid = (images.shape[1] // stride[0], images.shape[2] // stride[1])
-  has_class_token = config.classifier == 'token'
-  weights = attention_weights(model, params, images)
+  has_class_token = config.classifier in ('token', 'token_and_gap')
+  weights = attention_weights(model, params, model_inputs(images))
   path = lambda name: os.path.join(outdir, name)
   plot_rollout(images, rollout_maps(attention_rollout(weights), grid, has_class_token),
                path('attention_rollout.png'))
@@ -193,7 +192,7 @@ def analyse(params, model, config, images, outdir) -> list:
     plot_position_similarity(position_embedding_similarity(posemb, grid),
                              path('position_embedding_similarity.png'))
     paths.append(path('position_embedding_similarity.png'))
-  plot_attention_distance(mean_attention_distance(weights, grid, stride, int(has_class_token)),
+  plot_attention_distance(mean_attention_distance(weights, grid, stride),
                           path('attention_distance.png'))
   plot_filters(embedding_filter_components(checkpoint.patch_embedding_kernel(params)),
                path('embedding_filters.png'))
@@ -226,10 +225,11 @@ def main(argv):
   if os.path.exists(FLAGS.outdir) and not os.path.isdir(FLAGS.outdir):
     raise app.UsageError(f'--outdir={FLAGS.outdir} is a file, not a directory: name a directory '
                          '(the file is left as it is).')
-  params, config, num_classes, image_size, _ = checkpoint.load_model(FLAGS.checkpoint)
-  model = models_vit.VisionTransformer(num_classes=num_classes, **config)
-  images = _images(argv[1:], image_size, FLAGS.dataset, FLAGS.split, FLAGS.num_images)
-  for path in analyse(params, model, config, jnp.asarray(images), FLAGS.outdir):
+  read = checkpoint.load_model(FLAGS.checkpoint)
+  model = models_vit.VisionTransformer(num_classes=read.num_classes, **read.config)
+  images = _images(argv[1:], read.image_size, FLAGS.dataset, FLAGS.split, FLAGS.num_images)
+  for path in analyse(read.params, model, read.config, jnp.asarray(images), FLAGS.outdir,
+                      read.model_inputs):
     print(path)
 
 

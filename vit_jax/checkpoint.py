@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import os
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax
 import jax
@@ -164,54 +164,35 @@ def load(path: str) -> dict:
   return _load(path)[0] if foreign is None else foreign.params
 
 
-class Exported(NamedTuple):
-  """What a checkpoint holds and how to use it (see load_model)."""
-  params: Params
-  config: ml_collections.ConfigDict  # The model config: VisionTransformer(**config).
-  num_classes: Optional[int]
-  image_size: tuple
-  multi_label: bool  # Trained with sigmoids (one probability per class) instead of a softmax.
-
-
 # The official ImageNet-21k releases (all its classes) were trained with sigmoids.
 IMAGENET21K_CLASSES = datasets.DATASETS['imagenet21k']['num_classes']
 
 
-def load_model(path: str) -> Exported:
-  """A checkpoint with its model config, class count, image size and output activation: from
-  the description that exports of this codebase carry (checked against the arrays), else read
-  off the parameter shapes (Hugging Face: from its config.json; timm: shapes and key names)."""
+def load_model(path: str) -> layouts.Read:
+  """A checkpoint with its model config, class count, image size, output activation, class
+  names and input normalisation (layouts.Read): from the description that exports of this
+  codebase carry (checked against the arrays), else read off the parameter shapes (Hugging
+  Face: from its config.json and preprocessor_config.json; timm: shapes and key names)."""
   foreign = _foreign(path)
   if foreign is not None:
-    return Exported(foreign.params, foreign.config, foreign.num_classes, foreign.image_size,
-                    foreign.multi_label)
+    return foreign
   params, description = _load(path)
   if description is None:
     config, num_classes, image_size = infer_model_config(params)
-    return Exported(params, config, num_classes, image_size,
-                    multi_label=num_classes == IMAGENET21K_CLASSES)
+    return layouts.Read(params, config, num_classes, image_size,
+                        multi_label=num_classes == IMAGENET21K_CLASSES)
   exported = _described(params, description)
   _check_description(exported, path)
   return exported
 
 
-def read_any(path: str) -> layouts.Read:
-  """Any checkpoint load_model reads, with what its layout adds (class names, resampling)."""
-  foreign = _foreign(path)
-  if foreign is not None:
-    return foreign
-  params, config, num_classes, image_size, multi_label = load_model(path)
-  return layouts.Read(params, config, num_classes, image_size, multi_label)
-
-
-def read_description(path: str) -> Optional[Exported]:
+def read_description(path: str) -> Optional[layouts.Read]:
   """What an export of this codebase says it holds, without reading its parameters (`params`
   is None); None for a file without a description (e.g. an official release). Hugging Face
   and timm checkpoints describe themselves in their own way: what they say is returned."""
   foreign = _foreign(path)
   if foreign is not None:
-    return Exported(None, foreign.config, foreign.num_classes, foreign.image_size,
-                    foreign.multi_label)
+    return foreign._replace(params=None)
   with _open(path) as f, _open_npz(f, path) as npz:  # Reads one member only.
     if DESCRIPTION_KEY not in npz.files:
       return None
@@ -236,20 +217,34 @@ def _parse_description(raw: np.ndarray, path: str) -> dict:
   if missing:
     raise ValueError(f'{path}: its {DESCRIPTION_KEY} lacks {", ".join(missing)}. Delete that '
                      'array to read the file as an official checkpoint.')
+  names, preprocessing = description.get('class_names'), description.get('preprocessing')
+  if names is not None and (not isinstance(names, list) or len(names) != description[
+      'num_classes'] or not all(isinstance(n, str) for n in names)):
+    raise ValueError(f'{path}: its {DESCRIPTION_KEY} has class_names that are not '
+                     f'{description["num_classes"]} strings.')
+  if preprocessing is not None and not (
+      isinstance(preprocessing, dict) and all(
+          isinstance(preprocessing.get(k), list) and len(preprocessing[k]) == 3 and
+          all(isinstance(x, (int, float)) and math.isfinite(x) for x in preprocessing[k])
+          for k in ('mean', 'std')) and min(preprocessing['std']) > 0):
+    raise ValueError(f'{path}: its {DESCRIPTION_KEY} has a preprocessing that is not '
+                     '{"mean": three numbers, "std": three positive numbers}.')
   return description
 
 
-def _described(params, description: dict) -> Exported:
+def _described(params, description: dict) -> layouts.Read:
   as_tuples = lambda x: ({k: as_tuples(v) for k, v in x.items()} if isinstance(x, dict) else
                         tuple(x) if isinstance(x, list) else x)  # JSON made the tuples lists.
   model = as_tuples(description['model'])
   # Earlier exports predate these keys; a model read from a file computes the default way.
   model['transformer'] = {**model['transformer'], **models.IMPLEMENTATION_DEFAULTS}
-  return Exported(params, ml_collections.ConfigDict(model), description['num_classes'],
-                  tuple(description['image_size']), description.get('multi_label', False))
+  return layouts.Read(params, ml_collections.ConfigDict(model), description['num_classes'],
+                      tuple(description['image_size']), description.get('multi_label', False),
+                      class_names=description.get('class_names'),
+                      preprocessing=description.get('preprocessing'))
 
 
-def _check_description(exported: Exported, path: str):
+def _check_description(exported: layouts.Read, path: str):
   """Raises CheckpointMismatchError where the model an export describes has other parameters
   than the file holds (a hand-edited or mixed-up file would otherwise compute nonsense)."""
   try:
@@ -271,14 +266,16 @@ def _check_description(exported: Exported, path: str):
 
 
 def save(params: Params, path: str, *, model_config=None, image_size=None,
-         multi_label: bool = False):
+         multi_label: bool = False, class_names: Optional[Sequence[str]] = None,
+         preprocessing: Optional[dict] = None):
   """Writes `params` as an official-layout .npz (float32 where the model runs in bfloat16; a
   scanned encoder per layer).
 
-  With `model_config` (the `image_size` it was trained at, and whether its outputs are
-  sigmoids, `multi_label`) the file describes itself: one
-  more array, `vit_jax_description` (JSON as bytes), which readers of the official layout (the
-  official code, timm) do not look up, and which `load_model` reads back.
+  With `model_config` (the `image_size` it was trained at, whether its outputs are sigmoids,
+  `multi_label`, what its classes are called and the {'mean', 'std'} its input pixels in
+  [0, 1] were normalised with, where not [-1, 1]) the file describes itself: one more array,
+  `vit_jax_description` (JSON as bytes), which readers of the official layout (the official
+  code, timm) do not look up, and which `load_model` reads back.
   """
   flat = unstack_layers(flax.traverse_util.flatten_dict(jax.device_get(params)))
   flat = {'/'.join(key): value for key, value in flat.items()}
@@ -291,6 +288,11 @@ def save(params: Params, path: str, *, model_config=None, image_size=None,
                    'num_classes': None if head is None else int(head.shape[-1]),
                    'image_size': [int(side) for side in image_size],
                    'multi_label': bool(multi_label)}
+    if class_names is not None and description['num_classes'] == len(class_names):
+      description['class_names'] = [str(name) for name in class_names]
+    if preprocessing is not None:
+      description['preprocessing'] = {k: [float(x) for x in preprocessing[k]]
+                                      for k in ('mean', 'std')}
     arrays[DESCRIPTION_KEY] = np.frombuffer(json.dumps(description).encode(), np.uint8)
   for key, value in flat.items():
     value = np.asarray(value)

@@ -150,10 +150,19 @@ def dataset_info(name: str) -> dict:
 
 
 def set_normalisation(c: ml_collections.ConfigDict, read):
-  """The input normalisation a checkpoint (checkpoint.read_any) expects, if not [-1, 1]."""
-  if read.preprocessing:
-    c.pp.mean = tuple(float(x) for x in read.preprocessing['mean'])
-    c.pp.std = tuple(float(x) for x in read.preprocessing['std'])
+  """The input normalisation a checkpoint (checkpoint.load_model) expects: its mean and std of
+  pixels in [0, 1], or None for [-1, 1]."""
+  preprocessing = read.preprocessing or {'mean': None, 'std': None}
+  for key in ('mean', 'std'):
+    value = preprocessing[key]
+    c.pp[key] = None if value is None else tuple(float(x) for x in value)
+
+
+def normalisation(c: ml_collections.ConfigDict):
+  """The config's input normalisation as a checkpoint describes it (None: [-1, 1])."""
+  if c.pp.mean is None:
+    return None
+  return {'mean': list(c.pp.mean), 'std': list(c.pp.std)}
 
 
 def set_dataset(c: ml_collections.ConfigDict, name: str):

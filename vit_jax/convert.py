@@ -4,7 +4,8 @@ python -m vit_jax.convert --format=hf|timm|npz SOURCE DEST
 
 SOURCE: anything checkpoint.load_model reads (an .npz of any Google release or of a run here, a
 Hugging Face model directory, a timm .safetensors file, hf://ORG/NAME[@REVISION]).
-  --format=npz   the official layout, describing itself (model config, resolution)
+  --format=npz   the official layout, describing itself (model config, resolution, class
+                 names, input normalisation)
   --format=hf    a Hugging Face directory (config.json, model.safetensors) that transformers'
                  AutoModelForImageClassification (or AutoModel, headless) loads
   --format=timm  a timm state dict (.safetensors); prints the timm.create_model(...) call whose
@@ -29,10 +30,11 @@ def convert(source: str, dest: str, fmt: str) -> str:
   if os.path.exists(dest):
     raise FileExistsError(f'{dest} exists: name a new {"directory" if fmt == "hf" else "file"} '
                           '(nothing was written).')
-  read = checkpoint.read_any(source)
+  read = checkpoint.load_model(source)
   if fmt == 'npz':
     checkpoint.save(read.params, dest, model_config=read.config, image_size=read.image_size,
-                    multi_label=read.multi_label)
+                    multi_label=read.multi_label, class_names=read.class_names,
+                    preprocessing=read.preprocessing)
     return f'vit_jax.checkpoint.load_model({dest!r})'
   if fmt == 'hf':
     hugging_face.write(read, dest)

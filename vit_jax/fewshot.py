@@ -139,7 +139,7 @@ def evaluate_checkpoint(path: str, *, dataset: str, train_split='train', test_sp
   every local device."""
   from vit_jax import config_lib, input_pipeline
   from vit_jax.models_vit import VisionTransformer
-  read = checkpoint.read_any(path)
+  read = checkpoint.load_model(path)
   params, model_config, image_size = read.params, read.config, read.image_size
   if model_config.classifier == 'unpooled':
     raise ValueError(f'{path} has one output per patch (classifier=\'unpooled\', e.g. a masked '

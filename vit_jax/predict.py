@@ -69,10 +69,9 @@ class Classifier(NamedTuple):
 
 def load_classifier(checkpoint_path: str, model_name=None) -> Classifier:
   """The classifier of a checkpoint; the probabilities are sigmoids for a multi-label model, a
-  softmax distribution
-  otherwise. Images are normalised as the checkpoint expects (Hugging Face files: the mean and
-  std of their preprocessor_config.json)."""
-  read = checkpoint.read_any(checkpoint_path)
+  softmax distribution otherwise. Images are normalised as the checkpoint expects (Hugging Face
+  files: the mean and std of their preprocessor_config.json; exports: of their recipe)."""
+  read = checkpoint.load_model(checkpoint_path)
   params, config, num_classes, image_size, multi_label = read[:5]
   if not num_classes or config.classifier == 'unpooled':
     raise ValueError(f'{checkpoint_path} has no image classification head (classifier='
@@ -87,11 +86,7 @@ def load_classifier(checkpoint_path: str, model_name=None) -> Classifier:
                        f'{config.transformer.num_layers} layers.')
   model = VisionTransformer(num_classes=num_classes, **config)
   activation = jax.nn.sigmoid if multi_label else jax.nn.softmax
-  normalise = lambda x: x
-  if read.preprocessing:  # From [-1, 1] to the file's (pixels in [0, 1] - mean) / std.
-    mean, std = (np.asarray(read.preprocessing[k], np.float32) for k in ('mean', 'std'))
-    normalise = lambda x: ((x + 1) / 2 - mean) / std
-  classify = jax.jit(lambda x: activation(model.apply({'params': params}, normalise(x),
+  classify = jax.jit(lambda x: activation(model.apply({'params': params}, read.model_inputs(x),
                                                       train=False)))
   return Classifier(classify, image_size, num_classes, read.class_names)
 

@@ -136,14 +136,32 @@ def load_pretrained_params(config, params, mesh, image_size, **kwargs):
       restored, params)
 
 
-def export_params(params, path: str, mesh, config):
-  """Writes the parameters as an official-layout .npz that carries its model config
-  (gathered to every process first)."""
+def export_params(params, path: str, mesh, config, class_names=None):
+  """Writes the parameters as an official-layout .npz that carries its model config, class
+  names and input normalisation (gathered to every process first)."""
   params = sharding.gather(params, mesh)
   if jax.process_index() == 0:
     checkpoint.save(params, path, model_config=config.model,
                     image_size=config_lib.image_size(config),
-                    multi_label=objectives.kind(config) is objectives.MultiLabel)
+                    multi_label=objectives.kind(config) is objectives.MultiLabel,
+                    class_names=class_names, preprocessing=config_lib.normalisation(config))
+
+
+def check_normalisation(config):
+  """Refuses to fine-tune pretrained_path on inputs normalised otherwise than it was trained
+  with (a DINOv2 file on [-1, 1] pixels learns, but from a needlessly shifted start)."""
+  read = checkpoint.read_description(config.pretrained_path)
+  expected = None if read is None else read.preprocessing
+  as_pp = lambda n: ('[-1, 1]' if n is None else
+                     f'--config.pp.mean={tuple(n["mean"])} --config.pp.std={tuple(n["std"])}')
+  configured = config_lib.normalisation(config)
+  same = lambda a, b: (a is None) == (b is None) and (a is None or all(
+      np.allclose(a[k], b[k]) for k in ('mean', 'std')))
+  if not same(expected, configured):
+    raise ValueError(
+        f'pretrained_path={config.pretrained_path!r} expects inputs normalised as '
+        f'{as_pp(expected)}, but the config normalises as {as_pp(configured)}: set the '
+        f'former (configs/finetune.py:<checkpoint>,<dataset> does). Nothing was trained.')
 
 
 # ----------------------------------------------------------------------------------------- loop
@@ -277,6 +295,8 @@ def _train_and_evaluate(config, workdir, mesh, writer, lock) -> dict:
   class_names = train_source.class_names if objective.uses_labels else None
   record.check_classes(class_names)
   record.check_pretrained_path(config)
+  if config.pretrained_path and not record.has_checkpoints():
+    check_normalisation(config)
 
   model = create_model(config, objective.num_outputs)
   schedule = optim.make_schedule(config)
@@ -371,7 +391,8 @@ def _train_and_evaluate(config, workdir, mesh, writer, lock) -> dict:
     if name not in evaluated:
       evaluated[name] = run_evaluator(name, evaluator, state['params'], step, writer)
   lock.check(step)
-  export_params(state['params'], os.path.join(workdir, resume.EXPORT_FILE), mesh, config)
+  export_params(state['params'], os.path.join(workdir, resume.EXPORT_FILE), mesh, config,
+                class_names)
   results = accumulated_results(
       earlier_results, dict(step=step, train_loss=summary.get('train_loss'), **evaluated),
       start_step=start_step, start_time=start_time)
@@ -398,8 +419,9 @@ def abstract_params(config, model, mesh, image_size, objective):
 
 def with_exported_model(config):
   """The config with the model an export describes (the recipe's config.model may be another
-  one: a model trained with posemb='sincos2d' has no parameter that says so); how it computes
-  (remat, scan, attention) stays the config's. Files without a description are unchanged."""
+  one: a model trained with posemb='sincos2d' has no parameter that says so) and the input
+  normalisation it expects; how it computes (remat, scan, attention) stays the config's. Files
+  without a description are unchanged."""
   export = checkpoint.read_description(config.pretrained_path)
   if export is None:
     return config
@@ -413,9 +435,13 @@ def with_exported_model(config):
   if differing:
     logging.info('Evaluating %s as the model it describes (model.%s differ from the config).',
                  config.pretrained_path, ', model.'.join(differing))
+  if config_lib.normalisation(config) != export.preprocessing:
+    logging.info('Evaluating %s on inputs normalised as it describes (%s).',
+                 config.pretrained_path, export.preprocessing or '[-1, 1]')
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.model = model
+    config_lib.set_normalisation(config, export)
   return config
 
 

@@ -27,6 +27,14 @@ class Read(NamedTuple):
   resample: str = 'bilinear'  # How the file's library resamples position tables.
   preprocessing: Optional[dict] = None  # {'mean', 'std'} of [0, 1] pixels; None: [-1, 1].
 
+  def model_inputs(self, images):
+    """Images in [-1, 1] normalised as this checkpoint's model takes them: (pixels in [0, 1] -
+    mean) / std where the file says so (DeiT, DINOv2: ImageNet's), else unchanged."""
+    if not self.preprocessing:
+      return images
+    mean, std = (np.asarray(self.preprocessing[k], np.float32) for k in ('mean', 'std'))
+    return ((images + 1) / 2 - mean) / std
+
 
 def load_safetensors(path: str) -> dict:
   """{name: numpy array} of a .safetensors file (never a pickle)."""
