@@ -20,16 +20,16 @@ from vit_jax import config_lib, models
 STEPS = {'imagenet2012': 20_000, 'cifar10': 10_000, 'cifar100': 10_000, 'oxford_iiit_pet': 500,
          'oxford_flowers102': 500}
 # ImageNet-21k checkpoints of the original release.
-OFFICIAL_CHECKPOINTS = ('B_16', 'B_32', 'L_16', 'L_32', 'H_14')
+OFFICIAL_CHECKPOINTS = ('ViT-B_16', 'ViT-B_32', 'ViT-L_16', 'ViT-L_32', 'ViT-H_14')
 
 
 def get_config(arg='B_16,cifar10'):
   source, dataset = config_lib.recipe_args(arg, 'finetune', 'MODEL,DATASET')
   c = config_lib.base_config()
-  if source in models.MODEL_CONFIGS or f'ViT-{source}' in models.MODEL_CONFIGS:
-    c.model = models.get_config(source)  # 'B_16', or a full name like 'R50+ViT-B_16'.
-    if source in OFFICIAL_CHECKPOINTS:
-      c.pretrained_path = f'gs://vit_models/imagenet21k/ViT-{source}.npz'
+  if models.registry_name(source):  # 'B_16', 'R50+ViT-B_16', the official 'b16', ...
+    c.model = models.get_config(source)
+    if c.model.model_name in OFFICIAL_CHECKPOINTS:
+      c.pretrained_path = f'gs://vit_models/imagenet21k/{c.model.model_name}.npz'
   else:  # A checkpoint (.npz, Hugging Face directory, timm .safetensors, hf://ORG/NAME):
     from vit_jax import checkpoint  # its own architecture and input normalisation.
     source_model = checkpoint.load_model(source)

@@ -22,7 +22,7 @@ JFT_LEARNING_RATES = {'Ti_16': 8e-4, 'S_16': 8e-4, 'S_32': 8e-4, 'B_8': 8e-4, 'B
 def get_config(arg='B_16,imagenet21k'):
   model, dataset = config_lib.recipe_args(arg, 'pretrain', 'MODEL,DATASET')
   c = config_lib.base_config()
-  c.model = models.get_config(model)  # 'B_16', or a full name like 'R50+ViT-B_16'.
+  c.model = models.get_config(model)  # 'B_16', 'R50+ViT-B_16', the official 'b16', ...
   config_lib.pretrain_recipe(c)
 
   config_lib.set_dataset(c, dataset)
@@ -37,7 +37,8 @@ def get_config(arg='B_16,imagenet21k'):
     c.base_lr, c.weight_decay, epochs = 1e-3, 0.03, 90
     c.model.transformer.dropout_rate = 0.1
   else:
-    c.base_lr, c.weight_decay, epochs = JFT_LEARNING_RATES[model.split('ViT-')[-1]], 0.1, 7
+    c.base_lr, c.weight_decay, epochs = (JFT_LEARNING_RATES[c.model.model_name.split('ViT-')[-1]],
+                                         0.1, 7)
   if info.get('multi_label'):
     c.loss = 'sigmoid_xent'
     c.model.head_bias_init = -10.0  # Starts every sigmoid near 0: a stable multi-label start.

@@ -9,7 +9,7 @@ import optax
 import pytest
 from absl import flags
 
-from helpers import parse_config, run_main
+from helpers import ROOT, main_command, parse_config, run_main
 from vit_jax import config_lib, optim
 
 
@@ -65,11 +65,35 @@ def test_cli_rejects_unknown_key_and_wrong_type(tmp_path):
   result = run_main('--config=configs/digits.py:pretrain', f'--workdir={tmp_path}',
                     '--config.pp.crop_size=32')
   assert result.returncode != 0
-  assert "--config.pp.crop_size=32: the config has no key 'crop_size'" in result.stderr
+  assert "--config.pp.crop_size: the config has no key 'crop_size'." in result.stderr
+  # ml_collections' suggestion, once, in plain text (it came nested and escaped twice).
+  result = run_main('--config=configs/digits.py:pretrain', f'--workdir={tmp_path}',
+                    '--config.pretrained_dir=gs://vit_models/imagenet21k')
+  assert result.stderr.strip().splitlines()[-1] == (
+      "FATAL Flags parsing error: --config.pretrained_dir: the config has no key "
+      "'pretrained_dir'. Did you mean --config.pretrained_path?")
   result = run_main('--config=configs/digits.py:pretrain', f'--workdir={tmp_path}',
                     '--config.base_lr=fast')
   assert result.returncode != 0 and '--config.base_lr=fast' in result.stderr
   assert not os.listdir(tmp_path)
+
+
+def test_every_module_run_as_a_command_says_how_to_use_it():
+  """--help lists a command's flags; the modules that are not commands (the official
+  repository's `python -m vit_jax.train`) say which command runs them instead of exiting 0
+  in silence."""
+  import subprocess
+  expected = {'vit_jax.main': '--workdir', 'vit_jax.predict': '--checkpoint',
+              'vit_jax.analysis': '--outdir', 'vit_jax.fewshot': '--shots',
+              'vit_jax.convert': '--format', 'vit_jax.report': 'python -m vit_jax.report DIR',
+              'vit_jax.train': 'vit_jax.train is not a command: run python -m vit_jax.main',
+              'vit_jax.inference_time': '--config.trainer=inference_time'}
+  running = {m: subprocess.Popen(main_command('--help', module=m), cwd=ROOT, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for m in expected}
+  for module, process in running.items():
+    output, _ = process.communicate(timeout=300)
+    assert expected[module] in output, (module, output[-2000:])
 
 
 @pytest.mark.parametrize('overrides, message', [

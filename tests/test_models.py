@@ -55,6 +55,18 @@ def test_parameter_count_equals_published(name):
 def test_get_config_unknown_name_lists_known_models():
   with pytest.raises(ValueError, match=r"Unknown model 'ViT-X_16'.*ViT-B_16"):
     models.get_config('ViT-X_16')
+  with pytest.raises(ValueError, match=r"Unknown model 'b17'. Did you mean 'b16'\?"):
+    models.get_config('b17')
+
+
+@pytest.mark.parametrize('official, ours', [
+    ('b16', 'ViT-B_16'), ('ti16', 'ViT-Ti_16'), ('h14', 'ViT-H_14'),  # configs/models.py's
+    ('s16_gap_norep', 'ViT-S_16-gap-norep'), ('r50_b16', 'R50+ViT-B_16'),  # get_<name>_config
+    ('r_ti16', 'R+ViT-Ti_16'), ('R_Ti_16', 'R+ViT-Ti_16'), ('R26_S_32', 'R26+ViT-S_32'),  # AugReg
+    ('B_32-gap-norep', 'ViT-B_32-gap-norep'), ('L_16', 'ViT-L_16'), ('ViT-L_16', 'ViT-L_16')])
+def test_the_official_repositorys_model_names_are_understood(official, ours):
+  assert models.get_config(official) == models.MODEL_CONFIGS[ours]
+  assert models.registry_name(official) == ours
 
 
 def tiny_config(**overrides):

@@ -57,3 +57,10 @@ def inference_time(config, workdir: str) -> dict:
                          dict(results, model=config.model.model_name, batch=config.batch_eval,
                               image_size=[height, width], devices=jax.device_count()))
     return results
+
+
+if __name__ == '__main__':  # The official repository's habit; the timer runs through main.py.
+  import sys
+  sys.exit('vit_jax.inference_time is not a command: run python -m vit_jax.main '
+           '--config=configs/<recipe>.py:<args> --config.trainer=inference_time '
+           '--workdir=DIR (every flag: python -m vit_jax.main --helpfull).')

@@ -6,6 +6,7 @@ type are rejected by ml_collections, impossible values by config_lib.check, befo
 
 import logging as std_logging
 import os
+import re
 import sys
 
 import jax
@@ -48,10 +49,23 @@ def parse_flags(argv):
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError) as e:  # What ml_collections raises for unknown keys.
-    key = str(e).strip('"\'')
-    culprit = next((a for a in argv if a.startswith('--config.') and key in a), key)
-    sys.stderr.write(f'FATAL Flags parsing error: {culprit}: the config has no key {key!r}.\n')
+    sys.stderr.write(f'FATAL Flags parsing error: {unknown_key_message(e, argv)}\n')
     sys.exit(1)
+
+
+def unknown_key_message(error: Exception, argv) -> str:
+  """One plain line for ml_collections' error about an unknown config key: the flag that named
+  it, the key, and ml_collections' closest existing key where it has one."""
+  while error.args and isinstance(error.args[0], BaseException):  # A KeyError in an AttributeError.
+    error = error.args[0]
+  text = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+  key = text.splitlines()[0].strip().strip('"\'')
+  suggestion = re.search(r'Did you mean "([^"]+)"', text)
+  culprit = next((a.split('=')[0] for a in argv if a.startswith('--config.') and
+                  a.split('=')[0].split('.')[-1] == key), f'--config...{key}')
+  hint = (f' Did you mean {culprit.rsplit(".", 1)[0]}.{suggestion.group(1)}?' if suggestion
+          else '')
+  return f'{culprit}: the config has no key {key!r}.{hint}'
 
 
 def _quiet_orbax(record: std_logging.LogRecord) -> bool:

@@ -4,6 +4,10 @@
 ConfigDict is the one of the official ViT code, so configs written for it work here unchanged.
 """
 
+import difflib
+import re
+from typing import Optional
+
 import ml_collections
 
 from vit_jax.models_vit import VisionTransformer
@@ -91,11 +95,31 @@ def get_model(name: str, **kwargs) -> VisionTransformer:
   return VisionTransformer(**get_config(name), **kwargs)
 
 
+def _official_spellings() -> dict:
+  """{other name: registry name} for the names the official repository uses besides ours:
+  AugReg's file names ('Ti_16', 'R_Ti_16', 'R26_S_32', 'S_16-gap-norep') and its config
+  functions' ('b16' for get_b16_config, 'r_ti16', 'r50_b16', 's16_gap_norep')."""
+  aliases = {}
+  for name in MODEL_CONFIGS:
+    augreg = name.replace('ViT-', '').replace('+', '_')
+    function = re.sub(r'([a-z]+)_(\d+)', r'\1\2', augreg.lower()).replace('-', '_')
+    aliases.update({augreg: name, function: name})
+  return aliases
+
+
+def registry_name(name: str) -> Optional[str]:
+  """The registry's name for `name` in any spelling get_config takes; None if it has none."""
+  name = _official_spellings().get(name, name)
+  return name if name in MODEL_CONFIGS else None
+
+
 def get_config(name: str) -> ml_collections.ConfigDict:
-  """A copy of the registry entry `name` ('ViT-B_16', or short: 'B_16'), with an error listing
-  the known names."""
-  if name not in MODEL_CONFIGS and f'ViT-{name}' in MODEL_CONFIGS:
-    name = f'ViT-{name}'
+  """A copy of the registry entry `name` ('ViT-B_16'; short: 'B_16'; the official repository's
+  'b16', 'R_Ti_16', ...), with an error naming the closest known names."""
+  name = registry_name(name) or name
   if name not in MODEL_CONFIGS:
-    raise ValueError(f'Unknown model {name!r}; known models: {", ".join(MODEL_CONFIGS)}.')
+    close = difflib.get_close_matches(name, list(MODEL_CONFIGS) + list(_official_spellings()),
+                                      n=3, cutoff=0.5)
+    hint = f'Did you mean {" or ".join(map(repr, close))}? ' if close else ''
+    raise ValueError(f'Unknown model {name!r}. {hint}Known models: {", ".join(MODEL_CONFIGS)}.')
   return MODEL_CONFIGS[name].copy_and_resolve_references()

@@ -36,4 +36,10 @@ def main(workdirs):
 
 
 if __name__ == '__main__':
+  if not sys.argv[1:] or sys.argv[1] in ('-h', '--help', '--helpfull'):
+    sys.exit(__doc__)
+  missing = [d for d in sys.argv[1:] if not os.path.isfile(os.path.join(d, 'results.json'))]
+  if missing:
+    sys.exit(f'No results.json in {", ".join(missing)} (a workdir has one once a run finished '
+             'or was preempted).')
   main(sys.argv[1:])

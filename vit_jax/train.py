@@ -528,3 +528,10 @@ def append_results(workdir, name, results):
     path = os.path.join(workdir, name)
     resume.append_json(path, dict(results, time=time.strftime('%Y-%m-%d %H:%M:%S')))
     logging.info('Added to %s: %s', path, results)
+
+
+if __name__ == '__main__':  # The official repository's habit; the trainer runs through main.py.
+  import sys
+  sys.exit('vit_jax.train is not a command: run python -m vit_jax.main '
+           '--config=configs/<recipe>.py:<args> --workdir=DIR (every flag: '
+           'python -m vit_jax.main --helpfull).')
