@@ -405,6 +405,8 @@ def test_hf_ids_resolve_through_the_local_cache_offline(tmp_path, monkeypatch):
   cache = hub_cache(tmp_path / 'hub', 'org/tiny-vit', {
       'config.json': lambda p: p.write_text(json.dumps(config)),
       'model.safetensors': lambda p: save_file(w, str(p))})
+  hub_cache(tmp_path / 'hub', 'org/partial', {  # A download that stopped after config.json.
+      'config.json': lambda p: p.write_text(json.dumps(config))})
   monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(cache))
   monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
   before = sorted(str(p) for p in cache.rglob('*'))
@@ -417,6 +419,8 @@ def test_hf_ids_resolve_through_the_local_cache_offline(tmp_path, monkeypatch):
     checkpoint.load_model('hf://org/tiny-vit@v2')
   with pytest.raises(ValueError, match=r'expected hf://ORG/NAME'):
     checkpoint.load_model('hf://tiny-vit')
+  with pytest.raises(FileNotFoundError, match=r'has a config.json but no model.safetensors'):
+    checkpoint.load_model('hf://org/partial')
   assert sorted(str(p) for p in cache.rglob('*')) == before  # Nothing written.
 
 

@@ -1,0 +1,71 @@
+"""The official repository's names (vit_jax/configs/*.py, its config keys, its model names) as
+aliases of this codebase's: the same configs and runs as our spelling."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from helpers import parse_config, run_main
+from vit_jax import checkpoint, models
+from vit_jax.models_vit import VisionTransformer
+
+OFFICIAL_KEYS = ('pretrained_dir', 'pp.train', 'pp.test')
+
+
+def flat(config):
+  import flax
+  return flax.traverse_util.flatten_dict(config.to_dict(), sep='.')
+
+
+def test_the_official_vit_config_is_our_finetune_recipe_with_its_keys_linked():
+  official = parse_config('--config=vit_jax/configs/vit.py:b16,cifar10',
+                          '--config.pretrained_dir=/models/imagenet21k',
+                          '--config.pp.train=train[:90%]')
+  ours = parse_config('--config=configs/finetune.py:B_16,cifar10',
+                      '--config.pretrained_path=/models/imagenet21k/ViT-B_16.npz',
+                      '--config.train_split=train[:90%]')
+  assert {k: v for k, v in flat(official).items() if k not in OFFICIAL_KEYS} == flat(ours)
+  assert (official.pp.train, official.pp.test) == (ours.train_split, ours.test_split)
+  default = parse_config('--config=vit_jax/configs/vit.py:b16,cifar10')
+  assert default.pretrained_path == 'gs://vit_models/imagenet21k/ViT-B_16.npz'
+
+
+def test_the_official_models_module_is_a_view_of_the_registry():
+  from vit_jax.configs import models as official
+  assert official.MODEL_CONFIGS is models.MODEL_CONFIGS
+  assert official.get_b16_config() == models.MODEL_CONFIGS['ViT-B_16']
+  assert official.get_r50_b16_config() == models.MODEL_CONFIGS['R50+ViT-B_16']
+  assert official.get_s16_gap_norep_config() == models.MODEL_CONFIGS['ViT-S_16-gap-norep']
+  assert official.AUGREG_CONFIGS['R_Ti_16'] is models.MODEL_CONFIGS['R+ViT-Ti_16']
+  assert 'L_32' not in official.AUGREG_CONFIGS  # Not among AugReg's releases.
+
+
+def test_the_official_command_line_fine_tunes_from_pretrained_dir(tmp_path):
+  """`python -m vit_jax.main --config=vit_jax/configs/vit.py:MODEL,DATASET
+  --config.pretrained_dir=DIR`, with a dataset directory of {train,test}/<class>/<image>."""
+  from helpers import write_class_folders
+  for split in ('train', 'test'):
+    write_class_folders(tmp_path / 'pets' / split, classes=('cat', 'dog'), per_class=6, size=20,
+                        seed=len(split))
+  model = VisionTransformer(num_classes=3, **models.get_config('testing'))
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)), train=False)['params']
+  (tmp_path / 'pretrained').mkdir()
+  checkpoint.save(params, str(tmp_path / 'pretrained' / 'testing.npz'))
+  result = run_main('--workdir', str(tmp_path / 'run'),
+                    f'--config=vit_jax/configs/vit.py:testing,{tmp_path / "pets"}',
+                    f'--config.pretrained_dir={tmp_path / "pretrained"}',
+                    '--config.pp.train=train[:50%]', '--config.pp.crop=16',
+                    '--config.batch=4', '--config.batch_eval=4', '--config.total_steps=2',
+                    '--config.warmup_steps=1', '--config.eval_every=2',
+                    '--config.checkpoint_every=2', '--config.shuffle_buffer=8',
+                    '--config.compilation_cache_dir=', '--config.folder_index_dir=')
+  assert result.returncode == 0, result.stderr[-3000:]
+  tuned = checkpoint.load_model(str(tmp_path / 'run' / 'model.npz'))
+  assert tuned.num_classes == 2 and tuned.class_names == ['cat', 'dog']
+  # Started from the file in pretrained_dir (two small steps away), with a new head that learned.
+  np.testing.assert_allclose(tuned.params['embedding']['kernel'], params['embedding']['kernel'],
+                             atol=1e-3)
+  assert np.abs(tuned.params['head']['kernel']).max() > 0
+  assert os.path.isdir(tmp_path / 'run' / 'checkpoints' / '2')
