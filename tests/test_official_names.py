@@ -69,3 +69,11 @@ def test_the_official_command_line_fine_tunes_from_pretrained_dir(tmp_path):
                              atol=1e-3)
   assert np.abs(tuned.params['head']['kernel']).max() > 0
   assert os.path.isdir(tmp_path / 'run' / 'checkpoints' / '2')
+
+
+def test_the_model_takes_the_official_keyword_for_its_images():
+  model = models.get_model('testing', num_classes=3)
+  images = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 3), minval=-1, maxval=1)
+  variables = model.init(jax.random.PRNGKey(0), images, train=False)
+  np.testing.assert_array_equal(model.apply(variables, inputs=images, train=False),
+                                model.apply(variables, images, train=False))

@@ -462,9 +462,11 @@ class VisionTransformer(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, images, *, train: bool, patch_corruption: Optional[dict] = None):
-    """`patch_corruption` (masked patch prediction, see mpp.py): boolean (batch, patches) arrays
-    'masked' and 'replaced' and the index 'source' of each replacement."""
+  def __call__(self, inputs, *, train: bool, patch_corruption: Optional[dict] = None):
+    """`inputs`: the images (the official code's name, so `model.apply(v, inputs=x, ...)` works
+    too). `patch_corruption` (masked patch prediction, see mpp.py): boolean (batch, patches)
+    arrays 'masked' and 'replaced' and the index 'source' of each replacement."""
+    images = inputs
     if self.classifier not in CLASSIFIERS:
       raise ValueError(f'classifier={self.classifier!r}; expected one of {CLASSIFIERS}.')
     x = images.astype(self.dtype)
