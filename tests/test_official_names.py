@@ -77,3 +77,28 @@ def test_the_model_takes_the_official_keyword_for_its_images():
   variables = model.init(jax.random.PRNGKey(0), images, train=False)
   np.testing.assert_array_equal(model.apply(variables, inputs=images, train=False),
                                 model.apply(variables, images, train=False))
+
+
+def test_the_official_inference_time_config_times_the_model_it_names(tmp_path):
+  import json
+  from vit_jax import inference_time
+  config = parse_config('--config=vit_jax/configs/inference_time.py',
+                        '--config.model_name=testing', '--config.batch=4',
+                        '--config.image_size=32', '--config.steps=2', '--config.initial_steps=1')
+  assert (config.batch_eval, config.pp.crop) == (4, 32)  # The official keys set ours.
+  results = inference_time.inference_time(config, str(tmp_path))
+  assert results['inference_img_sec_core'] > 0
+  recorded = json.loads((tmp_path / 'inference_time.json').read_text())[-1]
+  assert (recorded['model'], recorded['batch'], recorded['image_size']) == ('testing', 4, [32, 32])
+
+
+def test_the_official_test_utils_write_a_checkpoint_load_pretrained_reads(tmp_path):
+  from vit_jax import test_utils
+  from vit_jax.configs import models as official
+  test_utils.create_checkpoint(official.get_testing_config(), str(tmp_path / 'testing.npz'))
+  model = VisionTransformer(num_classes=2, **official.get_testing_config())
+  init = model.init(jax.random.PRNGKey(0), inputs=jnp.ones((1, 32, 32, 3)), train=False)
+  params = checkpoint.load_pretrained(pretrained_path=str(tmp_path / 'testing.npz'),
+                                      init_params=init['params'],
+                                      model_config=official.get_testing_config())
+  assert params['Transformer']['posembed_input']['pos_embedding'].shape == (1, 5, 10)

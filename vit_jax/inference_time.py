@@ -1,6 +1,8 @@
 """config.trainer='inference_time': img/s/core of the forward pass of a model, for a batch
 (`batch_eval`) and resolution (`pp.crop`), written to the metric writer, the log and
-`<workdir>/inference_time.json` (a list: earlier measurements are kept)."""
+`<workdir>/inference_time.json` (a list: earlier measurements are kept). A config that names its
+model by `model_name` and says how many batches to time (`steps`, after `initial_steps` of
+warm-up), as the official one (vit_jax/configs/inference_time.py), is timed so."""
 
 import logging
 import time
@@ -8,14 +10,15 @@ import time
 import jax
 import numpy as np
 
-from vit_jax import config_lib, objectives, sharding, train
+from vit_jax import config_lib, models, objectives, sharding, train
 
 REPETITIONS = 10
 
 
-def median_seconds(fn, repetitions: int = REPETITIONS) -> float:
-  """Median wall time of fn() (its result waited for) after one warm-up call."""
-  jax.block_until_ready(fn())
+def median_seconds(fn, repetitions: int = REPETITIONS, warmup: int = 1) -> float:
+  """Median wall time of fn() (its result waited for) after `warmup` calls."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
   seconds = []
   for _ in range(repetitions):
     start = time.perf_counter()
@@ -25,6 +28,11 @@ def median_seconds(fn, repetitions: int = REPETITIONS) -> float:
 
 
 def inference_time(config, workdir: str) -> dict:
+  if config.get('model_name'):  # The official config's way of naming the model.
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.model = models.get_config(config.model_name)
+  repetitions, warmup = config.get('steps', REPETITIONS), config.get('initial_steps', 1)
   with train.opened_workdir(config, workdir) as (mesh, writer, _):
     num_classes = config.num_classes or config_lib.dataset_info(config.dataset).get(
         'num_classes', 1000)
@@ -41,7 +49,7 @@ def inference_time(config, workdir: str) -> dict:
     start = time.perf_counter()
     jax.block_until_ready(forward(params, images))  # Compiles.
     compile_seconds = time.perf_counter() - start
-    batch_seconds = median_seconds(lambda: forward(params, images))
+    batch_seconds = median_seconds(lambda: forward(params, images), repetitions, warmup)
     results = {
         'inference_img_sec_core': config.batch_eval / batch_seconds / jax.device_count(),
         'inference_sec_per_batch': batch_seconds,
@@ -51,7 +59,7 @@ def inference_time(config, workdir: str) -> dict:
     writer.flush()
     logging.info('%s at %dx%d, batch %d on %d devices: %.1f img/s/core (median of %d batches, '
                  '%.4f s each).', config.model.model_name, height, width, config.batch_eval,
-                 jax.device_count(), results['inference_img_sec_core'], REPETITIONS,
+                 jax.device_count(), results['inference_img_sec_core'], repetitions,
                  batch_seconds)
     train.append_results(workdir, 'inference_time.json',
                          dict(results, model=config.model.model_name, batch=config.batch_eval,
