@@ -6,6 +6,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from helpers import parse_config, run_main
 from vit_jax import checkpoint, models
@@ -102,3 +103,33 @@ def test_the_official_test_utils_write_a_checkpoint_load_pretrained_reads(tmp_pa
                                       init_params=init['params'],
                                       model_config=official.get_testing_config())
   assert params['Transformer']['posembed_input']['pos_embedding'].shape == (1, 5, 10)
+
+
+def test_the_official_augreg_config_picks_the_best_imagenet21k_checkpoint(tmp_path):
+  from vit_jax import config_lib
+  (tmp_path / 'index.csv').write_text(
+      'name,ds,final_val,filename\n'
+      'Ti/16,i21k,0.40,Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0\n'
+      'Ti/16,i21k,0.45,Ti_16-i21k-300ep-lr_0.001-aug_light0-wd_0.1-do_0.0-sd_0.0\n'
+      'Ti/16,i1k,0.90,Ti_16-i1k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.0-sd_0.0\n'
+      'S/16,i21k,0.99,S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0\n')
+  config = parse_config('--config=vit_jax/configs/augreg.py:Ti_16',
+                        f'--config.pretrained_dir={tmp_path}', '--config.dataset=digits',
+                        '--config.pp.train=train[:90%]')
+  assert config.model.model_name == 'ViT-Ti_16' and config.model.transformer.dropout_rate == 0
+  assert config.train_split == 'train[:90%]' and config.pretrained_path is None
+  resolved = config_lib.with_augreg_file(config)
+  assert resolved.pretrained_path == (
+      f'{tmp_path}/Ti_16-i21k-300ep-lr_0.001-aug_light0-wd_0.1-do_0.0-sd_0.0.npz')
+  named = parse_config('--config=vit_jax/configs/augreg.py:Ti_16-i1k-300ep-lr_0.001-aug_medium2-'
+                       'wd_0.1-do_0.0-sd_0.0', f'--config.pretrained_dir={tmp_path}')
+  assert named.pretrained_path == (
+      f'{tmp_path}/Ti_16-i1k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.0-sd_0.0.npz')
+  with pytest.raises(ValueError, match=r'dataset is empty: set --config.dataset='):
+    config_lib.check(parse_config('--config=vit_jax/configs/augreg.py:Ti_16'), device_count=1)
+  with pytest.raises(ValueError, match=r'lists no ImageNet-21k checkpoint of B_32'):
+    config_lib.with_augreg_file(parse_config('--config=vit_jax/configs/augreg.py:B_32',
+                                             f'--config.pretrained_dir={tmp_path}'))
+  with pytest.raises(ValueError, match=r'cannot read the AugReg index .*name the checkpoint'):
+    config_lib.with_augreg_file(parse_config('--config=vit_jax/configs/augreg.py:B_32',
+                                             f'--config.pretrained_dir={tmp_path / "none"}'))

@@ -2,6 +2,7 @@
 recipes, the datasets' facts, and the checks that reject a bad config before anything compiles.
 """
 
+import logging
 import math
 import os
 
@@ -189,6 +190,8 @@ def check(config, *, device_count: int, process_count: int = 1):
       fail(f'{key}={value!r}; expected one of {allowed}.')
 
   _check_finite(config)
+  if not config.dataset:
+    fail('dataset is empty: set --config.dataset=<a TFDS name, folder:<directory> or digits>.')
   one_of('trainer', config.trainer, TRAINERS)
   one_of('optimizer', config.optimizer, OPTIMIZERS)
   one_of('decay_type', config.decay_type, DECAY_TYPES)
@@ -321,6 +324,33 @@ def _exists(path: str) -> bool:
                      'Download it (e.g. gsutil cp, or https://storage.googleapis.com/'
                      f'{path[len("gs://"):] if path.startswith("gs://") else "..."}) and pass '
                      '--config.pretrained_path=<local file>.') from None
+
+
+def with_augreg_file(config):
+  """The config with its pretrained_path, where it names an AugReg model instead of a file (the
+  official vit_jax/configs/augreg.py:R_Ti_16): the ImageNet-21k pre-training with the best final
+  validation accuracy in <pretrained_dir>/index.csv, as the official code picks it."""
+  model = config.get('model_or_filename')
+  if not model or '-' in model or config.pretrained_path:
+    return config
+  import csv
+  import tensorflow as tf
+  index = f'{config.pretrained_dir}/index.csv'
+  try:
+    with tf.io.gfile.GFile(index) as f:
+      rows = [r for r in csv.DictReader(f)
+              if r['filename'].split('-')[0] == model and r['ds'] == 'i21k']
+  except (tf.errors.OpError, KeyError) as e:
+    raise ValueError(f'Invalid config: cannot read the AugReg index {index} ({e}); name the '
+                     'checkpoint file instead: augreg.py:<model>-i21k-300ep-...') from None
+  if not rows:
+    raise ValueError(f'Invalid config: {index} lists no ImageNet-21k checkpoint of {model}.')
+  best = max(rows, key=lambda r: float(r['final_val']))
+  logging.info('AugReg model %s: %s (final_val %s).', model, best['filename'], best['final_val'])
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.pretrained_path = f'{config.pretrained_dir}/{best["filename"]}.npz'
+  return config
 
 
 def epochs_to_steps(epochs: float, dataset: str, batch: int) -> int:

@@ -279,6 +279,7 @@ def _refuse_to_overwrite_the_source(config, workdir):
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains, evaluates and exports; resumes from the latest checkpoint in workdir if any."""
+  config = config_lib.with_augreg_file(config)
   _refuse_to_overwrite_the_source(config, workdir)
   with opened_workdir(config, workdir) as (mesh, writer, lock):
     return _train_and_evaluate(config, workdir, mesh, writer, lock)
@@ -449,6 +450,7 @@ def evaluate(config, workdir: str) -> dict:
   """{evaluator name: metrics} of config.pretrained_path (.npz), or else of the latest checkpoint
   in workdir: every evaluator of config.evals that is on (an ImageNet-1k recipe: validation,
   ReaL and v2)."""
+  config = config_lib.with_augreg_file(config)
   if config.pretrained_path:
     config_lib.check(config, device_count=jax.device_count(), process_count=jax.process_count())
     config = with_exported_model(config)
