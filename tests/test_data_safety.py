@@ -210,8 +210,8 @@ def test_a_full_disk_at_a_checkpoint_stops_the_run_naming_the_step(finished, sma
   fill(small_disk, leave=100_000)  # A checkpoint of the tiny run needs ~210 kB.
   config = tiny_config('--config.total_steps=30', '--config.eval_every=30')
   with pytest.raises(resume.CheckpointSaveError,
-                     match=r'checkpoint of step 9 failed .*No space left on device.*stopped at '
-                           r'step (9|1[0-2])\b'):
+                     match=r'checkpoint of step 9 failed \(No space left on device; .*stopped '
+                           r'at step (9|1[0-2])\b'):  # The reason first, however long the path.
     train.train_and_evaluate(config, str(workdir))
   assert_unchanged(before, workdir, except_for=[HISTORY])
   assert not (workdir / 'checkpoints' / '12').exists()

@@ -19,6 +19,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import time
@@ -515,10 +516,15 @@ class Checkpoints:
       self._raise_save_error(e, step)
 
   def _raise_save_error(self, error, step):
+    text = f'{type(error).__name__}: {str(error)[:500]}'
+    # The OS's reason goes first: orbax puts it last, after paths that can be long.
+    code = re.search(r"os_error_code='?(\d+)", str(error))
+    if code:
+      text = f'{os.strerror(int(code.group(1)))}; {text}'
     raise CheckpointSaveError(
-        f'Saving the checkpoint of step {self.saving} failed ({type(error).__name__}: '
-        f'{str(error)[:500]}); the run stopped at step {step}. Earlier checkpoints are intact: '
-        'fix the cause (disk space?) and run the same command to resume.') from error
+        f'Saving the checkpoint of step {self.saving} failed ({text}); the run stopped at step '
+        f'{step}. Earlier checkpoints are intact: fix the cause (disk space?) and run the same '
+        'command to resume.') from error
 
   def wait(self, step=None):
     """Waits for the save in flight; raises naming its error and `step`, where the run is."""
