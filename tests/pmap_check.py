@@ -13,7 +13,7 @@ from vit_jax.models_vit import VisionTransformer
 
 n = jax.local_device_count()
 assert n > 1, 'Run with XLA_FLAGS=--xla_force_host_platform_device_count=4.'
-config = models.vit_config('t', hidden_size=16, mlp_dim=32, num_heads=2, num_layers=2, patch=4)
+config = models.vit_config('t', hidden_size=16, mlp_dim=32, num_heads=2, num_layers=1, patch=4)
 model = VisionTransformer(num_classes=3, **config)
 images = jax.random.normal(jax.random.PRNGKey(1), (n * 2, 8, 8, 3))
 labels = jax.random.randint(jax.random.PRNGKey(2), (n * 2,), 0, 3)
