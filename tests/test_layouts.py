@@ -471,10 +471,15 @@ def test_fine_tuning_a_hugging_face_directory_from_the_recipe(tmp_path):
   np.testing.assert_allclose(normalised['image'], ((plain['image'] + 1) / 2 - mean) / std,
                              atol=1e-5)
   # Fed [-1, 1] instead of what the file expects: refused, naming both, before any work.
+  from helpers import assert_unchanged, snapshot
+  (tmp_path / 'refused').mkdir()
+  (tmp_path / 'refused' / 'notes.txt').write_text('kept as it is')  # What the workdir held.
+  before = snapshot(tmp_path / 'refused')
   with pytest.raises(ValueError, match=r'expects inputs normalised as --config.pp.mean=\(0.485, '
                      r'.*but the config normalises as \[-1, 1\].*Nothing was trained'):
     train.train_and_evaluate(config, str(tmp_path / 'refused'))
   assert not os.path.exists(tmp_path / 'refused' / 'checkpoints')
+  assert_unchanged(before, tmp_path / 'refused')
   with config.unlocked():
     config.pp.mean, config.pp.std = mean, std
   results = train.train_and_evaluate(config, str(tmp_path / 'run'))

@@ -203,6 +203,17 @@ def read_description(path: str) -> Optional[layouts.Read]:
   return _described(None, _parse_description(raw, path))
 
 
+def read_preprocessing(path: str) -> Optional[dict]:
+  """The {'mean', 'std'} a checkpoint expects its inputs normalised with (None: [-1, 1]),
+  without reading its weights: from a Hugging Face directory's preprocessor_config.json, an
+  export's description; official and timm files say nothing (None)."""
+  local = layouts.resolve(path)
+  if '://' not in local and (os.path.isdir(local) or local.endswith('.safetensors')):
+    return layouts.preprocessing(local)
+  description = read_description(path)
+  return None if description is None else description.preprocessing
+
+
 def _parse_description(raw: np.ndarray, path: str) -> dict:
   """The JSON description of an export, with the fields load_model needs, or a named error."""
   try:
@@ -222,11 +233,9 @@ def _parse_description(raw: np.ndarray, path: str) -> dict:
       'num_classes'] or not all(isinstance(n, str) for n in names)):
     raise ValueError(f'{path}: its {DESCRIPTION_KEY} has class_names that are not '
                      f'{description["num_classes"]} strings.')
-  if preprocessing is not None and not (
-      isinstance(preprocessing, dict) and all(
-          isinstance(preprocessing.get(k), list) and len(preprocessing[k]) == 3 and
-          all(isinstance(x, (int, float)) and math.isfinite(x) for x in preprocessing[k])
-          for k in ('mean', 'std')) and min(preprocessing['std']) > 0):
+  if preprocessing is not None and not (isinstance(preprocessing, dict) and
+                                        layouts.is_normalisation(preprocessing.get('mean'),
+                                                                 preprocessing.get('std'))):
     raise ValueError(f'{path}: its {DESCRIPTION_KEY} has a preprocessing that is not '
                      '{"mean": three numbers, "std": three positive numbers}.')
   return description

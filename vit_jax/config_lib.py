@@ -8,7 +8,7 @@ import os
 
 import ml_collections
 
-from vit_jax import evaluator_specs, models, models_vit, objectives
+from vit_jax import evaluator_specs, layouts, models, models_vit, objectives
 from vit_jax.datasets import DATASETS  # Recipes read the facts here too.
 
 TRAINERS = ('train', 'evaluate', 'inference_time')
@@ -279,10 +279,7 @@ def check(config, *, device_count: int, process_count: int = 1):
   if config.pp.mixup_alpha < 0:
     fail(f'pp.mixup_alpha={config.pp.mixup_alpha} must be >= 0.')
   if (config.pp.mean is None) != (config.pp.std is None) or (
-      config.pp.mean is not None and not all(
-          len(v) == 3 and all(isinstance(x, (int, float)) for x in v)
-          for v in (config.pp.mean, config.pp.std)) or
-      config.pp.std is not None and min(config.pp.std) <= 0):
+      config.pp.mean is not None and not layouts.is_normalisation(config.pp.mean, config.pp.std)):
     fail(f'pp.mean={config.pp.mean} and pp.std={config.pp.std}: both None, or both three numbers '
          '(one per channel; std positive).')
   if not 0 < config.pp.crop_min_area <= 1:

@@ -95,7 +95,7 @@ def get_model(name: str, **kwargs) -> VisionTransformer:
   return VisionTransformer(**get_config(name), **kwargs)
 
 
-def official_spellings() -> dict:
+def _official_spellings() -> dict:
   """{other name: registry name} for the names the official repository uses besides ours:
   AugReg's file names ('Ti_16', 'R_Ti_16', 'R26_S_32', 'S_16-gap-norep') and its config
   functions' ('b16' for get_b16_config, 'r_ti16', 'r50_b16', 's16_gap_norep')."""
@@ -107,9 +107,12 @@ def official_spellings() -> dict:
   return aliases
 
 
+OFFICIAL_SPELLINGS = _official_spellings()
+
+
 def registry_name(name: str) -> Optional[str]:
   """The registry's name for `name` in any spelling get_config takes; None if it has none."""
-  name = official_spellings().get(name, name)
+  name = OFFICIAL_SPELLINGS.get(name, name)
   return name if name in MODEL_CONFIGS else None
 
 
@@ -118,7 +121,7 @@ def get_config(name: str) -> ml_collections.ConfigDict:
   'b16', 'R_Ti_16', ...), with an error naming the closest known names."""
   name = registry_name(name) or name
   if name not in MODEL_CONFIGS:
-    close = difflib.get_close_matches(name, list(MODEL_CONFIGS) + list(official_spellings()),
+    close = difflib.get_close_matches(name, list(MODEL_CONFIGS) + list(OFFICIAL_SPELLINGS),
                                       n=3, cutoff=0.5)
     hint = f'Did you mean {" or ".join(map(repr, close))}? ' if close else ''
     raise ValueError(f'Unknown model {name!r}. {hint}Known models: {", ".join(MODEL_CONFIGS)}.')

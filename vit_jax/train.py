@@ -150,8 +150,7 @@ def export_params(params, path: str, mesh, config, class_names=None):
 def check_normalisation(config):
   """Refuses to fine-tune pretrained_path on inputs normalised otherwise than it was trained
   with (a DINOv2 file on [-1, 1] pixels learns, but from a needlessly shifted start)."""
-  read = checkpoint.read_description(config.pretrained_path)
-  expected = None if read is None else read.preprocessing
+  expected = checkpoint.read_preprocessing(config.pretrained_path)
   as_pp = lambda n: ('[-1, 1]' if n is None else
                      f'--config.pp.mean={tuple(n["mean"])} --config.pp.std={tuple(n["std"])}')
   configured = config_lib.normalisation(config)

@@ -11,10 +11,8 @@ The fine-tuning recipe of configs/finetune.py, with the official AugReg values b
 
 import difflib
 
-import ml_collections
-
 from vit_jax import config_lib
-from vit_jax.configs import models
+from vit_jax.configs import common, models
 
 
 def get_config(model_or_filename='R_Ti_16'):
@@ -31,10 +29,7 @@ def get_config(model_or_filename='R_Ti_16'):
   config.dataset = ''  # Set it: --config.dataset=<TFDS name or folder:<directory>>.
   config.base_lr, config.total_steps, config.warmup_steps = 0.03, 500, 100
   config.pp.crop = 384
-  config.pretrained_dir = ml_collections.FieldReference('gs://vit_models/augreg', field_type=str)
   config.model_or_filename = model_or_filename
-  if '-' in model_or_filename:  # A file: else config_lib.with_augreg_file picks the best.
-    config.pretrained_path = config.get_ref('pretrained_dir') + f'/{model_or_filename}.npz'
-  config.pp.train = config.get_ref('train_split')
-  config.pp.test = config.get_ref('test_split')
-  return config.lock()
+  # A file name, else config_lib.with_augreg_file picks the best file when the run starts.
+  return common.with_official_keys(config, 'gs://vit_models/augreg',
+                                   model_or_filename if '-' in model_or_filename else None)

@@ -10,6 +10,7 @@ Everything else is this codebase's config (configs/*.py), whose keys any overrid
 
 import importlib.util
 import os
+from typing import Optional
 
 import ml_collections
 
@@ -36,15 +37,15 @@ def dataset_name(dataset: str) -> str:
   return dataset
 
 
-def with_official_keys(config: ml_collections.ConfigDict,
-                       pretrained_file: str) -> ml_collections.ConfigDict:
+def with_official_keys(config: ml_collections.ConfigDict, pretrained_dir: str,
+                       pretrained_file: Optional[str]) -> ml_collections.ConfigDict:
   """`config` with the official keys linked to the ones they stand for; pretrained_path then
-  follows pretrained_dir (the directory of the recipe's own checkpoint, else '.', as the
-  official default) unless set itself."""
-  directory = os.path.dirname(config.pretrained_path or '') or '.'
+  follows pretrained_dir (<pretrained_dir>/<pretrained_file>.npz) unless set itself. Without a
+  pretrained_file it is left as it is (AugReg's best file is picked when the run starts)."""
   with config.unlocked():
-    config.pretrained_dir = ml_collections.FieldReference(directory, field_type=str)
-    config.pretrained_path = config.get_ref('pretrained_dir') + f'/{pretrained_file}.npz'
+    config.pretrained_dir = ml_collections.FieldReference(pretrained_dir, field_type=str)
+    if pretrained_file:
+      config.pretrained_path = config.get_ref('pretrained_dir') + f'/{pretrained_file}.npz'
     config.pp.train = config.get_ref('train_split')
     config.pp.test = config.get_ref('test_split')
   return config.lock()

@@ -19,6 +19,6 @@ def _getter(name):
 
 
 # get_b16_config(), get_r_ti16_config(), get_s16_gap_norep_config(), ...
-for _spelling, _name in models.official_spellings().items():
+for _spelling, _name in models.OFFICIAL_SPELLINGS.items():
   if _spelling.islower() or _spelling.startswith('testing'):
     globals()[f'get_{_spelling.replace("-", "_")}_config'] = _getter(_name)

@@ -8,6 +8,8 @@ MODEL in any spelling of the registry (the official 'b16', or 'B_16', 'R50+ViT-B
 DATASET a TFDS name or a directory of {train,test}/<class>/<image>. See common.py for the keys.
 """
 
+import os
+
 from vit_jax import models
 from vit_jax.configs import common
 
@@ -16,5 +18,7 @@ def get_config(model_dataset='b16,cifar10'):
   model, *dataset = model_dataset.split(',')
   config = common.recipe('finetune', ','.join([model] + [common.dataset_name(d) for d in dataset]))
   if models.registry_name(model):  # Not a checkpoint path: pretrained_dir/<its name>.npz.
-    config = common.with_official_keys(config, config.model.model_name)
+    # The directory of the recipe's own checkpoint, else '.', as the official default.
+    directory = os.path.dirname(config.pretrained_path or '') or '.'
+    config = common.with_official_keys(config, directory, config.model.model_name)
   return config

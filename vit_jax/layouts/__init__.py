@@ -16,6 +16,7 @@ import numpy as np
 from vit_jax.layouts import common, hugging_face, official, timm
 
 Read = common.Read
+is_normalisation = common.is_normalisation
 HF_SCHEME = 'hf://'
 # What a model directory needs: its config, weights and image processor (no pickles).
 HUB_FILES = ['config.json', '*.safetensors', 'model.safetensors.index.json',
@@ -70,6 +71,13 @@ def _read(path: str) -> Optional[Read]:
     raise ValueError(f'{path}: a .safetensors file with neither timm\'s keys (patch_embed.proj) '
                      'nor beside a Hugging Face config.json: pass the model directory.')
   return None
+
+
+def preprocessing(path: str) -> Optional[dict]:
+  """The {'mean', 'std'} a local Hugging Face or timm checkpoint expects its inputs normalised
+  with (None: [-1, 1]), read without its weights: from a Hugging Face directory's
+  preprocessor_config.json (timm's files do not say)."""
+  return hugging_face.preprocessing(path) if os.path.isdir(path) else None
 
 
 def resampler(method: str):

@@ -2,6 +2,7 @@
 and the bicubic resampling their libraries apply to position tables."""
 
 import json
+import math
 import os
 from typing import NamedTuple, Optional
 
@@ -34,6 +35,14 @@ class Read(NamedTuple):
       return images
     mean, std = (np.asarray(self.preprocessing[k], np.float32) for k in ('mean', 'std'))
     return ((images + 1) / 2 - mean) / std
+
+
+def is_normalisation(mean, std) -> bool:
+  """Whether `mean` and `std` normalise pixels in [0, 1]: three finite numbers each (one per
+  channel), std positive."""
+  return all(isinstance(v, (list, tuple)) and len(v) == 3 and
+             all(isinstance(x, (int, float)) and math.isfinite(x) for x in v)
+             for v in (mean, std)) and min(std) > 0
 
 
 def load_safetensors(path: str) -> dict:

@@ -158,10 +158,10 @@ def read(path: str) -> common.Read:
                      # As each model's interpolate_pos_encoding: DINOv2 with registers
                      # filters (antialias=True), the others do not.
                      resample=('bicubic_antialias' if model_type == 'dinov2_with_registers'
-                               else 'bicubic'), preprocessing=_preprocessing(path))
+                               else 'bicubic'), preprocessing=preprocessing(path))
 
 
-def _preprocessing(path: str):
+def preprocessing(path: str):
   """The mean / std the file's image processor normalises with (None: [-1, 1])."""
   processor = os.path.join(path, 'preprocessor_config.json')
   if not os.path.isfile(processor):
@@ -412,7 +412,7 @@ def _read_tower(path: str, hf: dict) -> common.Read:
       vision.get('layer_norm_eps', 1e-5 if clip else 1e-6))
   side = int(round((encoder['posembed_input']['pos_embedding'].shape[1] - clip) ** 0.5))
   return common.Read(params, config, None, (side * patch, side * patch), resample='bicubic',
-                     preprocessing=_preprocessing(path))
+                     preprocessing=preprocessing(path))
 
 
 def _write_tower(read: common.Read, path: str):
