@@ -16,9 +16,6 @@ learning rate from {0.001, 0.003, 0.01, 0.03} on a held-out split; 0.01 is the d
 
 from vit_jax import config_lib, models
 
-# Table 4: fine-tuning steps per dataset.
-STEPS = {'imagenet2012': 20_000, 'cifar10': 10_000, 'cifar100': 10_000, 'oxford_iiit_pet': 500,
-         'oxford_flowers102': 500}
 # ImageNet-21k checkpoints of the original release.
 OFFICIAL_CHECKPOINTS = ('ViT-B_16', 'ViT-B_32', 'ViT-L_16', 'ViT-L_32', 'ViT-H_14')
 
@@ -37,18 +34,11 @@ def get_config(arg='B_16,cifar10'):
     c.pretrained_path = source
     config_lib.set_normalisation(c, source_model)
   config_lib.finetune_recipe(c)
-
-  config_lib.set_dataset(c, dataset)
   c.shuffle_buffer = 50_000
   c.pp.crop = 384
-
   c.base_lr = 0.01
-  c.total_steps = STEPS.get(dataset, 10_000)
-  c.warmup_steps = min(500, c.total_steps // 10)
   c.batch_eval = 512
-  c.eval_every = c.checkpoint_every = max(c.total_steps // 10, 100)
   c.keep_checkpoints = 2
-  if dataset == 'imagenet2012':
-    config_lib.add_imagenet_variants(c)
   c.progress_every = 50
+  config_lib.finetune_dataset(c, dataset)  # Table 4's steps, and the schedule that follows.
   return c.lock()  # A misspelt key now raises instead of being silently added.

@@ -133,3 +133,49 @@ def test_the_official_augreg_config_picks_the_best_imagenet21k_checkpoint(tmp_pa
   with pytest.raises(ValueError, match=r'cannot read the AugReg index .*name the checkpoint'):
     config_lib.with_augreg_file(parse_config('--config=vit_jax/configs/augreg.py:B_32',
                                              f'--config.pretrained_dir={tmp_path / "none"}'))
+
+
+def test_the_official_common_config_with_a_dataset_is_the_finetune_recipe(tmp_path):
+  from vit_jax.configs import common
+  base = common.get_config()
+  assert base.dataset == ''  # As the official's: chosen by with_dataset.
+  config = common.with_dataset(base, 'cifar100')
+  ours = parse_config('--config=configs/finetune.py:B_16,cifar100',
+                      '--config.pretrained_path=./ViT-B_16.npz')
+  assert {k: v for k, v in flat(config).items() if k not in OFFICIAL_KEYS} == flat(ours)
+  assert base.dataset == ''  # A copy: the config passed in is left as it was.
+  config.pp.train = 'train[:10]'  # The official keys stay linked in the copy.
+  assert config.train_split == 'train[:10]' and base.train_split == 'train[:98%]'
+  (tmp_path / 'train' / 'cat').mkdir(parents=True)
+  assert common.with_dataset(base, str(tmp_path)).dataset == f'folder:{tmp_path}'
+
+
+@pytest.mark.parametrize('decay_type', ['linear', 'cosine'])
+def test_the_official_learning_rate_schedule(decay_type):
+  from vit_jax import utils
+  total, base, warmup, end = 1000, 0.03, 100, 1e-5
+  schedule = utils.create_learning_rate_schedule(total, base, decay_type, warmup)
+  for step in (0, 1, 50, 100, 101, 325, 550, 999, 1000):
+    # The official formula: the decay's value at max(0, progress), times the warm-up ramp.
+    progress = np.clip((step - warmup) / (total - warmup), 0.0, 1.0)
+    if decay_type == 'linear':
+      expected = end + (base - end) * (1 - progress)
+    else:
+      expected = base * 0.5 * (1 + np.cos(np.pi * progress))
+    expected *= min(1.0, step / warmup)
+    assert float(schedule(step)) == pytest.approx(expected, rel=1e-5, abs=1e-9), step
+  with pytest.raises(ValueError, match="decay_type 'step'; expected 'linear' or 'cosine'"):
+    utils.create_learning_rate_schedule(total, base, 'step', warmup)
+
+
+def test_the_official_dataset_info(tmp_path):
+  from helpers import write_class_folders
+  from vit_jax import input_pipeline
+  digits = input_pipeline.get_dataset_info('digits', 'test')
+  assert (digits['num_examples'], digits['num_classes'], digits['int2str'](7)) == (359, 10, '7')
+  write_class_folders(tmp_path / 'test', classes=('cat', 'dog'), per_class=3, size=8, seed=0)
+  folder = input_pipeline.get_dataset_info(str(tmp_path), 'test')  # The official directory form.
+  assert (folder['num_examples'], folder['num_classes'], folder['int2str'](1)) == (6, 2, 'dog')
+  with pytest.raises(ValueError, match="mode='eval'; expected 'train' or 'test'"):
+    input_pipeline.get_data_from_tfds(config=parse_config('--config=configs/digits.py'),
+                                      mode='eval')

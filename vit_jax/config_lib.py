@@ -18,6 +18,9 @@ LOSSES = ('softmax_xent', 'sigmoid_xent')
 SHARDINGS = ('replicate', 'fsdp')
 DTYPES = ('float32', 'bfloat16')
 OBJECTIVES = ('classification', 'mpp')
+# Paper Table 4: fine-tuning steps per dataset.
+FINETUNE_STEPS = {'imagenet2012': 20_000, 'cifar10': 10_000, 'cifar100': 10_000,
+                  'oxford_iiit_pet': 500, 'oxford_flowers102': 500}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -126,6 +129,17 @@ def finetune_recipe(c: ml_collections.ConfigDict):
   c.model.representation_size = None
 
 
+def finetune_dataset(c: ml_collections.ConfigDict, name: str):
+  """The fine-tuning recipe's settings that follow from the dataset: its splits, Table 4's step
+  count (10k where the paper gives none), warm-up, evaluation and checkpoint intervals."""
+  set_dataset(c, name)
+  c.total_steps = FINETUNE_STEPS.get(name, 10_000)
+  c.warmup_steps = min(500, c.total_steps // 10)
+  c.eval_every = c.checkpoint_every = max(c.total_steps // 10, 100)
+  if name == 'imagenet2012':
+    add_imagenet_variants(c)
+
+
 def add_imagenet_variants(c: ml_collections.ConfigDict):
   """ImageNet-1k runs report ReaL (Beyer et al. 2020) and ImageNet-v2 next to the validation
   split (TFDS prepares both from the ImageNet manual download and the network)."""
@@ -164,6 +178,14 @@ def normalisation(c: ml_collections.ConfigDict):
   if c.pp.mean is None:
     return None
   return {'mean': list(c.pp.mean), 'std': list(c.pp.std)}
+
+
+def official_dataset(dataset: str) -> str:
+  """A dataset as the official repository names it (a TFDS name, or a directory of
+  {train,test}/<class>/<image>) in this codebase's spelling."""
+  if os.sep in dataset and os.path.isdir(os.path.expanduser(dataset)):
+    return f'folder:{dataset}'
+  return dataset
 
 
 def set_dataset(c: ml_collections.ConfigDict, name: str):

@@ -13,6 +13,7 @@ import math
 import os
 from typing import Callable, Iterator, Optional
 
+import jax
 import numpy as np
 import tensorflow as tf
 
@@ -235,6 +236,13 @@ def _shard_stream(source: Source, seed: int, batch_size: int, start_step: int,
 
 
 def train_batches(config, source: Source, *, batch_size: int, start_step: int = 0) -> Iterator:
+  """Endless host-local numpy training batches {'image', 'labels'} from step `start_step` on."""
+  return _numpy_batches(train_dataset(config, source, batch_size=batch_size,
+                                      start_step=start_step), source)
+
+
+def train_dataset(config, source: Source, *, batch_size: int,
+                  start_step: int = 0) -> tf.data.Dataset:
   """Endless host-local training batches {'image', 'labels'} from step `start_step` on.
 
   An example's augmentation is seeded by its position in the stream, so the batches are a pure
@@ -273,7 +281,7 @@ def train_batches(config, source: Source, *, batch_size: int, start_step: int = 
     dataset = dataset.enumerate(start=start_step).map(
         lambda step, batch: preprocess.mixup(
             batch, tf.stack([tf.constant(seed, tf.int64), step]), config.pp.mixup_alpha))
-  return _numpy_batches(dataset.prefetch(tf.data.AUTOTUNE), source)
+  return dataset.prefetch(tf.data.AUTOTUNE)
 
 
 def eval_steps(source: Source, *, batch_size: int, process_count: int) -> int:
@@ -282,6 +290,12 @@ def eval_steps(source: Source, *, batch_size: int, process_count: int) -> int:
 
 
 def eval_batches(config, source: Source, *, batch_size: int, num_steps: int) -> Iterator:
+  """`num_steps` host-local numpy batches {'image', 'labels', 'mask'} (see eval_dataset)."""
+  return _numpy_batches(eval_dataset(config, source, batch_size=batch_size, num_steps=num_steps),
+                        source)
+
+
+def eval_dataset(config, source: Source, *, batch_size: int, num_steps: int) -> tf.data.Dataset:
   """`num_steps` host-local batches {'image', 'labels', 'mask'}: every example of the shard once,
   then zero padding with mask 0 (so no example is dropped and none counts twice)."""
   size = config_lib.image_size(config)
@@ -294,15 +308,59 @@ def eval_batches(config, source: Source, *, batch_size: int, num_steps: int) -> 
             'labels': _targets(example['label'], source.num_classes, source.multi_label),
             'mask': tf.constant(1.0)}
 
-  dataset = source.shard().map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-  dataset = dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-  empty = {'image': np.zeros((batch_size,) + size + (3,), np.float32),
-           'labels': np.zeros((batch_size, source.num_classes), np.float32),
-           'mask': np.zeros((batch_size,), np.float32)}
-  produced = 0
-  for batch in _numpy_batches(dataset, source):
-    count = len(batch['mask'])
-    yield {k: np.concatenate([v, empty[k][count:]]) for k, v in batch.items()}
-    produced += 1
-  for _ in range(num_steps - produced):
-    yield empty
+  padding = tf.data.Dataset.from_tensors({
+      'image': tf.zeros(size + (3,)), 'labels': tf.zeros([source.num_classes]),
+      'mask': tf.constant(0.0)}).repeat(max(0, num_steps * batch_size - _shard_size(source)))
+  dataset = source.shard().map(prepare, num_parallel_calls=tf.data.AUTOTUNE).concatenate(padding)
+  return dataset.batch(batch_size).take(num_steps).prefetch(tf.data.AUTOTUNE)
+
+
+def _shard_size(source: Source) -> int:
+  """The number of examples in this process' shard (Source.shard)."""
+  if source.stream is not None:
+    return source.stream_size
+  return len(range(source.process_index, source.num_examples, source.process_count))
+
+
+# ------------------------------------------------------------ the official repository's names
+
+def get_dataset_info(dataset: str, split: str) -> dict:
+  """The official notebook's dataset facts: num_examples, num_classes, int2str (class id ->
+  name), examples_glob (None). `dataset` as the official configs name it: a TFDS name, a
+  directory of {train,test}/<class>/<image>, or here also 'digits' / 'folder:<dir>'."""
+  config = config_lib.base_config()
+  config.dataset = config_lib.official_dataset(dataset)
+  source = get_source(config, split)
+  names = source.class_names or tuple(str(i) for i in range(source.num_classes))
+  return {'num_examples': source.num_examples, 'num_classes': source.num_classes,
+          'int2str': lambda label: names[label], 'examples_glob': None}
+
+
+def get_data_from_tfds(*, config, mode: str) -> tf.data.Dataset:
+  """The official notebook's data for jax.pmap: batches {'image', 'label' (one-hot)} shaped
+  [local devices, batch / devices, ...], from config.dataset (any dataset this pipeline reads)
+  and its split config.train_split / test_split (= the official config.pp.train / pp.test).
+  'train' is endless and augmented (train_dataset, batch config.batch); 'test' covers the split
+  once with batch config.batch_eval, the last batch padded and marked by 'mask' (the official
+  pipeline dropped the remainder)."""
+  if mode not in ('train', 'test'):
+    raise ValueError(f"mode={mode!r}; expected 'train' or 'test'.")
+  devices, process_count = jax.local_device_count(), jax.process_count()
+  batch_size = (config.batch if mode == 'train' else config.batch_eval) // process_count
+  if batch_size % devices:
+    raise ValueError(f'The batch per process ({batch_size}) does not divide over the '
+                     f'{devices} local devices.')
+  split = config.train_split if mode == 'train' else config.test_split
+  source = get_source(config, split, process_index=jax.process_index(),
+                      process_count=process_count)
+  if mode == 'train':
+    dataset = train_dataset(config, source, batch_size=batch_size)
+  else:
+    dataset = eval_dataset(config, source, batch_size=batch_size, num_steps=eval_steps(
+        source, batch_size=batch_size, process_count=process_count))
+
+  def per_device(batch):
+    batch['label'] = batch.pop('labels')
+    return {k: tf.reshape(v, [devices, -1] + v.shape[1:].as_list()) for k, v in batch.items()}
+
+  return dataset.map(per_device)

@@ -6,16 +6,23 @@ import optax
 
 
 def make_schedule(config) -> optax.Schedule:
-  """Linear warm-up from 0 to base_lr, then linear or cosine decay to 0 at total_steps."""
-  decay_steps = config.total_steps - config.warmup_steps
-  if config.decay_type == 'cosine':
+  return schedule(config.total_steps, config.base_lr, config.decay_type, config.warmup_steps)
+
+
+def schedule(total_steps: int, base_lr: float, decay_type: str, warmup_steps: int,
+             linear_end: float = 0.0) -> optax.Schedule:
+  """Linear warm-up from 0 to base_lr, then cosine decay to 0 or linear decay to `linear_end`
+  at total_steps."""
+  if decay_type not in ('linear', 'cosine'):
+    raise ValueError(f"Unknown decay_type {decay_type!r}; expected 'linear' or 'cosine'.")
+  if decay_type == 'cosine':
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=config.base_lr, warmup_steps=config.warmup_steps,
-        decay_steps=config.total_steps, end_value=0.0)
+        init_value=0.0, peak_value=base_lr, warmup_steps=warmup_steps,
+        decay_steps=total_steps, end_value=0.0)
   return optax.join_schedules(
-      [optax.linear_schedule(0.0, config.base_lr, config.warmup_steps),
-       optax.linear_schedule(config.base_lr, 0.0, decay_steps)],
-      boundaries=[config.warmup_steps])
+      [optax.linear_schedule(0.0, base_lr, warmup_steps),
+       optax.linear_schedule(base_lr, linear_end, total_steps - warmup_steps)],
+      boundaries=[warmup_steps])
 
 
 def kernels_only(params):

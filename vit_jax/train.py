@@ -72,9 +72,26 @@ def shardings_of(abstract):
 
 # --------------------------------------------------------------------------------------- steps
 
-def make_train_step(config, model, tx, schedule, shardings, mesh, objective):
-  accum = config.accum_steps
+def accumulate_gradient(grad_fn, params, images, labels, rng, accum_steps: int):
+  """grad_fn(params, images, labels, rng) -> (loss, grads), averaged over `accum_steps`
+  micro-batches of the batch, computed one after the other to save memory."""
+  if accum_steps == 1:
+    return grad_fn(params, images, labels, rng)
+  # Micro-batch i takes examples i, i + accum, ...: every device keeps its own examples.
+  micro = lambda x: x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:]).swapaxes(0, 1)
 
+  def add_micro_batch(carry, xs):
+    images, labels, i = xs
+    loss, grads = grad_fn(params, images, labels, jax.random.fold_in(rng, i))
+    return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+  zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+  xs = (micro(images), micro(labels), jnp.arange(accum_steps))
+  total, _ = jax.lax.scan(add_micro_batch, zero, xs)
+  return jax.tree.map(lambda x: x / accum_steps, total)
+
+
+def make_train_step(config, model, tx, schedule, shardings, mesh, objective):
   def loss_fn(params, images, labels, rng):
     return objective.loss(model, params, {'image': images, 'labels': labels}, rng)
 
@@ -82,21 +99,8 @@ def make_train_step(config, model, tx, schedule, shardings, mesh, objective):
 
   def train_step(state, batch):
     params, rng = state['params'], jax.random.fold_in(state['rng'], state['step'])
-    if accum == 1:
-      loss, grads = grad_fn(params, batch['image'], batch['labels'], rng)
-    else:
-      # Micro-batch i takes examples i, i + accum, ...: every device keeps its own examples.
-      micro = lambda x: x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
-
-      def add_micro_batch(carry, xs):
-        images, labels, i = xs
-        loss, grads = grad_fn(params, images, labels, jax.random.fold_in(rng, i))
-        return jax.tree.map(jnp.add, carry, (loss, grads)), None
-
-      zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-      xs = (micro(batch['image']), micro(batch['labels']), jnp.arange(accum))
-      total, _ = jax.lax.scan(add_micro_batch, zero, xs)
-      loss, grads = jax.tree.map(lambda x: x / accum, total)
+    loss, grads = accumulate_gradient(grad_fn, params, batch['image'], batch['labels'], rng,
+                                      config.accum_steps)
     updates, opt_state = tx.update(grads, state['opt_state'], params)
     grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
     # A non-finite loss, gradient or update (whatever made it: the optimizer's state, its
@@ -113,6 +117,27 @@ def make_train_step(config, model, tx, schedule, shardings, mesh, objective):
   batch_sharding = sharding.batch_sharding(mesh)
   return jax.jit(sharding.under_mesh(train_step, mesh), in_shardings=(shardings, batch_sharding),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def make_update_fn(*, apply_fn, accum_steps: int, tx):
+  """The official repository's data-parallel step, for its notebook: jax.pmap over axis 'batch'
+  of (params, opt_state, batch {'image', 'label' one-hot}, rng) -> (params, opt_state, loss,
+  next rng), each with a leading device axis; softmax cross-entropy, gradients averaged over the
+  devices. (The trainer's step, make_train_step, is one jit over a device mesh instead.)"""
+  def loss_fn(params, images, labels, rng):
+    logits = apply_fn({'params': params}, images, train=True, rngs={'dropout': rng})
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), labels).mean()
+
+  def update_fn(params, opt_state, batch, rng):
+    rng, next_rng = jax.random.split(rng)
+    rng = jax.random.fold_in(rng, jax.lax.axis_index('batch'))  # Dropout differs per device.
+    loss, grads = jax.lax.pmean(accumulate_gradient(
+        jax.value_and_grad(loss_fn), params, batch['image'], batch['label'], rng, accum_steps),
+                                axis_name='batch')
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, next_rng
+
+  return jax.pmap(update_fn, axis_name='batch', donate_argnums=(0,))
 
 
 def make_eval_step(objective, model, params_shardings, mesh):

@@ -8,11 +8,14 @@
 Everything else is this codebase's config (configs/*.py), whose keys any override may use too.
 """
 
+import copy
 import importlib.util
 import os
 from typing import Optional
 
 import ml_collections
+
+from vit_jax import config_lib
 
 # The repository checkout this package runs from: the recipes live in <root>/configs/.
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,13 +33,6 @@ def recipe(name: str, arg: str) -> ml_collections.ConfigDict:
   return module.get_config(arg)
 
 
-def dataset_name(dataset: str) -> str:
-  """The official `dataset` (a TFDS name, or a directory of {train,test}/<class>/<image>)."""
-  if os.sep in dataset and os.path.isdir(os.path.expanduser(dataset)):
-    return f'folder:{dataset}'
-  return dataset
-
-
 def with_official_keys(config: ml_collections.ConfigDict, pretrained_dir: str,
                        pretrained_file: Optional[str]) -> ml_collections.ConfigDict:
   """`config` with the official keys linked to the ones they stand for; pretrained_path then
@@ -49,3 +45,21 @@ def with_official_keys(config: ml_collections.ConfigDict, pretrained_dir: str,
     config.pp.train = config.get_ref('train_split')
     config.pp.test = config.get_ref('test_split')
   return config.lock()
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The official get_config: the fine-tuning recipe (configs/finetune.py) before a dataset is
+  chosen. Its model is the recipe's ViT-B_16 (the official leaves it None until set)."""
+  config = with_official_keys(recipe('finetune', 'B_16,cifar10'), '.', 'ViT-B_16')
+  with config.unlocked():
+    config.dataset = ''
+  return config
+
+
+def with_dataset(config: ml_collections.ConfigDict, dataset: str) -> ml_collections.ConfigDict:
+  """The official with_dataset: a copy of `config` set up for fine-tuning on `dataset` (a TFDS
+  name or a directory): its splits, steps and schedule as configs/finetune.py sets them."""
+  config = copy.deepcopy(config)  # The copy keeps the official keys linked to ours.
+  with config.unlocked():
+    config_lib.finetune_dataset(config, config_lib.official_dataset(dataset))
+  return config

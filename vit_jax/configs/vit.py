@@ -10,13 +10,14 @@ DATASET a TFDS name or a directory of {train,test}/<class>/<image>. See common.p
 
 import os
 
-from vit_jax import models
+from vit_jax import config_lib, models
 from vit_jax.configs import common
 
 
 def get_config(model_dataset='b16,cifar10'):
   model, *dataset = model_dataset.split(',')
-  config = common.recipe('finetune', ','.join([model] + [common.dataset_name(d) for d in dataset]))
+  dataset = [config_lib.official_dataset(name) for name in dataset]
+  config = common.recipe('finetune', ','.join([model] + dataset))
   if models.registry_name(model):  # Not a checkpoint path: pretrained_dir/<its name>.npz.
     # The directory of the recipe's own checkpoint, else '.', as the official default.
     directory = os.path.dirname(config.pretrained_path or '') or '.'
