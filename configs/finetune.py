@@ -28,6 +28,9 @@ def get_config(arg='B_16,cifar10'):
     if c.model.model_name in OFFICIAL_CHECKPOINTS:
       c.pretrained_path = f'gs://vit_models/imagenet21k/{c.model.model_name}.npz'
   else:  # A checkpoint (.npz, Hugging Face directory, timm .safetensors, hf://ORG/NAME):
+    import os
+    if not os.path.exists(source) and not any(c in source for c in '/.'):
+      models.get_config(source)  # Neither: a misspelt model, named with the closest ones.
     from vit_jax import checkpoint  # its own architecture and input normalisation.
     source_model = checkpoint.load_model(source)
     c.model = source_model.config

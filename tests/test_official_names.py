@@ -31,6 +31,9 @@ def test_the_official_vit_config_is_our_finetune_recipe_with_its_keys_linked():
   assert (official.pp.train, official.pp.test) == (ours.train_split, ours.test_split)
   default = parse_config('--config=vit_jax/configs/vit.py:b16,cifar10')
   assert default.pretrained_path == 'gs://vit_models/imagenet21k/ViT-B_16.npz'
+  # A misspelt model is not taken for a checkpoint path: the closest names are given.
+  with pytest.raises(Exception, match=r"Unknown model 'b61'. Did you mean 'b16'\?"):
+    parse_config('--config=vit_jax/configs/vit.py:b61,cifar10')
 
 
 def test_the_official_models_module_is_a_view_of_the_registry():
