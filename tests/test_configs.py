@@ -108,7 +108,7 @@ def test_every_module_run_as_a_command_says_how_to_use_it():
     (dict(warmup_steps=2000), r'warmup_steps=2000 must lie in \[0, total_steps=1500\)'),
     (dict(optimizer='lamb'), r"optimizer='lamb'; expected one of \('adam', 'sgd'\)"),
     (dict(trainer='fit'), r"trainer='fit'; expected one of"),
-    (dict(accum_steps=0), r'accum_steps=0 must be at least 1'),
+    (dict(accum_steps=-1), r'accum_steps=-1 must be >= 0 \(0 and 1: no accumulation\)'),
 ])
 def test_impossible_values_are_rejected(overrides, message):
   c = parse('digits.py:pretrain')

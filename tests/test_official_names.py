@@ -173,12 +173,17 @@ def test_the_official_learning_rate_schedule(decay_type):
 
 def test_the_official_dataset_info(tmp_path):
   from helpers import write_class_folders
-  from vit_jax import input_pipeline
+  from vit_jax import config_lib, input_pipeline
   digits = input_pipeline.get_dataset_info('digits', 'test')
   assert (digits['num_examples'], digits['num_classes'], digits['int2str'](7)) == (359, 10, '7')
   write_class_folders(tmp_path / 'test', classes=('cat', 'dog'), per_class=3, size=8, seed=0)
   folder = input_pipeline.get_dataset_info(str(tmp_path), 'test')  # The official directory form.
   assert (folder['num_examples'], folder['num_classes'], folder['int2str'](1)) == (6, 2, 'dog')
+  # The AugReg notebook sets a directory as dataset after the config is made, and accum_steps=0.
+  config = parse_config('--config=vit_jax/configs/augreg.py:Ti_16')
+  config.dataset, config.accum_steps = str(tmp_path), 0
+  assert input_pipeline.get_source(config, 'test').class_names == ('cat', 'dog')
+  config_lib.check(config, device_count=1)
   with pytest.raises(ValueError, match="mode='eval'; expected 'train' or 'test'"):
     input_pipeline.get_data_from_tfds(config=parse_config('--config=configs/digits.py'),
                                       mode='eval')

@@ -82,7 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.batch = 512  # Global: all devices of all processes.
   c.batch_eval = 512
-  c.accum_steps = 1
+  c.accum_steps = 1  # Micro-batches per step (0 and 1: none, as in the official configs).
   c.sharding = 'replicate'
 
   c.eval_every = 1000
@@ -245,7 +245,9 @@ def check(config, *, device_count: int, process_count: int = 1):
              'test_split)}.')
   if config.profile_steps < 0:
     fail(f'profile_steps={config.profile_steps} must be >= 0.')
-  for key in ('batch', 'batch_eval', 'accum_steps', 'total_steps', 'eval_every',
+  if config.accum_steps < 0:
+    fail(f'accum_steps={config.accum_steps} must be >= 0 (0 and 1: no accumulation).')
+  for key in ('batch', 'batch_eval', 'total_steps', 'eval_every',
               'checkpoint_every', 'keep_checkpoints', 'progress_every', 'shuffle_buffer'):
     if config[key] < 1:
       fail(f'{key}={config[key]} must be at least 1.')
@@ -273,7 +275,7 @@ def check(config, *, device_count: int, process_count: int = 1):
   if config.num_classes is not None and config.num_classes < 1:
     fail(f'num_classes={config.num_classes} must be at least 1.')
 
-  per_step = device_count * config.accum_steps
+  per_step = device_count * max(1, config.accum_steps)
   if config.batch % per_step:
     fail(f'batch={config.batch} is not divisible by device_count x accum_steps = '
          f'{device_count} x {config.accum_steps} = {per_step}.')

@@ -172,7 +172,7 @@ def get_source(config, split: str, *, process_index: int = 0, process_count: int
                dataset: str = '', label_key: str = '') -> Source:
   """This process' shard of `split` of `dataset` (default config.dataset); a TFDS dataset's
   labels are its feature `label_key` (default 'label', else 'labels')."""
-  name = dataset or config.dataset
+  name = config_lib.official_dataset(dataset or config.dataset)  # A bare directory: a folder.
   if name == 'digits':
     source = _digits(split, process_index, process_count)
   elif name.startswith('folder:'):
@@ -185,7 +185,7 @@ def get_source(config, split: str, *, process_index: int = 0, process_count: int
   if source.num_examples < process_count:
     raise ValueError(f'Split {split!r} of {name} has {source.num_examples} examples: too few '
                      f'for {process_count} processes.')
-  if (config.num_classes is not None and name == config.dataset and
+  if (config.num_classes is not None and (dataset or config.dataset) == config.dataset and
       config.num_classes != source.num_classes):
     raise ValueError(f'num_classes={config.num_classes}, but {name} has {source.num_classes}.')
   return source
@@ -329,7 +329,7 @@ def get_dataset_info(dataset: str, split: str) -> dict:
   name), examples_glob (None). `dataset` as the official configs name it: a TFDS name, a
   directory of {train,test}/<class>/<image>, or here also 'digits' / 'folder:<dir>'."""
   config = config_lib.base_config()
-  config.dataset = config_lib.official_dataset(dataset)
+  config.dataset = dataset
   source = get_source(config, split)
   names = source.class_names or tuple(str(i) for i in range(source.num_classes))
   return {'num_examples': source.num_examples, 'num_classes': source.num_classes,

@@ -74,11 +74,11 @@ def shardings_of(abstract):
 
 def accumulate_gradient(grad_fn, params, images, labels, rng, accum_steps: int):
   """grad_fn(params, images, labels, rng) -> (loss, grads), averaged over `accum_steps`
-  micro-batches of the batch, computed one after the other to save memory."""
-  if accum_steps == 1:
+  micro-batches of the batch, computed one after the other to save memory (0 or 1: at once)."""
+  if accum_steps <= 1:
     return grad_fn(params, images, labels, rng)
   # Micro-batch i takes examples i, i + accum, ...: every device keeps its own examples.
-  micro = lambda x: x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:]).swapaxes(0, 1)
+  micro = lambda x: x.reshape((-1, accum_steps) + x.shape[1:]).swapaxes(0, 1)
 
   def add_micro_batch(carry, xs):
     images, labels, i = xs
