@@ -19,8 +19,12 @@ import optax
 from vit_jax import models, mpp
 
 
+CALIBRATION_BINS = 15  # Equal-width confidence bins of the expected calibration error.
+
+
 class Classification:
-  """Softmax cross-entropy over `num_classes`; top-1 / top-5 accuracy."""
+  """Softmax cross-entropy over `num_classes`; top-1 / top-5 accuracy, the mean negative
+  log-likelihood (loss_test) and the expected calibration error of the top-1 confidence."""
   name = 'classification'
   metric_names = ('accuracy_test', 'accuracy_test_top5', 'loss_test')
   # The model's pooling: one output per image.
@@ -32,6 +36,9 @@ class Classification:
 
   def per_example_loss(self, logits, labels):
     return optax.softmax_cross_entropy(logits, labels)
+
+  def probabilities(self, logits):
+    return jax.nn.softmax(logits)
 
   def init_inputs(self, rng, model_config, image_size) -> dict:
     """Keyword arguments of model.init besides the images."""
@@ -51,15 +58,39 @@ class Classification:
     _, top = jax.lax.top_k(logits, min(5, logits.shape[-1]))
     # Correct if a true class is among the top k (multi-label: any of them).
     hits = jnp.take_along_axis(batch['labels'], top, axis=-1) > 0
+    # Calibration (Guo et al. 2017): per confidence bin, how many, how confident, how right.
+    confidence = jnp.take_along_axis(self.probabilities(logits), top[:, :1], axis=-1)[:, 0]
+    bins = jnp.minimum(jnp.floor(confidence * CALIBRATION_BINS), CALIBRATION_BINS - 1)
+    in_bin = jax.nn.one_hot(bins.astype(jnp.int32), CALIBRATION_BINS) * scored[:, None]
     return {'top1': jnp.sum(hits[:, 0] * scored), 'top5': jnp.sum(hits.any(-1) * scored),
             'loss': jnp.sum(self.per_example_loss(logits, batch['labels']) * scored),
-            'count': jnp.sum(scored), 'examples': jnp.sum(mask)}
+            'count': jnp.sum(scored), 'examples': jnp.sum(mask),
+            'bin_count': in_bin.sum(0), 'bin_confidence': (in_bin * confidence[:, None]).sum(0),
+            'bin_hits': (in_bin * hits[:, :1]).sum(0)}
 
   def metrics(self, totals) -> dict:
+    """The scalar metrics, and (classification) 'ece_test' with the reliability diagram's bins
+    under 'reliability_test' (their mean confidence, accuracy and count; None where empty)."""
     count = float(totals['count'])
-    return dict(zip(self.metric_names, (float(totals['top1']) / count,
-                                        float(totals['top5']) / count,
-                                        float(totals['loss']) / count)))
+    metrics = dict(zip(self.metric_names, (float(totals['top1']) / count,
+                                           float(totals['top5']) / count,
+                                           float(totals['loss']) / count)))
+    if 'bin_count' in totals:
+      metrics['ece_test'] = expected_calibration_error(
+          totals['bin_count'], totals['bin_confidence'], totals['bin_hits'])
+      metrics['reliability_test'] = {
+          'confidence': [float(c / n) if n else None
+                         for c, n in zip(totals['bin_confidence'], totals['bin_count'])],
+          'accuracy': [float(h / n) if n else None
+                       for h, n in zip(totals['bin_hits'], totals['bin_count'])],
+          'count': [int(n) for n in totals['bin_count']]}
+    return metrics
+
+
+def expected_calibration_error(count, confidence, hits) -> float:
+  """sum over bins of |accuracy - confidence|, weighted by the bin's share of the examples, from
+  per-bin sums of examples, confidences and correct predictions."""
+  return float(sum(abs(h - c) for h, c in zip(hits, confidence)) / sum(count))
 
 
 class MultiLabel(Classification):
@@ -68,6 +99,9 @@ class MultiLabel(Classification):
 
   def per_example_loss(self, logits, labels):
     return optax.sigmoid_binary_cross_entropy(logits, labels).sum(-1)
+
+  def probabilities(self, logits):
+    return jax.nn.sigmoid(logits)
 
 
 class MaskedPatchPrediction(Classification):

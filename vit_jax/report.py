@@ -1,7 +1,11 @@
-"""Prints the results.json of one or more workdirs as a table: python -m vit_jax.report DIR...
+"""Prints the results.json of one or more workdirs as a table:
 
-One row per workdir: its test evaluator's metrics (classification or masked patch prediction);
-further evaluators (results.json[name]) are listed under it."""
+  python -m vit_jax.report DIR... [--reliability=FILE.png]
+
+One row per workdir: its test evaluator's metrics (classification or masked patch prediction),
+with the expected calibration error; further evaluators (results.json[name]) are listed under it.
+--reliability draws the test evaluator's reliability diagram (accuracy against confidence per
+bin) of each workdir into one PNG."""
 
 import json
 import os
@@ -9,37 +13,76 @@ import sys
 
 
 def _test_metrics(test: dict):
-  """(top-1, top-5, loss) of the test evaluator, whatever the objective named them; None where
-  it has no such metric."""
+  """(top-1, top-5, loss, ECE) of the test evaluator, whatever the objective named them; None
+  where it has no such metric."""
   prefix = 'mpp_' if 'mpp_accuracy_test' in test else ''
   return (test.get(f'{prefix}accuracy_test'), test.get(f'{prefix}accuracy_test_top5'),
-          test.get('loss_test'))
+          test.get('loss_test'), test.get('ece_test'))
 
 
 def _cell(value, form: str, width: int) -> str:
   return f'{"-":>{width}}' if value is None else f'{value:>{width}{form}}'
 
 
+def _scalars(metrics: dict) -> dict:
+  return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def read(workdir: str) -> dict:
+  with open(os.path.join(workdir, 'results.json')) as f:
+    return json.load(f)
+
+
 def main(workdirs):
-  print(f'{"workdir":<32} {"step":>6} {"top-1":>7} {"top-5":>7} {"loss":>7} {"time":>8}')
+  print(f'{"workdir":<32} {"step":>6} {"top-1":>7} {"top-5":>7} {"loss":>7} {"ECE":>7} '
+        f'{"time":>8}')
   for workdir in workdirs:
-    with open(os.path.join(workdir, 'results.json')) as f:
-      r = json.load(f)
+    r = read(workdir)
     test = r.get('test', r)  # Earlier runs wrote the test metrics at the top level.
-    top1, top5, loss = _test_metrics(test)
+    top1, top5, loss, ece = _test_metrics(test)
     name = workdir + (' (mpp)' if 'mpp_accuracy_test' in test else '')
     print(f'{name:<32} {r["step"]:>6} {_cell(top1, ".2%", 7)} {_cell(top5, ".2%", 7)} '
-          f'{_cell(loss, ".4f", 7)} {r["wall_time_sec"]:>7.0f}s')
+          f'{_cell(loss, ".4f", 7)} {_cell(ece, ".4f", 7)} {r["wall_time_sec"]:>7.0f}s')
     for name, metrics in r.items():
       if isinstance(metrics, dict) and name != 'test':
-        print(f'  {name}: ' + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
+        print(f'  {name}: ' + ', '.join(f'{k} {v:.4f}' for k, v in _scalars(metrics).items()))
+
+
+def reliability_diagram(workdirs, path: str):
+  """Accuracy against mean confidence per bin (the diagonal is perfect calibration)."""
+  import matplotlib
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt
+  figure, axes = plt.subplots(figsize=(5, 5))
+  axes.plot([0, 1], [0, 1], 'k:', label='calibrated')
+  for workdir in workdirs:
+    test = read(workdir).get('test', {})
+    bins = test.get('reliability_test')
+    if bins is None:
+      raise ValueError(f'{workdir}/results.json has no reliability_test: its run predates the '
+                       'calibration metrics or is not a classification.')
+    points = [(c, a) for c, a in zip(bins['confidence'], bins['accuracy']) if c is not None]
+    axes.plot(*zip(*points), 'o-', label=f'{workdir} (ECE {test["ece_test"]:.3f})')
+  axes.set(xlabel='confidence', ylabel='accuracy', xlim=(0, 1), ylim=(0, 1),
+           title='Reliability diagram')
+  axes.legend(fontsize='small')
+  figure.savefig(path, dpi=100, bbox_inches='tight')
+  print(f'Wrote {path}')
 
 
 if __name__ == '__main__':
-  if not sys.argv[1:] or sys.argv[1] in ('-h', '--help', '--helpfull'):
+  args = sys.argv[1:]
+  diagrams = [a.split('=', 1)[1] for a in args if a.startswith('--reliability=')]
+  workdirs = [a for a in args if not a.startswith('--reliability=')]
+  if not workdirs or workdirs[0] in ('-h', '--help', '--helpfull'):
     sys.exit(__doc__)
-  missing = [d for d in sys.argv[1:] if not os.path.isfile(os.path.join(d, 'results.json'))]
+  unknown = [a for a in workdirs if a.startswith('--')]
+  if unknown:
+    sys.exit(f'Unknown flag {unknown[0]}: expected DIR... [--reliability=FILE.png].')
+  missing = [d for d in workdirs if not os.path.isfile(os.path.join(d, 'results.json'))]
   if missing:
     sys.exit(f'No results.json in {", ".join(missing)} (a workdir has one once a run finished '
              'or was preempted).')
-  main(sys.argv[1:])
+  main(workdirs)
+  for diagram in diagrams:
+    reliability_diagram(workdirs, diagram)

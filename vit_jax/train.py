@@ -427,10 +427,11 @@ def _train_and_evaluate(config, workdir, mesh, writer, lock) -> dict:
 
 
 def run_evaluator(name, evaluator, params, step, writer) -> dict:
-  metrics = evaluator.run(params)
-  writer.write_scalars(step, {f'{name}/{k}': v for k, v in metrics.items()})
+  metrics = evaluator.run(params)  # Scalars, and lists (a reliability diagram's bins).
+  scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+  writer.write_scalars(step, {f'{name}/{k}': v for k, v in scalars.items()})
   logging.info('step %d: %s: %s', step, name,
-               ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
+               ', '.join(f'{k} {v:.4f}' for k, v in scalars.items()))
   return metrics
 
 
