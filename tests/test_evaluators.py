@@ -33,6 +33,27 @@ class LocalReal(tfds.core.GeneratorBasedBuilder):
                 'original_label': i % 10, 'real_label': [] if i % 4 == 0 else [i % 10, 3]}
 
 
+class LocalCorrupted(tfds.core.GeneratorBasedBuilder):
+  """Stands in for imagenet2012_corrupted: one config per corruption and severity; its labels
+  use 3 of its 10 classes (as ImageNet-A/R use 200 of 1000)."""
+  VERSION = tfds.core.Version('1.0.0')
+  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=f'{c}_{s}') for c in ('fog', 'snow')
+                     for s in (1, 2)]
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        'image': tfds.features.Image(shape=(8, 8, 3)),
+        'label': tfds.features.ClassLabel(num_classes=10)}))
+
+  def _split_generators(self, dl_manager):
+    return {'validation': self._generate_examples()}
+
+  def _generate_examples(self):
+    rng = np.random.default_rng(len(self.builder_config.name))
+    for i in range(12):
+      yield i, {'image': rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), 'label': i % 3 * 3}
+
+
 def test_unlabelled_examples_are_read_but_not_scored():
   class Model:  # Logits that rank class 2 first, then class 3.
     def apply(self, variables, images, train):
@@ -95,8 +116,52 @@ def test_expected_calibration_error_against_an_independent_computation(tmp_path)
   assert Image.open(tmp_path / 'reliability.png').size[0] > 100
 
 
+def test_only_the_present_classes_are_predicted():
+  """ImageNet-A/R scoring: the logits of classes absent from the split are masked out."""
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(16, 10)).astype(np.float32)
+  labels = np.eye(10, dtype=np.float32)[rng.choice([0, 3, 6], 16)]
+  present = np.isin(np.arange(10), [0, 3, 6]).astype(np.float32)
+
+  class Model:
+    def apply(self, variables, images, train):
+      return images
+
+  batch = {'image': jnp.asarray(logits), 'labels': jnp.asarray(labels), 'mask': jnp.ones(16),
+           'classes': jnp.asarray(np.tile(present, (16, 1)))}
+  sums = objectives.Classification(10).eval_sums(Model(), None, batch)
+  subset = logits[:, [0, 3, 6]]
+  predicted = np.array([0, 3, 6])[subset.argmax(-1)]
+  assert float(sums['top1']) == (predicted == labels.argmax(-1)).sum()
+  log_softmax = subset - np.log(np.exp(subset).sum(-1, keepdims=True))
+  nll = -log_softmax[np.arange(16), [[0, 3, 6].index(c) for c in labels.argmax(-1)]]
+  assert float(sums['loss']) == pytest.approx(nll.sum(), rel=1e-5)
+
+
+def test_mean_corruption_error_is_normalised_by_alexnet():
+  # AlexNet's published top-1 errors per severity (Hendrycks & Dietterich 2019) average to the
+  # normalisers, so AlexNet's own errors give CE = mCE = 1.
+  published = {'gaussian_noise': (0.69528, 0.82542, 0.93554, 0.98138, 0.99452),
+               'shot_noise': (0.71224, 0.85108, 0.93574, 0.98182, 0.99146),
+               'impulse_noise': (0.78374, 0.89808, 0.9487, 0.9872, 0.99548),
+               'defocus_blur': (0.65624, 0.73202, 0.85036, 0.91364, 0.94714),
+               'glass_blur': (0.64308, 0.75054, 0.88806, 0.91622, 0.93344),
+               'motion_blur': (0.5843, 0.70048, 0.82108, 0.8975, 0.92638)}
+  severities = (1, 2, 3, 4, 5)
+  errors = {(c, s): e[s - 1] for c, e in published.items() for s in severities}
+  results = evaluators.corruption_errors(errors, severities)
+  assert results['mce'] == pytest.approx(1.0, abs=1e-6)
+  assert all(results[f'{c}_ce'] == pytest.approx(1.0, abs=1e-6) for c in published)
+  halved = evaluators.corruption_errors({k: e / 2 for k, e in errors.items()}, severities)
+  assert halved['mce'] == pytest.approx(0.5) and halved['gaussian_noise_error'] == pytest.approx(
+      0.886428 / 2)
+  assert len(evaluators.CORRUPTION_ALEXNET_ERRORS) == 15
+
+
 def test_a_run_writes_every_listed_evaluator(tmp_path):
   LocalReal(data_dir=str(tmp_path / 'tfds')).download_and_prepare()
+  for name in ('fog_1', 'fog_2', 'snow_1', 'snow_2'):
+    LocalCorrupted(config=name, data_dir=str(tmp_path / 'tfds')).download_and_prepare()
   write_class_folders(tmp_path / 'animals', per_class=6, size=8, suffix='png')  # For few-shot.
   config = tiny_config(f'--config.tfds_data_dir={tmp_path / "tfds"}')
   with config.unlocked():
@@ -106,10 +171,22 @@ def test_a_run_writes_every_listed_evaluator(tmp_path):
     config.evals.animals = evaluators.few_shot(
         {'animals': (f'folder:{tmp_path / "animals"}', 'train[:50%]', 'train[50%:]')},
         shots=(1, 2), seeds=2, every=3)
+    config.evals.corrupted = evaluators.corruption(dataset='local_corrupted',
+                                                   corruptions=('fog', 'snow'),
+                                                   severities=(1, 2), every=6)
+    config.evals.subset = evaluators.classification('validation', dataset='local_corrupted/fog_1',
+                                                    classes='present', every=6)
   results = train.train_and_evaluate(config, str(tmp_path / 'workdir'))
   written = json.loads((tmp_path / 'workdir' / 'results.json').read_text())
   assert set(written) == {'step', 'train_loss', 'wall_time_sec', 'segments', 'test', 'train',
-                          'real', 'animals'}
+                          'real', 'animals', 'corrupted', 'subset'}
+  corrupted = written['corrupted']
+  assert corrupted.keys() == {'fog_error', 'fog_ce', 'snow_error', 'snow_ce', 'mce'}
+  assert corrupted['fog_ce'] == pytest.approx(corrupted['fog_error'] / 0.819324)
+  assert corrupted['mce'] == pytest.approx((corrupted['fog_ce'] + corrupted['snow_ce']) / 2)
+  # Only classes 0, 3 and 6 can be predicted: every label is among the top 3 of them.
+  assert written['subset']['accuracy_test_top5'] == 1.0
+  assert sum(written['subset']['reliability_test']['count']) == 12
   assert written['train'].keys() == written['real'].keys() == written['test'].keys() == {
       'accuracy_test', 'accuracy_test_top5', 'loss_test', 'ece_test', 'reliability_test'}
   assert written['animals'].keys() == {'animals_1shot', 'animals_2shot'}

@@ -243,6 +243,17 @@ def check(config, *, device_count: int, process_count: int = 1):
       if not spec.datasets or any(len(d) != 3 for d in spec.datasets.values()):
         fail(f'evals.{name}.datasets={spec.datasets}: expected {{name: (dataset, train_split, '
              'test_split)}.')
+    if spec.type == 'classification':
+      one_of(f'evals.{name}.classes', spec.get('classes', 'all'), evaluator_specs.CLASSES)
+    if spec.type == 'corruption':
+      if config.objective == 'mpp':
+        fail(f'evals.{name}: ImageNet-C scores classifications; objective=mpp has none.')
+      unknown = set(spec.corruptions) - set(evaluator_specs.CORRUPTION_ALEXNET_ERRORS)
+      if unknown or not spec.corruptions:
+        fail(f'evals.{name}.corruptions={tuple(spec.corruptions)}: expected some of '
+             f'{tuple(evaluator_specs.CORRUPTION_ALEXNET_ERRORS)}.')
+      if not spec.severities or not set(spec.severities) <= {1, 2, 3, 4, 5}:
+        fail(f'evals.{name}.severities={tuple(spec.severities)}: expected some of 1..5.')
   if config.profile_steps < 0:
     fail(f'profile_steps={config.profile_steps} must be >= 0.')
   if config.accum_steps < 0:
