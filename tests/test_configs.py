@@ -135,6 +135,31 @@ def test_every_recipe_passes_the_checks(tmp_path):
     config_lib.check(config, device_count=8)
 
 
+def test_robustness_recipe_evaluates_an_imagenet_classifier_on_every_shift(tmp_path):
+  from vit_jax import models, test_utils
+  test_utils.create_checkpoint(models.get_config('testing'), str(tmp_path / 'in1k.npz'),
+                               num_classes=1000, image_size=32)
+  config = parse(f'robustness.py:{tmp_path / "in1k.npz"}')
+  config_lib.check(config, device_count=8)
+  assert config.trainer == 'evaluate' and config.pp.crop == (32, 32)
+  assert {k: (v.type, v.get('dataset'), v.get('classes')) for k, v in config.evals.items()} == {
+      'test': ('classification', '', 'all'),
+      'real': ('classification', 'imagenet2012_real', 'all'),
+      'v2': ('classification', 'imagenet_v2', 'all'),
+      'sketch': ('classification', 'imagenet_sketch', 'all'),
+      'imagenet_a': ('classification', 'imagenet_a', 'present'),
+      'imagenet_r': ('classification', 'imagenet_r', 'present'),
+      'imagenet_c': ('corruption', 'imagenet2012_corrupted', None)}
+  assert len(config.evals.imagenet_c.corruptions) * len(config.evals.imagenet_c.severities) == 75
+  test_utils.create_checkpoint(models.get_config('testing'), str(tmp_path / 'ten.npz'),
+                               num_classes=10, image_size=32)
+  with pytest.raises(Exception, match=r'ten.npz has a head of 10 classes: the robustness suite'):
+    parse(f'robustness.py:{tmp_path / "ten.npz"}')
+  config.evals.imagenet_c.corruptions = ('fogg',)
+  with pytest.raises(ValueError, match=r"evals.imagenet_c.corruptions=\('fogg',\): expected"):
+    config_lib.check(config, device_count=8)
+
+
 @pytest.mark.parametrize('decay_type, expected', [
     ('linear', {0: 0.0, 50: 0.5, 100: 1.0, 550: 0.5, 1000: 0.0}),
     ('cosine', {0: 0.0, 50: 0.5, 100: 1.0, 550: 0.5, 1000: 0.0}),
