@@ -3,13 +3,18 @@
   python -m vit_jax.report DIR... [--reliability=FILE.png]
 
 One row per workdir: its test evaluator's metrics (classification or masked patch prediction),
-with the expected calibration error; further evaluators (results.json[name]) are listed under it.
+with the expected calibration error, and where the run fine-tunes a released checkpoint whose
+result was published (vit_jax/published.py: same model, pre-training, dataset and dropout) the
+published top-1 ("paper") and the run's difference from it; further evaluators
+(results.json[name]) are listed under it.
 --reliability draws the test evaluator's reliability diagram (accuracy against confidence per
 bin) of each workdir into one PNG."""
 
 import json
 import os
 import sys
+
+from vit_jax import published
 
 
 def _test_metrics(test: dict):
@@ -21,7 +26,7 @@ def _test_metrics(test: dict):
 
 
 def _cell(value, form: str, width: int) -> str:
-  return f'{"-":>{width}}' if value is None else f'{value:>{width}{form}}'
+  return f'{"-":>{width}}' if value is None else f'{format(value, form):>{width}}'
 
 
 def _scalars(metrics: dict) -> dict:
@@ -34,15 +39,21 @@ def read(workdir: str) -> dict:
 
 
 def main(workdirs):
-  print(f'{"workdir":<32} {"step":>6} {"top-1":>7} {"top-5":>7} {"loss":>7} {"ECE":>7} '
-        f'{"time":>8}')
+  print(f'{"workdir":<32} {"step":>6} {"top-1":>7} {"paper":>7} {"diff":>7} {"top-5":>7} '
+        f'{"loss":>7} {"ECE":>7} {"time":>8}')
   for workdir in workdirs:
     r = read(workdir)
     test = r.get('test', r)  # Earlier runs wrote the test metrics at the top level.
     top1, top5, loss, ece = _test_metrics(test)
     name = workdir + (' (mpp)' if 'mpp_accuracy_test' in test else '')
-    print(f'{name:<32} {r["step"]:>6} {_cell(top1, ".2%", 7)} {_cell(top5, ".2%", 7)} '
-          f'{_cell(loss, ".4f", 7)} {_cell(ece, ".4f", 7)} {r["wall_time_sec"]:>7.0f}s')
+    paper = published.for_workdir(workdir)
+    diff = None if paper is None or top1 is None else top1 - paper.top1
+    print(f'{name:<32} {r["step"]:>6} {_cell(top1, ".2%", 7)} '
+          f'{_cell(paper and paper.top1, ".2%", 7)} {_cell(diff, "+.2%", 7)} '
+          f'{_cell(top5, ".2%", 7)} {_cell(loss, ".4f", 7)} {_cell(ece, ".4f", 7)} '
+          f'{r["wall_time_sec"]:>7.0f}s')
+    if paper is not None:
+      print(f'  paper: {paper.source}' + (f', {paper.time}' if paper.time else ''))
     for name, metrics in r.items():
       if isinstance(metrics, dict) and name != 'test':
         print(f'  {name}: ' + ', '.join(f'{k} {v:.4f}' for k, v in _scalars(metrics).items()))
