@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from vit_jax import config_lib, image_folder, preprocess
+from vit_jax import config_lib, image_folder, preprocess, vtab_tasks
 
 DIGITS_TEST_EVERY = 5  # The embedded digits' fixed split: every 5th image is a test image.
 
@@ -56,19 +56,50 @@ class Source:
 
 
 def _digits(split: str, process_index: int, process_count: int) -> Source:
+  """The embedded digits' split: 'train', 'test', or slices of them as TFDS writes them
+  ('train[:800]', 'train[90%:]', 'train[:10]+test[:10]')."""
   from sklearn.datasets import load_digits  # Bundled with scikit-learn: no download.
+  import tensorflow_datasets as tfds
   digits = load_digits()
   is_test = np.arange(len(digits.target)) % DIGITS_TEST_EVERY == DIGITS_TEST_EVERY - 1
-  if split not in ('train', 'test'):
-    raise ValueError(f"Unknown split {split!r} of dataset 'digits'; expected 'train' or 'test'.")
-  keep = is_test if split == 'test' else ~is_test
-  images = np.round(digits.images[keep] * (255 / 16)).astype(np.uint8)  # Values are 0..16.
+  images = np.round(digits.images * (255 / 16)).astype(np.uint8)  # Values are 0..16.
   images = np.repeat(images[..., None], 3, axis=-1)
-  labels = digits.target[keep].astype(np.int64)
-  return Source(num_examples=len(labels), num_classes=10,
+  labels = digits.target.astype(np.int64)
+  parts = {'train': ~is_test, 'test': is_test}
+  sizes = {name: tfds.core.SplitInfo(name=name, shard_lengths=[int(keep.sum())], num_bytes=0)
+           for name, keep in parts.items()}
+  try:
+    instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(sizes)
+  except (ValueError, KeyError, AssertionError) as e:
+    raise ValueError(f"Unknown split {split!r} of dataset 'digits'; expected 'train' or 'test', "
+                     f"or a slice of them such as 'train[:80%]' ({e}).") from None
+  chosen = np.concatenate([np.flatnonzero(parts[i.splitname])[i.from_:i.to]
+                           for i in instructions])
+  return Source(num_examples=len(chosen), num_classes=10,
                 class_names=tuple(str(i) for i in range(10)),
                 process_index=process_index, process_count=process_count,
-                examples={'image': images, 'label': labels})
+                examples={'image': images[chosen], 'label': labels[chosen]})
+
+
+def _vtab(name: str, split: str, process_index: int, process_count: int, config) -> Source:
+  """A VTAB-1k task (vtab_tasks.py): its dataset with the label the benchmark defines, read
+  through split train800 / val200 / train800val200 / test."""
+  task = vtab_tasks.get(name)
+  if task.dataset == 'digits':
+    tfds_split = vtab_tasks.tfds_split(task, split, {})
+    source = _digits(tfds_split, process_index, process_count)
+    examples = dict(source.examples)
+    if task.label is not None:
+      examples['label'] = np.asarray(task.label(examples)).astype(np.int64)
+    num_classes = task.num_classes or source.num_classes
+    return dataclasses.replace(source, examples=examples, num_classes=num_classes,
+                               class_names=source.class_names if task.label is None else
+                               tuple(str(i) for i in range(num_classes)))
+  builder = _tfds_builder(task.dataset, data_dir=config.tfds_data_dir,
+                          download=config.tfds_download, manual_dir=config.tfds_manual_dir)
+  sizes = {k: v.num_examples for k, v in builder.info.splits.items()}
+  return _tfds(builder, vtab_tasks.tfds_split(task, split, sizes), process_index,
+               process_count, seed=config.seed, label_key='', task=task)
 
 
 def _folder(root: str, split: str, process_index: int, process_count: int,
@@ -119,14 +150,14 @@ def _numpy_batches(dataset: tf.data.Dataset, source: Source) -> Iterator:
     yield batch
 
 
-def _tfds(name: str, split: str, process_index: int, process_count: int, *, data_dir, download,
-          manual_dir, seed, label_key) -> Source:
+def _tfds_builder(name: str, *, data_dir, download, manual_dir):
+  """The TFDS builder of `name`, its dataset prepared (downloaded only where allowed)."""
   import tensorflow_datasets as tfds
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
-    raise ValueError(f'Unknown dataset {name!r}: not "digits", not "folder:<dir>", and not a '
-                     f'TFDS dataset ({e}).') from None
+    raise ValueError(f'Unknown dataset {name!r}: not "digits", not "folder:<dir>", not '
+                     f'"vtab:<task>", and not a TFDS dataset ({e}).') from None
   if not builder.is_prepared():
     if not download:
       raise ValueError(f'TFDS dataset {name!r} is not prepared in {builder.data_dir}; set '
@@ -139,6 +170,13 @@ def _tfds(name: str, split: str, process_index: int, process_count: int, *, data
     except AssertionError as e:  # How TFDS says that manual files are missing.
       raise ValueError(f'TFDS dataset {name!r} cannot be prepared: {e}\nPut the files it names '
                        'in one folder and set tfds_manual_dir to it.') from None
+  return builder
+
+
+def _tfds(builder, split: str, process_index: int, process_count: int, *, seed, label_key,
+          task: Optional[vtab_tasks.Task] = None) -> Source:
+  import tensorflow_datasets as tfds
+  name = builder.name
   info = builder.info
   try:
     num_examples = info.splits[split].num_examples
@@ -151,19 +189,30 @@ def _tfds(name: str, split: str, process_index: int, process_count: int, *, data
   # File order is shuffled once per seed, not per epoch, so every epoch reads the same order
   # and resuming at any epoch is exact; examples are shuffled per epoch afterwards.
   read_config = tfds.ReadConfig(shuffle_seed=seed, shuffle_reshuffle_each_iteration=False)
-  dataset = builder.as_dataset(split=process_split, shuffle_files=True, read_config=read_config,
-                               decoders={'image': tfds.decode.SkipDecoding()})
-  label_key = label_key or ('label' if 'label' in info.features else 'labels')
-  if label_key not in info.features:
-    raise ValueError(f'TFDS dataset {name!r} has no feature {label_key!r}; it has '
-                     f'{sorted(info.features)}.')
-  feature = info.features[label_key]
-  multi_label = isinstance(feature, tfds.features.Sequence)  # e.g. ImageNet ReaL's real_label.
-  class_label = feature.feature if multi_label else feature
-  num_classes = class_label.num_classes
-  dataset = dataset.map(lambda ex: {'image': ex['image'], 'label': ex[label_key]})
-  return Source(encoded=lambda image: image, num_examples=num_examples, num_classes=num_classes,
-                class_names=tuple(class_label.names),
+  scale = task.scale_pixels if task else 1  # Decoded here where the pixels need rescaling.
+  dataset = builder.as_dataset(
+      split=process_split, shuffle_files=True, read_config=read_config,
+      decoders=None if scale != 1 else {'image': tfds.decode.SkipDecoding()})
+  if task is not None and task.label is not None:  # A VTAB label derived from the example.
+    label_of, multi_label = task.label, False
+    num_classes, class_names = task.num_classes, tuple(str(i) for i in range(task.num_classes))
+  else:
+    label_key = label_key or ('label' if 'label' in info.features else 'labels')
+    if label_key not in info.features:
+      raise ValueError(f'TFDS dataset {name!r} has no feature {label_key!r}; it has '
+                       f'{sorted(info.features)}.')
+    feature = info.features[label_key]
+    multi_label = isinstance(feature, tfds.features.Sequence)  # ImageNet ReaL's real_label.
+    class_label = feature.feature if multi_label else feature
+    num_classes, class_names = class_label.num_classes, tuple(class_label.names)
+    label_of = lambda ex: ex[label_key]
+  if scale != 1:
+    dataset = dataset.map(lambda ex: {'image': tf.tile(ex['image'] * scale, [1, 1, 3]),
+                                      'label': label_of(ex)})
+  else:
+    dataset = dataset.map(lambda ex: {'image': ex['image'], 'label': label_of(ex)})
+  return Source(encoded=None if scale != 1 else lambda image: image, num_examples=num_examples,
+                num_classes=num_classes, class_names=class_names,
                 process_index=process_index, process_count=process_count, stream=dataset,
                 stream_size=stream_size, multi_label=multi_label)
 
@@ -178,10 +227,13 @@ def get_source(config, split: str, *, process_index: int = 0, process_count: int
   elif name.startswith('folder:'):
     source = _folder(os.path.expanduser(name[len('folder:'):]), split, process_index,
                      process_count, config.folder_index_dir)
+  elif name.startswith('vtab:'):
+    source = _vtab(name[len('vtab:'):], split, process_index, process_count, config)
   else:
-    source = _tfds(name, split, process_index, process_count, data_dir=config.tfds_data_dir,
-                   download=config.tfds_download, manual_dir=config.tfds_manual_dir,
-                   seed=config.seed, label_key=label_key)
+    builder = _tfds_builder(name, data_dir=config.tfds_data_dir, download=config.tfds_download,
+                            manual_dir=config.tfds_manual_dir)
+    source = _tfds(builder, split, process_index, process_count, seed=config.seed,
+                   label_key=label_key)
   if source.num_examples < process_count:
     raise ValueError(f'Split {split!r} of {name} has {source.num_examples} examples: too few '
                      f'for {process_count} processes.')
