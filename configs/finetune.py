@@ -14,28 +14,13 @@ checkpoint's grid), a fresh zero-initialised head, no representation layer. The 
 learning rate from {0.001, 0.003, 0.01, 0.03} on a held-out split; 0.01 is the default here.
 """
 
-from vit_jax import config_lib, models
-
-# ImageNet-21k checkpoints of the original release.
-OFFICIAL_CHECKPOINTS = ('ViT-B_16', 'ViT-B_32', 'ViT-L_16', 'ViT-L_32', 'ViT-H_14')
+from vit_jax import config_lib
 
 
 def get_config(arg='B_16,cifar10'):
   source, dataset = config_lib.recipe_args(arg, 'finetune', 'MODEL,DATASET')
   c = config_lib.base_config()
-  if models.registry_name(source):  # 'B_16', 'R50+ViT-B_16', the official 'b16', ...
-    c.model = models.get_config(source)
-    if c.model.model_name in OFFICIAL_CHECKPOINTS:
-      c.pretrained_path = f'gs://vit_models/imagenet21k/{c.model.model_name}.npz'
-  else:  # A checkpoint (.npz, Hugging Face directory, timm .safetensors, hf://ORG/NAME):
-    import os
-    if not os.path.exists(source) and not any(c in source for c in '/.'):
-      models.get_config(source)  # Neither: a misspelt model, named with the closest ones.
-    from vit_jax import checkpoint  # its own architecture and input normalisation.
-    source_model = checkpoint.load_model(source)
-    c.model = source_model.config
-    c.pretrained_path = source
-    config_lib.set_normalisation(c, source_model)
+  config_lib.finetune_source(c, source)
   config_lib.finetune_recipe(c)
   c.shuffle_buffer = 50_000
   c.pp.crop = 384

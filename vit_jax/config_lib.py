@@ -18,6 +18,8 @@ LOSSES = ('softmax_xent', 'sigmoid_xent')
 SHARDINGS = ('replicate', 'fsdp')
 DTYPES = ('float32', 'bfloat16')
 OBJECTIVES = ('classification', 'mpp')
+# ImageNet-21k checkpoints of the original release (gs://vit_models/imagenet21k).
+OFFICIAL_CHECKPOINTS = ('ViT-B_16', 'ViT-B_32', 'ViT-L_16', 'ViT-L_32', 'ViT-H_14')
 # Paper Table 4: fine-tuning steps per dataset.
 FINETUNE_STEPS = {'imagenet2012': 20_000, 'cifar10': 10_000, 'cifar100': 10_000,
                   'oxford_iiit_pet': 500, 'oxford_flowers102': 500}
@@ -127,6 +129,25 @@ def finetune_recipe(c: ml_collections.ConfigDict):
   c.warmup_steps = 500
   c.batch = 512
   c.model.representation_size = None
+
+
+def finetune_source(c: ml_collections.ConfigDict, source: str):
+  """The model and pretrained_path of a fine-tuning from `source`: a registry name (its official
+  ImageNet-21k checkpoint where one was released) or a checkpoint, whose architecture and input
+  normalisation are then the model's (.npz, Hugging Face directory, timm .safetensors,
+  hf://ORG/NAME)."""
+  if models.registry_name(source):  # 'B_16', 'R50+ViT-B_16', the official 'b16', ...
+    c.model = models.get_config(source)
+    if c.model.model_name in OFFICIAL_CHECKPOINTS:
+      c.pretrained_path = f'gs://vit_models/imagenet21k/{c.model.model_name}.npz'
+    return
+  if not os.path.exists(source) and not any(ch in source for ch in '/.'):
+    models.get_config(source)  # Neither: a misspelt model, named with the closest ones.
+  from vit_jax import checkpoint
+  read = checkpoint.load_model(source)
+  c.model = read.config
+  c.pretrained_path = source
+  set_normalisation(c, read)
 
 
 def finetune_dataset(c: ml_collections.ConfigDict, name: str):

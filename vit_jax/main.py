@@ -73,7 +73,9 @@ def _quiet_orbax(record: std_logging.LogRecord) -> bool:
   return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
 
 
-def main(argv):
+def start(argv):
+  """What every command that trains does once its flags are parsed: join the other processes,
+  turn SIGTERM into a clean stop, and keep tf.data off the accelerators."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected command-line arguments: {" ".join(argv[1:])}')
   logging.get_absl_handler().addFilter(_quiet_orbax)
@@ -85,7 +87,11 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Process 0 speaks for all.
   import tensorflow as tf
   tf.config.set_visible_devices([], 'GPU')  # tf.data only: leave accelerators to JAX.
-  from vit_jax import train  # After flag parsing, so that --help stays fast.
+
+
+def main(argv):
+  start(argv)
+  from vit_jax import resume, train  # After flag parsing, so that --help stays fast.
 
   config = _CONFIG.value
   logging.info('Config:\n%s', config)

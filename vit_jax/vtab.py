@@ -1,0 +1,132 @@
+r"""VTAB-1k, the paper's protocol as one command (Sec. 4.1, App. B.1.1):
+
+python -m vit_jax.vtab --pretrained=SOURCE --workdir=DIR [--tasks=dtd,svhn,...]
+    [--lrs=0.001,0.003,0.01,0.03] [--config.<key>=<value> ...]
+
+For each task, each learning rate is trained on train800 and scored on val200
+(DIR/<task>/lr_<lr>); the one with the best val200 accuracy is trained on train800val200 and
+scored on test (DIR/<task>/final). SOURCE and the runs' settings are configs/vtab.py's; any of its
+keys can be overridden. Every run has its own workdir, so a killed sweep started again skips the
+finished runs and resumes the interrupted one from its checkpoint. At the end it prints the
+paper's table (each task, each group's mean, the mean over all tasks) and writes DIR/vtab.json.
+"""
+
+import copy
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+
+from vit_jax import main as cli
+from vit_jax import vtab_tasks
+from vit_jax.configs import common
+
+_TASKS = flags.DEFINE_list('tasks', list(vtab_tasks.VTAB_1K), 'VTAB tasks to run (default: all '
+                           '19; the offline digits, digits_parity also exist).')
+_LRS = flags.DEFINE_list('lrs', ['0.001', '0.003', '0.01', '0.03'],
+                         'Learning rates swept on val200.')
+
+
+def finished(workdir: str, total_steps: int):
+  """The run's results.json if the run reached its last step, else None."""
+  try:
+    with open(os.path.join(workdir, 'results.json')) as f:
+      results = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return results if results.get('step') == total_steps else None
+
+
+def run(config, workdir: str) -> dict:
+  """The run in `workdir`, trained (or resumed) unless it finished before; its test accuracy."""
+  from vit_jax import train
+  results = finished(workdir, config.total_steps)
+  if results is None:
+    train.train_and_evaluate(config, workdir)
+    results = finished(workdir, config.total_steps)
+    if results is None:  # Stopped (SIGTERM) before its last step: so is the sweep.
+      logging.info('%s stopped before its last step: the sweep stops here.', workdir)
+      sys.exit(0)
+  else:
+    logging.info('%s: finished before, skipped.', workdir)
+  return results['test']['accuracy_test']
+
+
+def with_run(config, task: str, lr: float, train_split: str, test_split: str):
+  config = copy.deepcopy(config)  # Keeps the references: evals.test follows test_split.
+  with config.unlocked():
+    config.dataset = f'vtab:{task}'
+    config.train_split, config.test_split = train_split, test_split
+    config.base_lr = lr
+  return config.lock()
+
+
+def sweep(config, workdir: str, tasks, lrs) -> dict:
+  """{task: {'val200': {lr: accuracy}, 'lr': chosen, 'test': accuracy, 'group': ...}}."""
+  results = {}
+  for task in tasks:
+    val = {lr: run(with_run(config, task, lr, 'train800', 'val200'),
+                   os.path.join(workdir, task, f'lr_{lr}')) for lr in lrs}
+    best = max(lrs, key=lambda lr: val[lr])  # The first of equals: the smallest listed first.
+    test = run(with_run(config, task, best, 'train800val200', 'test'),
+               os.path.join(workdir, task, 'final'))
+    results[task] = {'group': vtab_tasks.get(task).group, 'val200': val, 'lr': best,
+                     'test': test}
+  return results
+
+
+def summary(results: dict) -> dict:
+  """Each group's mean test accuracy over its tasks, and the mean over all tasks."""
+  groups = {}
+  for task in results.values():
+    groups.setdefault(task['group'], []).append(task['test'])
+  means = {group: sum(v) / len(v) for group, v in groups.items()}
+  means['all'] = sum(t['test'] for t in results.values()) / len(results)
+  return means
+
+
+def table(results: dict, means: dict) -> str:
+  lines = [f'{"task":<24} {"group":<12} {"lr":>6} {"val200":>7} {"test":>7}']
+  for name, task in results.items():
+    lines.append(f'{name:<24} {task["group"]:<12} {task["lr"]:>6g} '
+                 f'{task["val200"][task["lr"]]:>7.2%} {task["test"]:>7.2%}')
+  for group, mean in means.items():
+    lines.append(f'{"mean " + group:<24} {"":<12} {"":>6} {"":>7} {mean:>7.2%}')
+  return '\n'.join(lines)
+
+
+def main(argv):
+  cli.start(argv)
+  unknown = [t for t in _TASKS.value if t not in vtab_tasks.TASKS and t not in vtab_tasks.OFFLINE]
+  if unknown:
+    raise app.UsageError(f'Unknown VTAB task(s) {", ".join(unknown)}; expected some of '
+                         f'{", ".join(list(vtab_tasks.TASKS) + list(vtab_tasks.OFFLINE))}.')
+  lrs = [float(lr) for lr in _LRS.value]
+  workdir = cli._WORKDIR.value  # pylint: disable=protected-access
+  results = sweep(cli._CONFIG.value, workdir, _TASKS.value, lrs)  # pylint: disable=protected-access
+  means = summary(results)
+  text = table(results, means)
+  print(text)
+  with open(os.path.join(workdir, 'vtab.json'), 'w') as f:
+    json.dump({'tasks': results, 'means': means}, f, indent=1)
+  logging.info('Wrote %s', os.path.join(workdir, 'vtab.json'))
+
+
+def with_pretrained_flag(argv: list) -> list:
+  """--pretrained=SOURCE stands for --config=<checkout>/configs/vtab.py:SOURCE,<first task> (the
+  task is set per run)."""
+  tasks = next((a.split('=', 1)[1] for a in argv if a.startswith('--tasks=')), 'dtd')
+  out = []
+  for arg in argv:
+    if arg.startswith('--pretrained='):
+      source = arg.split('=', 1)[1]
+      arg = f'--config={os.path.join(common.ROOT, "configs", "vtab.py")}:' \
+            f'{source},{tasks.split(",")[0]}'
+    out.append(arg)
+  return out
+
+
+if __name__ == '__main__':
+  sys.argv = with_pretrained_flag(sys.argv)
+  app.run(main, flags_parser=cli.parse_flags)
