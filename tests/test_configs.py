@@ -87,7 +87,8 @@ def test_every_module_run_as_a_command_says_how_to_use_it():
               'vit_jax.analysis': '--outdir', 'vit_jax.fewshot': '--shots',
               'vit_jax.convert': '--format', 'vit_jax.report': 'python -m vit_jax.report DIR',
               'vit_jax.train': 'vit_jax.train is not a command: run python -m vit_jax.main',
-              'vit_jax.inference_time': '--config.trainer=inference_time'}
+              'vit_jax.inference_time': '--config.trainer=inference_time',
+              'vit_jax.vtab': '--lrs'}
   running = {m: subprocess.Popen(main_command('--help', module=m), cwd=ROOT, text=True,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for m in expected}

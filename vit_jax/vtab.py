@@ -128,5 +128,8 @@ def with_pretrained_flag(argv: list) -> list:
 
 
 if __name__ == '__main__':
+  if not any(a.startswith(('--pretrained=', '--config=', '--help', '-h')) for a in sys.argv):
+    sys.exit('Give the checkpoint to evaluate: --pretrained=SOURCE (a registry name such as B_16, '
+             'or a checkpoint file, directory or hf:// id); see --help.')
   sys.argv = with_pretrained_flag(sys.argv)
   app.run(main, flags_parser=cli.parse_flags)
