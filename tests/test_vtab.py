@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from helpers import ROOT, parse_config, run_main
+from helpers import parse_config, run_main
 from vit_jax import input_pipeline, vtab, vtab_tasks
 
 # The real datasets' split sizes (TFDS), from which the benchmark slices its splits.
