@@ -11,13 +11,12 @@ peak host memory. With --json the last line is one JSON object.
 import argparse
 import json
 import resource
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import config_lib, cpu_tuning, models, objectives, optim, sharding, train
+from vit_jax import config_lib, cpu_tuning, mfu, models, objectives, optim, sharding, train
 from vit_jax.inference_time import median_seconds
 
 
@@ -30,27 +29,6 @@ def step_config(model: str, res: int, batch: int, **updates):
   config.update(batch=batch, total_steps=100_000, **updates)
   config_lib.check(config, device_count=jax.device_count())
   return config
-
-
-def matmul_peak_gflops(sizes=(1024, 2048, 3072), repeats: int = 10) -> float:
-  """The best float32 GFLOP/s of square matrix products (each the fastest of `repeats`): the
-  ceiling MFU is measured against. The best, not a typical value, so that MFU is not flattered."""
-  best = 0.0
-  for size in sizes:
-    a = jax.random.normal(jax.random.PRNGKey(0), (size, size))
-    product = jax.jit(lambda x: x @ x)
-    jax.block_until_ready(product(a))
-    for _ in range(repeats):
-      start = time.perf_counter()
-      jax.block_until_ready(product(a))
-      best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e9)
-  return best
-
-
-def flops(compiled) -> float:
-  analysis = compiled.cost_analysis()
-  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-  return float(analysis.get('flops', 0.0))
 
 
 def main():
@@ -77,7 +55,7 @@ def main():
   batch = sharding.to_global({
       'image': rng.uniform(-1, 1, (args.batch, args.res, args.res, 3)).astype(np.float32),
       'labels': np.eye(1000, dtype=np.float32)[rng.integers(0, 1000, args.batch)]}, mesh)
-  train_flops = flops(train_step.lower(state, batch).compile())
+  train_flops = mfu.flops(train_step.lower(state, batch).compile())
 
   holder = {'state': state}
 
@@ -91,10 +69,10 @@ def main():
   images = jnp.asarray(rng.uniform(-1, 1, (args.infer_batch, args.res, args.res, 3)),
                        jnp.float32)
   params = holder['state']['params']
-  infer_flops = flops(forward.lower(params, images).compile())
+  infer_flops = mfu.flops(forward.lower(params, images).compile())
   infer_seconds = median_seconds(lambda: forward(params, images), args.repeats)
 
-  peak = matmul_peak_gflops()
+  peak = mfu.matmul_peak_flops() / 1e9
   devices = jax.device_count()
   results = {
       'model': args.model, 'res': args.res, 'batch': args.batch, 'devices': devices,

@@ -100,3 +100,8 @@ def assert_unchanged(before: dict, directory, except_for=()):
   after = snapshot(directory)
   changed = sorted(p for p in before if p not in except_for and after.get(p) != before[p])
   assert not changed, f'changed or lost: {changed}'
+
+
+def scalars(metrics: dict) -> dict:
+  """An evaluator's scalar metrics (without its reliability-diagram bins), for approx()."""
+  return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}

@@ -208,7 +208,7 @@ sys.path.insert(0, 'benchmarks')
 sys.argv = ['throughput.py', '--model', 'testing', '--res', '16', '--batch', '2',
             '--infer_batch', '2', '--repeats', '1', '--json']
 import throughput
-throughput.matmul_peak_gflops = lambda: 1.0
+throughput.mfu.matmul_peak_flops = lambda: 1e9
 throughput.main()
 assert 'tensorflow' not in sys.modules or sys.modules['tensorflow'] is None
 '''

@@ -4,6 +4,7 @@ resume, accumulation, and the same run on 1 and on 8 (simulated) devices."""
 import glob
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import (TINY, assert_same_params, load_npz, run_main, tiny_config,
+from helpers import (TINY, assert_same_params, load_npz, run_main, scalars, tiny_config,
                      write_class_folders)
 from vit_jax import evaluators, input_pipeline, objectives, optim, sharding, train
 
@@ -26,10 +27,11 @@ def test_run_writes_results_checkpoints_events_and_export(trained):
   workdir, results = trained
   with open(os.path.join(workdir, 'results.json')) as f:
     written = json.load(f)
-  assert written['test'] == pytest.approx(results['test'])
+  assert written['test'] == results['test']
   assert set(written) == {'test', 'step', 'train_loss', 'wall_time_sec', 'segments'}
   test = written['test']
-  assert set(test) == {'accuracy_test', 'accuracy_test_top5', 'loss_test'}
+  assert set(test) == {'accuracy_test', 'accuracy_test_top5', 'loss_test', 'ece_test',
+                       'reliability_test'}
   assert written['step'] == 6 and 0 <= test['accuracy_test'] <= test['accuracy_test_top5']
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '6']
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
@@ -52,11 +54,12 @@ def test_exported_model_loads_and_evaluates_the_same(trained, tmp_path):
     config.evals.train = evaluators.classification('train', every=1)
   evaluated = train.evaluate(config, str(tmp_path))
   assert evaluated.keys() == {'test', 'train'}
-  assert evaluated['test'] == pytest.approx(results['test'], abs=1e-6)
+  assert scalars(evaluated['test']) == pytest.approx(scalars(results['test']), abs=1e-6)
   assert evaluated['train'] != evaluated['test']
   with open(tmp_path / 'eval_results.json') as f:
     entries = json.load(f)
-  assert len(entries) == 1 and entries[0]['test'] == pytest.approx(results['test'], abs=1e-6)
+  assert len(entries) == 1 and scalars(entries[0]['test']) == pytest.approx(
+      scalars(results['test']), abs=1e-6)
   assert entries[0]['evaluated'] == f'{workdir}/model.npz'
 
 
@@ -126,6 +129,7 @@ def test_eight_devices_give_the_same_run_as_one(trained, tmp_path, strategy):
   run = run_main(*TINY, f'--config.sharding={strategy}', f'--workdir={tmp_path}', env=env)
   assert run.returncode == 0, run.stderr[-3000:]
   assert 'Mesh: 8 devices' in run.stderr
+  assert re.search(r'img/s/core, [0-9.]+ [GT]FLOP/s/device \(MFU [0-9.]+%\)', run.stderr)
   with open(tmp_path / 'results.json') as f:
     eight = json.load(f)
   assert eight['train_loss'] == pytest.approx(results['train_loss'], rel=1e-5)
@@ -156,3 +160,27 @@ def test_report_prints_each_evaluator(trained, tmp_path, capsys):
   assert len(lines) == 3 and lines[1].split()[1:3] == [
       '6', f'{results["test"]["accuracy_test"]:.2%}']
   assert lines[2].split()[1:3] == ['3', f'{results["test"]["accuracy_test"]:.2%}']
+
+
+def test_progress_reports_flops_per_second_and_mfu():
+  class Writer:
+    def write_scalars(self, step, scalars):
+      self.scalars = scalars
+
+  writer = Writer()
+  progress = train.Progress(100, 8, writer, train_flops_per_image=3e9, peak_flops=1e11)
+  progress.start(0)
+  progress.last_time -= 2.0  # 10 steps of 8 images in 2 s: 40 img/s on each of the devices.
+  progress.report(10, [{'train_loss': 1.0, 'lr': 0.1}])
+  img_sec_core = writer.scalars['img_sec_core_train']
+  assert img_sec_core == pytest.approx(40 / jax.device_count(), rel=1e-2)
+  assert writer.scalars['tflops_per_device_train'] == pytest.approx(img_sec_core * 3e9 / 1e12)
+  assert writer.scalars['mfu_train'] == pytest.approx(img_sec_core * 3e9 / 1e11)
+  from vit_jax import mfu, models
+  from vit_jax.models_vit import VisionTransformer
+  model = VisionTransformer(num_classes=1000, **models.get_config('ViT-B_16'))
+  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)),
+                                             train=False)['params'])
+  # The paper's 17.6 G multiply-adds for ViT-B/16 at 224 px, counted by XLA.
+  assert mfu.forward_flops_per_image(model, params, (224, 224)) / 1e9 == pytest.approx(35.2,
+                                                                                      rel=0.01)

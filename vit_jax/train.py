@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vit_jax import (checkpoint, config_lib, evaluators, models, multihost, objectives, optim,
-                     resume, sharding)
+from vit_jax import (checkpoint, config_lib, evaluators, mfu, models, multihost, objectives,
+                     optim, resume, sharding)
 from vit_jax.models_vit import VisionTransformer
 
 
@@ -203,10 +203,12 @@ def check_finite(step_metrics, first_step, last_checkpoint):
 
 
 class Progress:
-  """Logs step, %, img/s/core and ETA every `every` steps and writes img_sec_core_train."""
+  """Logs step, %, img/s/core, achieved TFLOP/s per device with the MFU, and ETA every `every`
+  steps; writes img_sec_core_train, tflops_per_device_train and mfu_train."""
 
-  def __init__(self, total_steps, batch, writer):
+  def __init__(self, total_steps, batch, writer, train_flops_per_image=None, peak_flops=None):
     self.total_steps, self.batch, self.writer = total_steps, batch, writer
+    self.train_flops_per_image, self.peak_flops = train_flops_per_image, peak_flops
     self.last_step, self.last_time = None, None
 
   def start(self, step):
@@ -218,10 +220,21 @@ class Progress:
     img_sec_core = self.batch * steps / seconds / jax.device_count()
     eta = (self.total_steps - step) * seconds / max(steps, 1)
     summary = {k: float(np.mean([m[k] for m in train_metrics])) for k in train_metrics[0]}
-    self.writer.write_scalars(step, dict(summary, img_sec_core_train=img_sec_core))
-    logging.info('step %d/%d (%.1f%%), train_loss %.4f, lr %.2e, %.1f img/s/core, ETA %s',
+    speed = {'img_sec_core_train': img_sec_core}
+    utilisation = ''
+    if self.train_flops_per_image:
+      speed['tflops_per_device_train'] = img_sec_core * self.train_flops_per_image / 1e12
+      tflops = speed['tflops_per_device_train']
+      utilisation = (f', {tflops:.3g} TFLOP/s/device' if tflops >= 1 else
+                     f', {tflops * 1e3:.3g} GFLOP/s/device')
+      if self.peak_flops:
+        speed['mfu_train'] = speed['tflops_per_device_train'] * 1e12 / self.peak_flops
+        utilisation += f' (MFU {speed["mfu_train"]:.1%})'
+    self.writer.write_scalars(step, dict(summary, **speed))
+    logging.info('step %d/%d (%.1f%%), train_loss %.4f, lr %.2e, %.1f img/s/core%s, ETA %s',
                  step, self.total_steps, 100 * step / self.total_steps, summary['train_loss'],
-                 summary['lr'], img_sec_core, time.strftime('%H:%M:%S', time.gmtime(eta)))
+                 summary['lr'], img_sec_core, utilisation,
+                 time.strftime('%H:%M:%S', time.gmtime(eta)))
     self.start(step)
     return summary
 
@@ -357,7 +370,12 @@ def _train_and_evaluate(config, workdir, mesh, writer, lock) -> dict:
   from vit_jax import input_pipeline
   batches = input_pipeline.train_batches(config, train_source, batch_size=local_batch,
                                          start_step=step)
-  progress = Progress(config.total_steps, config.batch, writer)
+  forward_flops = mfu.forward_flops_per_image(
+      model, abstract['params'], image_size,
+      **objective.init_inputs(jax.random.PRNGKey(0), config.model, image_size))
+  progress = Progress(config.total_steps, config.batch, writer,
+                      train_flops_per_image=forward_flops and 3 * forward_flops,
+                      peak_flops=mfu.device_peak_flops())
   progress.start(step)
   preemption = resume.Preemption()
   # Metrics of the steps since the last report: `pending` still on device, `checked` fetched
