@@ -76,11 +76,15 @@ def timm_throughput(name, res, batch, infer_batch, repeats):
           'version': f'timm {timm.__version__}, torch {torch.__version__}'}
 
 
-def ours(name, res, batch, infer_batch, repeats):
+def ours(name, res, batch, infer_batch, repeats, cpu_tuning=True):
+  """benchmarks/throughput.py in its own process, with or without vit_jax.cpu_tuning's two
+  settings (VIT_JAX_CPU_TUNING=0)."""
   script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'throughput.py')
+  env = dict(os.environ, VIT_JAX_CPU_TUNING='1' if cpu_tuning else '0')
   run = subprocess.run([sys.executable, script, '--model', name, '--res', str(res), '--batch',
                         str(batch), '--infer_batch', str(infer_batch), '--repeats',
-                        str(repeats), '--json'], capture_output=True, text=True, check=True)
+                        str(repeats), '--json'], capture_output=True, text=True, check=True,
+                       env=env)
   return json.loads(run.stdout.strip().splitlines()[-1])
 
 
@@ -95,16 +99,19 @@ def main():
 
   rows = []
   for name in args.models:
-    jax_numbers = ours(name, args.res, args.batch, args.infer_batch, args.repeats)
     torch_numbers = timm_throughput(name, args.res, args.batch, args.infer_batch, args.repeats)
-    rows.append((name, jax_numbers, torch_numbers))
+    for tuned in (True, False):
+      jax_numbers = ours(name, args.res, args.batch, args.infer_batch, args.repeats, tuned)
+      rows.append((name + ('' if tuned else ' untuned'), jax_numbers, torch_numbers))
   print(f'\n{cpu_description()}')
   print(f'{args.res}px, train batch {args.batch}, inference batch {args.infer_batch}; '
         f'{rows[0][2]["version"]}')
-  print(f'{"model":<11} {"train img/s":>12} {"timm":>8} {"ratio":>6} {"MFU":>5}   '
+  print('untuned: without vit_jax.cpu_tuning (VIT_JAX_CPU_TUNING=0: JAX\'s default dot library, '
+        '4 KiB pages)')
+  print(f'{"model":<19} {"train img/s":>12} {"timm":>8} {"ratio":>6} {"MFU":>5}   '
         f'{"infer img/s":>11} {"timm":>8} {"ratio":>6} {"MFU":>5}')
   for name, ours_, theirs in rows:
-    print(f'{name:<11} {ours_["train_img_s"]:>12.1f} {theirs["train_img_s"]:>8.1f} '
+    print(f'{name:<19} {ours_["train_img_s"]:>12.1f} {theirs["train_img_s"]:>8.1f} '
           f'{ours_["train_img_s"] / theirs["train_img_s"]:>6.2f} {ours_["train_mfu"]:>5.0%}   '
           f'{ours_["infer_img_s"]:>11.1f} {theirs["infer_img_s"]:>8.1f} '
           f'{ours_["infer_img_s"] / theirs["infer_img_s"]:>6.2f} {ours_["infer_mfu"]:>5.0%}')

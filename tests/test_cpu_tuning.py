@@ -18,6 +18,11 @@ def test_import_sets_the_xla_flag_but_keeps_a_users_choice(monkeypatch):
   monkeypatch.setenv('XLA_FLAGS', chosen)
   cpu_tuning.set_xla_flags()
   assert os.environ['XLA_FLAGS'] == chosen
+  monkeypatch.setenv('XLA_FLAGS', '')
+  monkeypatch.setenv('VIT_JAX_CPU_TUNING', '0')  # make bench's "untuned" measurement.
+  cpu_tuning.set_xla_flags()
+  cpu_tuning.restart_with_huge_pages()  # Returns: no re-execution.
+  assert os.environ['XLA_FLAGS'] == ''
 
 
 def test_restart_keeps_pid_arguments_and_environment():

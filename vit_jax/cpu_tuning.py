@@ -15,6 +15,8 @@ Measured on a 2-core AVX-512 machine (benchmarks/throughput.py, ViT-Ti/16 and Vi
    third of a second of kernel time per ViT-Ti/16 training step. With transparent huge pages
    there is one fault per 2 MiB. glibc reads the setting only when a process starts, so the
    command-line programs re-execute themselves once with it (`restart_with_huge_pages`).
+
+VIT_JAX_CPU_TUNING=0 in the environment turns both off (`make bench` measures with and without).
 """
 
 import os
@@ -26,10 +28,14 @@ HUGE_PAGES = 'glibc.malloc.hugetlb=1'
 _THP_SETTING = '/sys/kernel/mm/transparent_hugepage/enabled'
 
 
+def enabled() -> bool:
+  return os.environ.get('VIT_JAX_CPU_TUNING', '1') != '0'
+
+
 def set_xla_flags():
   """Adds XLA_CPU_FLAG to XLA_FLAGS unless the user has already chosen a value for it."""
   flags = os.environ.get('XLA_FLAGS', '')
-  if XLA_CPU_FLAG.split('=')[0] not in flags:
+  if enabled() and XLA_CPU_FLAG.split('=')[0] not in flags:
     os.environ['XLA_FLAGS'] = f'{flags} {XLA_CPU_FLAG}'.strip()
 
 
@@ -52,7 +58,7 @@ def restart_with_huge_pages():
   environment. It does nothing where the tunable is already set or huge pages are unavailable.
   """
   tunables = os.environ.get('GLIBC_TUNABLES', '')
-  if 'glibc.malloc.hugetlb' in tunables or not huge_pages_available():
+  if not enabled() or 'glibc.malloc.hugetlb' in tunables or not huge_pages_available():
     return
   os.environ['GLIBC_TUNABLES'] = ':'.join(filter(None, [tunables, HUGE_PAGES]))
   sys.stdout.flush()
