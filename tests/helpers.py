@@ -102,6 +102,10 @@ def assert_unchanged(before: dict, directory, except_for=()):
   assert not changed, f'changed or lost: {changed}'
 
 
+# Classification metrics that are ratios of counts: equal however the sums were split.
+COUNTED = ('accuracy_test', 'accuracy_test_top5')
+
+
 def scalars(metrics: dict) -> dict:
   """An evaluator's scalar metrics (without its reliability-diagram bins), for approx()."""
   return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}

@@ -55,7 +55,7 @@ def main(workdirs):
     if paper is not None:
       print(f'  paper: {paper.source}' + (f', {paper.time}' if paper.time else ''))
     for name, metrics in r.items():
-      if isinstance(metrics, dict) and name != 'test':
+      if isinstance(metrics, dict) and name != 'test' and _scalars(metrics):
         print(f'  {name}: ' + ', '.join(f'{k} {v:.4f}' for k, v in _scalars(metrics).items()))
 
 
