@@ -38,7 +38,8 @@ EXPECTED = {
     'diabetic_retinopathy': ('validation', 'test', 42670),
     'clevr_count': ('train', 'validation', 15000), 'clevr_distance': ('train', 'validation', 15000),
     'dmlab': ('validation', 'test', 22735), 'dsprites_location': ('train', 'train', 73728),
-    'dsprites_orientation': ('train', 'train', 73728), 'kitti_distance': ('validation', 'test', 711),
+    'dsprites_orientation': ('train', 'train', 73728),
+    'kitti_distance': ('validation', 'test', 711),
     'smallnorb_azimuth': ('test', 'test', 12150), 'smallnorb_elevation': ('test', 'test', 12150)}
 
 
