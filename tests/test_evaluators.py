@@ -219,11 +219,12 @@ def test_an_evaluator_of_another_class_count_is_named_before_training(tmp_path):
 def test_report_puts_the_published_result_beside_the_run(tmp_path, capsys):
   from vit_jax import published, report
 
-  def workdir(name, pretrained_path, dataset, model='ViT-B_16', dropout=0.1, top1=0.9801):
+  def workdir(name, pretrained_path, dataset, model='ViT-B_16', dropout=0.1, top1=0.9801,
+              steps=10_000):
     path = tmp_path / name
     path.mkdir()
     (path / 'config.json').write_text(json.dumps({
-        'pretrained_path': pretrained_path, 'dataset': dataset,
+        'pretrained_path': pretrained_path, 'dataset': dataset, 'total_steps': steps,
         'model': {'model_name': model, 'transformer': {'dropout_rate': dropout}}}))
     (path / 'results.json').write_text(json.dumps(
         {'step': 10_000, 'wall_time_sec': 5.0, 'test': {'accuracy_test': top1}}))
@@ -231,12 +232,19 @@ def test_report_puts_the_published_result_beside_the_run(tmp_path, capsys):
 
   official = workdir('b16', 'gs://vit_models/imagenet21k/ViT-B_16.npz', 'cifar10')
   augreg = workdir('s16', '/data/vit_models/augreg/S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-'
-                   'do_0.0-sd_0.0.npz', 'imagenet2012', model='ViT-S_16', dropout=0.0)
+                   'do_0.0-sd_0.0.npz', 'imagenet2012', model='ViT-S_16', dropout=0.0,
+                   steps=20_000)
   scratch = workdir('scratch', None, 'cifar10')
+  short = workdir('short', 'gs://vit_models/imagenet21k/ViT-B_16.npz', 'cifar100', dropout=0.0,
+                  steps=500)
+  other_steps = workdir('other', 'gs://vit_models/imagenet21k/ViT-B_16.npz', 'cifar10',
+                        steps=2000)
   assert published.for_workdir(official) == published.Published(0.9876, 'official repository',
                                                                  '7.8h V100')
   assert published.for_workdir(augreg).top1 == 0.8373
-  assert published.for_workdir(scratch) is None
+  assert published.for_workdir(scratch) is None and published.for_workdir(other_steps) is None
+  assert published.for_workdir(short) == published.Published(0.8917, 'official repository',
+                                                              '17m')
   report.main([official, scratch])
   lines = capsys.readouterr().out.splitlines()
   assert lines[1].split()[1:5] == ['10000', '98.01%', '98.76%', '-0.75%']
