@@ -6,6 +6,7 @@
   dataset=<directory>     an image folder, as dataset=folder:<directory>
 
 Everything else is this codebase's config (configs/*.py), whose keys any override may use too.
+The official notebook's `get_config()` and `with_dataset(config, dataset)` are at the end.
 """
 
 import copy
