@@ -47,11 +47,13 @@ def evaluate_split(config, eval_step, params, source, mesh, objective, classes=N
   local_batch = _local_batch(config)
   num_steps = input_pipeline.eval_steps(source, batch_size=local_batch,
                                         process_count=jax.process_count())
+  allowed = None if classes is None else np.repeat(classes[None].astype(np.float32),
+                                                   local_batch, axis=0)
   totals = None
   for batch in input_pipeline.eval_batches(config, source, batch_size=local_batch,
                                            num_steps=num_steps):
-    if classes is not None:
-      batch['classes'] = np.repeat(classes[None].astype(np.float32), local_batch, axis=0)
+    if allowed is not None:
+      batch['classes'] = allowed
     sums = eval_step(params, sharding.to_global(batch, mesh))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)

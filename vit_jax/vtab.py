@@ -116,7 +116,8 @@ def main(argv):
 def with_pretrained_flag(argv: list) -> list:
   """--pretrained=SOURCE stands for --config=<checkout>/configs/vtab.py:SOURCE,<first task> (the
   task is set per run)."""
-  tasks = next((a.split('=', 1)[1] for a in argv if a.startswith('--tasks=')), 'dtd')
+  tasks = next((a.split('=', 1)[1] for a in argv if a.startswith('--tasks=')),
+               vtab_tasks.VTAB_1K[0])
   out = []
   for arg in argv:
     if arg.startswith('--pretrained='):
