@@ -257,7 +257,7 @@ def _check_description(exported: layouts.Read, path: str):
   """Raises CheckpointMismatchError where the model an export describes has other parameters
   than the file holds (a hand-edited or mixed-up file would otherwise compute nonsense)."""
   try:
-    model = models_vit.VisionTransformer(num_classes=exported.num_classes, **exported.config)
+    model = models.build(exported.config, exported.num_classes)
     images = jnp.zeros((1,) + tuple(exported.image_size) + (3,))
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, train=False))
   except Exception as e:  # pylint: disable=broad-except
@@ -276,7 +276,7 @@ def _check_description(exported: layouts.Read, path: str):
 
 def save(params: Params, path: str, *, model_config=None, image_size=None,
          multi_label: bool = False, class_names: Optional[Sequence[str]] = None,
-         preprocessing: Optional[dict] = None):
+         preprocessing: Optional[dict] = None, num_classes: Optional[int] = None):
   """Writes `params` as an official-layout .npz (float32 where the model runs in bfloat16; a
   scanned encoder per layer).
 
@@ -284,7 +284,8 @@ def save(params: Params, path: str, *, model_config=None, image_size=None,
   `multi_label`, what its classes are called and the {'mean', 'std'} its input pixels in
   [0, 1] were normalised with, where not [-1, 1]) the file describes itself: one more array,
   `vit_jax_description` (JSON as bytes), which readers of the official layout (the official
-  code, timm) do not look up, and which `load_model` reads back.
+  code, timm) do not look up, and which `load_model` reads back. `num_classes`: a dense
+  model's (whose decoder has no `head` to read it from).
   """
   flat = unstack_layers(flax.traverse_util.flatten_dict(jax.device_get(params)))
   flat = {'/'.join(key): value for key, value in flat.items()}
@@ -294,7 +295,7 @@ def save(params: Params, path: str, *, model_config=None, image_size=None,
     model = json.loads(model_config.to_json_best_effort())
     model['transformer'].update(models.IMPLEMENTATION_DEFAULTS)  # The file is per-layer.
     description = {'model': model,
-                   'num_classes': None if head is None else int(head.shape[-1]),
+                   'num_classes': num_classes if head is None else int(head.shape[-1]),
                    'image_size': [int(side) for side in image_size],
                    'multi_label': bool(multi_label)}
     if class_names is not None and description['num_classes'] == len(class_names):
@@ -408,9 +409,10 @@ def load_pretrained(*, pretrained_path: str, init_params: Params, model_config,
     _replace_from_init(restored, init, 'head_dist')
   # Parts the target does not have are dropped (mask_token: masked patch prediction); an
   # attention-pooling head the checkpoint does not have starts fresh.
-  for prefix in ('head', 'head_dist', 'pre_logits', 'mask_token', 'MAPHead_0'):
+  # A dense decoder starts fresh on a classification backbone.
+  for prefix in ('head', 'head_dist', 'pre_logits', 'mask_token', 'MAPHead_0', 'decoder'):
     in_init, in_checkpoint = (any(k[0] == prefix for k in tree) for tree in (init, restored))
-    if not in_init or (prefix == 'MAPHead_0' and not in_checkpoint):
+    if not in_init or (prefix in ('MAPHead_0', 'decoder') and not in_checkpoint):
       _replace_from_init(restored, init, prefix)
 
   _adapt_position_embeddings(restored, init, models.token_stride(model_config), image_size,

@@ -8,7 +8,7 @@ import os
 
 import ml_collections
 
-from vit_jax import evaluator_specs, layouts, models, models_vit, objectives
+from vit_jax import datasets, decoders, evaluator_specs, layouts, models, models_vit, objectives
 from vit_jax.datasets import DATASETS  # Recipes read the facts here too.
 
 TRAINERS = ('train', 'evaluate', 'inference_time')
@@ -17,7 +17,7 @@ DECAY_TYPES = ('linear', 'cosine')
 LOSSES = ('softmax_xent', 'sigmoid_xent')
 SHARDINGS = ('replicate', 'fsdp')
 DTYPES = ('float32', 'bfloat16')
-OBJECTIVES = ('classification', 'mpp')
+OBJECTIVES = ('classification', 'mpp', 'segmentation', 'detection')
 # ImageNet-21k checkpoints of the original release (gs://vit_models/imagenet21k).
 OFFICIAL_CHECKPOINTS = ('ViT-B_16', 'ViT-B_32', 'ViT-L_16', 'ViT-L_32', 'ViT-H_14')
 # Paper Table 4: fine-tuning steps per dataset.
@@ -62,14 +62,21 @@ def base_config() -> ml_collections.ConfigDict:
       # another library expects (DeiT, DINOv2: ImageNet's); None: to [-1, 1], as the paper's.
       mean=ml_collections.FieldReference(None, field_type=object),
       std=ml_collections.FieldReference(None, field_type=object),
+      # Segmentation and detection: training images scaled by a factor drawn from this range
+      # (relative to their longer side fitting pp.crop), then cropped (scale jitter).
+      scale_range=(1.0, 1.0),
   ))
+  c.max_objects = 100  # Detection: objects per training image read (more are dropped).
+  c.max_detections = 100  # Detection: boxes kept per image (COCO's limit).
 
   c.model = models.get_config('ViT-B_16')
   c.dtype = 'float32'  # Activations; parameters are always float32.
   c.pretrained_path = ml_collections.FieldReference(None, field_type=str)
   c.reinit_head = True  # False: keep the pretrained head (see checkpoint.load_pretrained).
   c.loss = 'softmax_xent'
-  c.objective = 'classification'  # or 'mpp': masked patch prediction (mpp.py), no labels used.
+  # or 'mpp': masked patch prediction (mpp.py), no labels used; 'segmentation' and 'detection'
+  # with model.decoder (decoders.py).
+  c.objective = 'classification'
 
   c.optimizer = 'adam'
   c.b1, c.b2 = 0.9, 0.999
@@ -77,6 +84,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim_dtype = 'float32'  # Adam's first moment / SGD's momentum ('bfloat16': half the memory).
   c.weight_decay = 0.0  # Decoupled (optax.adamw), on kernels only.
   c.grad_norm_clip = 1.0
+  # Layer-wise learning-rate decay: block i's rate times layer_decay ** (layers - i); 1 = off.
+  c.layer_decay = 1.0
   c.base_lr = 1e-3
   c.decay_type = 'linear'
   c.warmup_steps = 0
@@ -244,6 +253,7 @@ def check(config, *, device_count: int, process_count: int = 1):
   one_of('optim_dtype', config.optim_dtype, DTYPES)
   one_of('objective', config.objective, OBJECTIVES)
   one_of('model.classifier', config.model.classifier, objectives.kind(config).classifiers)
+  _check_decoder(config, fail, one_of)
 
   for name, spec in config.evals.items():
     one_of(f'evals.{name}.type', spec.type, evaluator_specs.TYPES)
@@ -292,6 +302,8 @@ def check(config, *, device_count: int, process_count: int = 1):
       fail(f'{key}={config[key]} must lie in [0, 1).')
   if config.weight_decay < 0:
     fail(f'weight_decay={config.weight_decay} must be >= 0.')
+  if not 0 < config.layer_decay <= 1:
+    fail(f'layer_decay={config.layer_decay} must lie in (0, 1] (1: off).')
   if not config.grad_norm_clip > 0:  # optax clips to norm 0: every update would be zero.
     fail(f'grad_norm_clip={config.grad_norm_clip} must be positive (1 in the paper\'s recipes).')
   transformer = config.model.transformer
@@ -344,6 +356,51 @@ def check(config, *, device_count: int, process_count: int = 1):
   path = config.pretrained_path
   if path and not _exists(path):
     fail(f'pretrained_path={path!r} does not exist.')
+
+
+def _check_decoder(config, fail, one_of):
+  """A dense objective has its decoder and its kind of data; the others have neither."""
+  objective = objectives.kind(config)
+  decoder = config.model.get('decoder')
+  if not objective.dense:
+    if decoder is not None:
+      fail(f'model.decoder={dict(decoder)} is for objective=segmentation or detection, not '
+           f'objective={config.objective}.')
+    if config.dataset != 'shapes' and (datasets.has_boxes(config.dataset) or
+                                       datasets.has_class_maps(config.dataset)):
+      fail(f'dataset={config.dataset!r} holds class maps or boxes: set objective=segmentation '
+           'or detection (configs/segmentation.py, configs/detection.py).')
+    return
+  if decoder is None:
+    fail(f'objective={config.objective} needs model.decoder, one of {objective.decoders} '
+         f'(configs/{config.objective}.py sets it).')
+  one_of('model.decoder.type', decoder.get('type'), objective.decoders)
+  if objective.name == 'segmentation' and not datasets.has_class_maps(config.dataset):
+    fail(f'objective=segmentation needs a dataset with class maps (shapes, seg:<dir>, '
+         f'{", ".join(datasets.SEGMENTATION_TFDS)}), not dataset={config.dataset!r}.')
+  if objective.name == 'detection' and not datasets.has_boxes(config.dataset):
+    fail(f'objective=detection needs a dataset with boxes (shapes, det:<dir>, '
+         f'{", ".join(datasets.DETECTION_TFDS)}), not dataset={config.dataset!r}.')
+  low, high = config.pp.scale_range
+  if not 0 < low <= high:
+    fail(f'pp.scale_range={tuple(config.pp.scale_range)} must be (low, high) with 0 < low <= high.')
+  for name, spec in config.evals.items():
+    if spec.every and spec.type != objective.name:
+      fail(f'evals.{name}.type={spec.type!r} cannot score objective={config.objective}: use '
+           f"type='{objective.name}'.")
+  if objective.name == 'detection':
+    strides = tuple(decoder.strides)
+    try:
+      decoders.level_scales(models.token_stride(config.model)[0], strides)
+    except ValueError as e:
+      fail(f'model.decoder.strides={strides}: {e}')
+    size = image_size(config)
+    if any(side % max(strides) for side in size):
+      fail(f'pp.crop={config.pp.crop} must be a multiple of the coarsest pyramid stride '
+           f'{max(strides)}.')
+    if config.max_objects < 1 or config.max_detections < 1:
+      fail(f'max_objects={config.max_objects} and max_detections={config.max_detections} '
+           'must be at least 1.')
 
 
 def _check_finite(config):

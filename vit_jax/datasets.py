@@ -15,3 +15,16 @@ DATASETS = {
     'oxford_iiit_pet': dict(num_classes=37, train_size=3_680, train='train[:90%]', test='test'),
     'oxford_flowers102': dict(num_classes=102, train_size=1_020, train='train', test='test'),
 }
+
+# Datasets with class maps (segmentation) or boxes (detection), read by dense_pipeline.py:
+# the embedded shapes (both), folders 'seg:<dir>' / 'det:<dir>', and these TFDS ones.
+SEGMENTATION_TFDS = {'scene_parse150': 150}  # ADE20K: its classes (label 0, "other", unread).
+DETECTION_TFDS = ('coco/2017',)
+
+
+def has_class_maps(dataset: str) -> bool:
+  return dataset == 'shapes' or dataset.startswith('seg:') or dataset in SEGMENTATION_TFDS
+
+
+def has_boxes(dataset: str) -> bool:
+  return dataset == 'shapes' or dataset.startswith('det:') or dataset in DETECTION_TFDS

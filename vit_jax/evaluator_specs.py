@@ -3,7 +3,7 @@ recipes and config_lib build these without importing the code that runs them."""
 
 import ml_collections
 
-TYPES = ('classification', 'fewshot', 'corruption')
+TYPES = ('classification', 'fewshot', 'corruption', 'segmentation', 'detection')
 CLASSES = ('all', 'present')
 
 # ImageNet-C (Hendrycks & Dietterich 2019): its 15 corruptions, and AlexNet's top-1 error on
@@ -22,6 +22,12 @@ def classification(split, *, dataset='', every=1000, label_key='',
   logits of the others are masked), as ImageNet-A and -R are scored: 200 of ImageNet's 1000."""
   return ml_collections.ConfigDict(dict(type='classification', dataset=dataset, split=split,
                                         every=every, label_key=label_key, classes=classes))
+
+
+def dense(kind: str, split, *, dataset='', every=1000) -> ml_collections.ConfigDict:
+  """`kind` 'segmentation' (mIoU, pixel accuracy) or 'detection' (COCO box and mask mAP) on a
+  split, each image scored at its original size."""
+  return ml_collections.ConfigDict(dict(type=kind, dataset=dataset, split=split, every=every))
 
 
 def few_shot(datasets: dict, *, every=0, shots=(1, 5, 10, 25), seeds=3,

@@ -42,6 +42,8 @@ class Source:
   find_unreadable: Optional[Callable] = None  # () -> files that fail to decode, for errors.
   encoded: Optional[Callable] = None  # An example's 'image' -> its file's bytes (None: pixels).
   class_names: Optional[tuple] = None  # Label i is class_names[i] (where the dataset says).
+  # Dense datasets (dense_pipeline.py): a stored example -> {'image' uint8, its targets}.
+  read: Optional[Callable] = None
 
   def decode(self, image):
     """An example's 'image' -> uint8 (h, w, 3)."""
@@ -59,26 +61,32 @@ def _digits(split: str, process_index: int, process_count: int) -> Source:
   """The embedded digits' split: 'train', 'test', or slices of them as TFDS writes them
   ('train[:800]', 'train[90%:]', 'train[:10]+test[:10]')."""
   from sklearn.datasets import load_digits  # Bundled with scikit-learn: no download.
-  import tensorflow_datasets as tfds
   digits = load_digits()
   is_test = np.arange(len(digits.target)) % DIGITS_TEST_EVERY == DIGITS_TEST_EVERY - 1
   images = np.round(digits.images * (255 / 16)).astype(np.uint8)  # Values are 0..16.
   images = np.repeat(images[..., None], 3, axis=-1)
   labels = digits.target.astype(np.int64)
-  parts = {'train': ~is_test, 'test': is_test}
-  sizes = {name: tfds.core.SplitInfo(name=name, shard_lengths=[int(keep.sum())], num_bytes=0)
-           for name, keep in parts.items()}
-  try:
-    instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(sizes)
-  except (ValueError, KeyError, AssertionError) as e:
-    raise ValueError(f"Unknown split {split!r} of dataset 'digits'; expected 'train' or 'test', "
-                     f"or a slice of them such as 'train[:80%]' ({e}).") from None
-  chosen = np.concatenate([np.flatnonzero(parts[i.splitname])[i.from_:i.to]
-                           for i in instructions])
+  parts = {'train': np.flatnonzero(~is_test), 'test': np.flatnonzero(is_test)}
+  chosen = np.concatenate([indices for _, indices in slice_split('digits', split, parts)])
   return Source(num_examples=len(chosen), num_classes=10,
                 class_names=tuple(str(i) for i in range(10)),
                 process_index=process_index, process_count=process_count,
                 examples={'image': images[chosen], 'label': labels[chosen]})
+
+
+def slice_split(dataset: str, split: str, parts: dict) -> list:
+  """[(part name, indices)] that `split` selects from `parts` ({name: indices}), sliced as TFDS
+  slices ('train', 'train[:80%]', 'train[:10]+test[:10]')."""
+  import tensorflow_datasets as tfds
+  sizes = {name: tfds.core.SplitInfo(name=name, shard_lengths=[len(indices)], num_bytes=0)
+           for name, indices in parts.items()}
+  try:
+    instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(sizes)
+  except (ValueError, KeyError, AssertionError) as e:
+    raise ValueError(f'Unknown split {split!r} of dataset {dataset!r}; expected '
+                     f'{" or ".join(map(repr, parts))}, or a slice of them such as '
+                     f"'{next(iter(parts))}[:80%]' ({e}).") from None
+  return [(i.splitname, np.asarray(parts[i.splitname])[i.from_:i.to]) for i in instructions]
 
 
 def _vtab(name: str, split: str, process_index: int, process_count: int, config) -> Source:
@@ -95,7 +103,7 @@ def _vtab(name: str, split: str, process_index: int, process_count: int, config)
     return dataclasses.replace(source, examples=examples, num_classes=num_classes,
                                class_names=source.class_names if task.label is None else
                                tuple(str(i) for i in range(num_classes)))
-  builder = _tfds_builder(task.dataset, data_dir=config.tfds_data_dir,
+  builder = tfds_builder(task.dataset, data_dir=config.tfds_data_dir,
                           download=config.tfds_download, manual_dir=config.tfds_manual_dir)
   sizes = {k: v.num_examples for k, v in builder.info.splits.items()}
   return _tfds(builder, vtab_tasks.tfds_split(task, split, sizes), process_index,
@@ -133,7 +141,7 @@ def _unreadable(paths) -> list:
   return bad
 
 
-def _numpy_batches(dataset: tf.data.Dataset, source: Source) -> Iterator:
+def numpy_batches(dataset: tf.data.Dataset, source: Source) -> Iterator:
   """The dataset's batches as numpy; a file that fails to decode is named in the error."""
   iterator = dataset.as_numpy_iterator()
   while True:
@@ -150,7 +158,7 @@ def _numpy_batches(dataset: tf.data.Dataset, source: Source) -> Iterator:
     yield batch
 
 
-def _tfds_builder(name: str, *, data_dir, download, manual_dir):
+def tfds_builder(name: str, *, data_dir, download, manual_dir):
   """The TFDS builder of `name`, its dataset prepared (downloaded only where allowed)."""
   import tensorflow_datasets as tfds
   try:
@@ -230,7 +238,7 @@ def get_source(config, split: str, *, process_index: int = 0, process_count: int
   elif name.startswith('vtab:'):
     source = _vtab(name[len('vtab:'):], split, process_index, process_count, config)
   else:
-    builder = _tfds_builder(name, data_dir=config.tfds_data_dir, download=config.tfds_download,
+    builder = tfds_builder(name, data_dir=config.tfds_data_dir, download=config.tfds_download,
                             manual_dir=config.tfds_manual_dir)
     source = _tfds(builder, split, process_index, process_count, seed=config.seed,
                    label_key=label_key)
@@ -250,7 +258,7 @@ def _targets(label, num_classes: int, multi_label: bool):
   return tf.one_hot(label, num_classes)
 
 
-def _global_stream(source: Source, seed: int, batch_size: int, start_step: int):
+def global_stream(source: Source, seed: int, batch_size: int, start_step: int):
   """(position, example) of this process' slice of each global batch, from `start_step` on.
 
   The global stream is every epoch's permutation of the split, one after the other; global batch
@@ -274,7 +282,7 @@ def _global_stream(source: Source, seed: int, batch_size: int, start_step: int):
       position, {k: tf.gather(v, index) for k, v in examples.items()}))
 
 
-def _shard_stream(source: Source, seed: int, batch_size: int, start_step: int,
+def shard_stream(source: Source, seed: int, batch_size: int, start_step: int,
                   shuffle_buffer: int):
   """(position, example) of this process' shard, reshuffled each epoch, from `start_step` on."""
   size = source.stream_size
@@ -289,7 +297,7 @@ def _shard_stream(source: Source, seed: int, batch_size: int, start_step: int,
 
 def train_batches(config, source: Source, *, batch_size: int, start_step: int = 0) -> Iterator:
   """Endless host-local numpy training batches {'image', 'labels'} from step `start_step` on."""
-  return _numpy_batches(train_dataset(config, source, batch_size=batch_size,
+  return numpy_batches(train_dataset(config, source, batch_size=batch_size,
                                       start_step=start_step), source)
 
 
@@ -303,9 +311,9 @@ def train_dataset(config, source: Source, *, batch_size: int,
   size = config_lib.image_size(config)
   seed = config.seed
   if source.examples is not None:
-    stream = _global_stream(source, seed, batch_size, start_step)
+    stream = global_stream(source, seed, batch_size, start_step)
   else:
-    stream = _shard_stream(source, seed, batch_size, start_step, config.shuffle_buffer)
+    stream = shard_stream(source, seed, batch_size, start_step, config.shuffle_buffer)
 
   def augment(position, example):
     crop_seed, flip_seed = tf.unstack(
@@ -343,7 +351,7 @@ def eval_steps(source: Source, *, batch_size: int, process_count: int) -> int:
 
 def eval_batches(config, source: Source, *, batch_size: int, num_steps: int) -> Iterator:
   """`num_steps` host-local numpy batches {'image', 'labels', 'mask'} (see eval_dataset)."""
-  return _numpy_batches(eval_dataset(config, source, batch_size=batch_size, num_steps=num_steps),
+  return numpy_batches(eval_dataset(config, source, batch_size=batch_size, num_steps=num_steps),
                         source)
 
 
@@ -362,12 +370,12 @@ def eval_dataset(config, source: Source, *, batch_size: int, num_steps: int) -> 
 
   padding = tf.data.Dataset.from_tensors({
       'image': tf.zeros(size + (3,)), 'labels': tf.zeros([source.num_classes]),
-      'mask': tf.constant(0.0)}).repeat(max(0, num_steps * batch_size - _shard_size(source)))
+      'mask': tf.constant(0.0)}).repeat(max(0, num_steps * batch_size - shard_size(source)))
   dataset = source.shard().map(prepare, num_parallel_calls=tf.data.AUTOTUNE).concatenate(padding)
   return dataset.batch(batch_size).take(num_steps).prefetch(tf.data.AUTOTUNE)
 
 
-def _shard_size(source: Source) -> int:
+def shard_size(source: Source) -> int:
   """The number of examples in this process' shard (Source.shard)."""
   if source.stream is not None:
     return source.stream_size

@@ -10,6 +10,7 @@ from typing import Optional
 
 import ml_collections
 
+from vit_jax import decoders
 from vit_jax.models_vit import VisionTransformer
 
 # model.transformer keys that choose how, not what, the model computes, with their defaults: an
@@ -87,6 +88,14 @@ def token_stride(config) -> tuple:
   if config.get('resnet') is not None:
     stride = 4 * 2**max(len(config.resnet.num_layers) - 1, 0)
   return tuple(p * stride for p in config.patches.size)
+
+
+def build(model_config, num_classes, **kwargs) -> VisionTransformer:
+  """The model `model_config` describes: a VisionTransformer, or with a `decoder` (segmentation,
+  detection) a decoders.DenseVisionTransformer; keyword arguments go to the module."""
+  if model_config.get('decoder') is not None:
+    return decoders.DenseVisionTransformer(num_classes=num_classes, **model_config, **kwargs)
+  return VisionTransformer(num_classes=num_classes, **model_config, **kwargs)
 
 
 def get_model(name: str, **kwargs) -> VisionTransformer:

@@ -461,11 +461,10 @@ class VisionTransformer(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, inputs, *, train: bool, patch_corruption: Optional[dict] = None):
-    """`inputs`: the images (the official code's name, so `model.apply(v, inputs=x, ...)` works
-    too). `patch_corruption` (masked patch prediction, see mpp.py): boolean (batch, patches)
-    arrays 'masked' and 'replaced' and the index 'source' of each replacement."""
+  def encode(self, inputs, *, train: bool, patch_corruption: Optional[dict] = None):
+    """Patch embedding, prefix tokens, position embeddings and the Transformer encoder (called
+    from a compact method): every token (batch, tokens, D), and the patch tokens as their grid
+    (batch, H/P, W/P, D)."""
     images = inputs
     if self.classifier not in CLASSIFIERS:
       raise ValueError(f'classifier={self.classifier!r}; expected one of {CLASSIFIERS}.')
@@ -515,9 +514,21 @@ class VisionTransformer(nn.Module):
                 param_dtype=self.param_dtype,
                 **self.transformer)(x, train=train, grid=(grid_h, grid_w),
                                     num_prefix_tokens=num_prefix_tokens, registers=registers)
-    patch_tokens = x[:, num_prefix_tokens + self.num_registers:]
-    self.sow('intermediates', 'encoded_grid',
-             patch_tokens.reshape(batch, grid_h, grid_w, self.hidden_size))
+    grid = x[:, num_prefix_tokens + self.num_registers:].reshape(
+        batch, grid_h, grid_w, self.hidden_size)
+    self.sow('intermediates', 'encoded_grid', grid)
+    return x, grid
+
+
+  @nn.compact
+  def __call__(self, inputs, *, train: bool, patch_corruption: Optional[dict] = None):
+    """`inputs`: the images (the official code's name, so `model.apply(v, inputs=x, ...)` works
+    too). `patch_corruption` (masked patch prediction, see mpp.py): boolean (batch, patches)
+    arrays 'masked' and 'replaced' and the index 'source' of each replacement."""
+    x, grid = self.encode(inputs, train=train, patch_corruption=patch_corruption)
+    batch, grid_h, grid_w, _ = grid.shape
+    num_prefix_tokens = x.shape[1] - self.num_registers - grid_h * grid_w
+    patch_tokens = grid.reshape(batch, grid_h * grid_w, -1)
 
     if self.classifier == 'token':
       x = x[:, :num_prefix_tokens]  # The class token (and the distillation token).

@@ -1,11 +1,17 @@
 """What a run learns: the number of outputs, the loss, and what evaluation counts.
 
-Three objectives, chosen by `config.objective` and `config.loss`:
+Five objectives, chosen by `config.objective` and `config.loss`:
 
   classification   softmax cross-entropy, one label per image (the paper's fine-tuning, ImageNet-1k)
   multi-label      sigmoid cross-entropy, several labels per image (ImageNet-21k pre-training)
   mpp              masked patch prediction (paper Sec. 4.6, mpp.py): the 3-bit mean colour of
                    each corrupted patch, 512 classes; the labels are not used
+  segmentation     a class per pixel (segmentation.py), through a decoder on the patch grid
+  detection        boxes, and with instance masks their masks (detection.py), through ViTDet's
+                   pyramid and an anchor-free head
+
+Dense objectives (segmentation, detection) are scored by their own evaluators from `predict`
+(the metrics need each image at its original size, on the host: mIoU, COCO mAP).
 
 The trainer, `evaluate`, `inference_time`, the benchmarks and the notebook ask the objective
 instead of branching on the config. Evaluation is a sum over batches (`eval_sums`, each example
@@ -16,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vit_jax import models, mpp
+from vit_jax import detection, models, mpp, segmentation
 
 
 CALIBRATION_BINS = 15  # Equal-width confidence bins of the expected calibration error.
@@ -30,6 +36,8 @@ class Classification:
   # The model's pooling: one output per image.
   classifiers = ('token', 'gap', 'map', 'token_and_gap')
   uses_labels = True  # The dataset's labels (and so its class names) are what it learns.
+  dense = False  # Scored per image by the objective's metrics (not by a dense evaluator).
+  decoders = ()  # The model has no decoder.
 
   def __init__(self, num_classes: int):
     self.num_outputs = num_classes
@@ -136,10 +144,79 @@ class MaskedPatchPrediction(Classification):
             'loss': jnp.sum(losses * mask), 'count': jnp.sum(mask), 'examples': jnp.sum(mask)}
 
 
+class Segmentation:
+  """A class per pixel: the decoder's logits upsampled to the image, cross-entropy over the
+  labelled pixels; scored (evaluators.Segmentation) by mIoU and pixel accuracy."""
+  name = 'segmentation'
+  metric_names = ('miou_test', 'pixel_accuracy_test')
+  classifiers = ('token', 'gap')  # The decoder reads the patch tokens; a class token is unread.
+  decoders = ('linear', 'mask_transformer')
+  uses_labels = True
+  dense = True
+
+  def __init__(self, num_classes: int, config=None):
+    del config
+    self.num_outputs = num_classes
+
+  def init_inputs(self, rng, model_config, image_size) -> dict:
+    del rng, model_config, image_size
+    return {}
+
+  def loss(self, model, params, batch, rng):
+    logits = model.apply({'params': params}, batch['image'], train=True, rngs={'dropout': rng})
+    return segmentation.mean_loss(logits, batch['labels']['segmentation'])
+
+  def predict(self, model, params, images):
+    """The class of every pixel of the input (batch, H, W)."""
+    logits = model.apply({'params': params}, images, train=False)
+    return segmentation.upsample(logits, images.shape[1:3]).argmax(-1).astype(jnp.int32)
+
+
+class Detection:
+  """Boxes (and with model.decoder.instance_masks, their masks) of `num_classes` classes;
+  scored (evaluators.Detection) by COCO box (and mask) mAP."""
+  name = 'detection'
+  metric_names = ('box_map_test', 'box_ap50_test', 'box_ap75_test')
+  classifiers = ('token', 'gap')
+  decoders = ('detection',)
+  uses_labels = True
+  dense = True
+
+  def __init__(self, num_classes: int, config=None):
+    self.num_outputs = num_classes
+    decoder = config.model.decoder
+    crop = config.pp.crop  # (config_lib.image_size: config_lib imports this module.)
+    image_size = (crop, crop) if isinstance(crop, int) else tuple(crop)
+    self.geometry = detection.geometry(image_size, decoder.strides)
+    self.max_detections = config.max_detections
+    self.instance_masks = bool(decoder.get('instance_masks', False))
+
+  def init_inputs(self, rng, model_config, image_size) -> dict:
+    del rng, model_config, image_size
+    return {}
+
+  def terms(self, model, params, batch, rng, train=True) -> dict:
+    outputs = model.apply({'params': params}, batch['image'], train=train,
+                          rngs={'dropout': rng})
+    return detection.losses(outputs, batch['labels'], self.geometry, self.num_outputs)
+
+  def loss(self, model, params, batch, rng):
+    return sum(self.terms(model, params, batch, rng).values())
+
+  def predict(self, model, params, images):
+    """detection.decode of the outputs: boxes in the input's pixels, scores, classes, masks."""
+    outputs = model.apply({'params': params}, images, train=False)
+    return detection.decode(outputs, self.geometry, self.max_detections)
+
+
 def kind(config):
   """The objective's class: what config.objective and config.loss ask for."""
   if config.objective == 'mpp':
     return MaskedPatchPrediction
+  if config.objective == 'segmentation':
+    return Segmentation
+  if config.objective == 'detection':
+    return Detection
   return MultiLabel if config.loss == 'sigmoid_xent' else Classification
 
 
@@ -149,4 +226,6 @@ def from_config(config, num_classes: int):
     raise ValueError(f'dataset={config.dataset} has {num_classes} class: a softmax over one '
                      'class is always right (loss 0, accuracy 1) and learns nothing. Give it at '
                      'least two classes (an image folder: one sub-folder per class).')
+  if getattr(kind(config), 'dense', False):
+    return kind(config)(num_classes, config)
   return kind(config)(num_classes)

@@ -29,7 +29,7 @@ from vit_jax.models_vit import VisionTransformer
 # --------------------------------------------------------------------------------------- model
 
 def create_model(config, num_outputs: int) -> VisionTransformer:
-  return VisionTransformer(num_classes=num_outputs, dtype=jnp.dtype(config.dtype), **config.model)
+  return models.build(config.model, num_outputs, dtype=jnp.dtype(config.dtype))
 
 
 def state_initializer(config, model, tx, image_size, objective):
@@ -78,7 +78,8 @@ def accumulate_gradient(grad_fn, params, images, labels, rng, accum_steps: int):
   if accum_steps <= 1:
     return grad_fn(params, images, labels, rng)
   # Micro-batch i takes examples i, i + accum, ...: every device keeps its own examples.
-  micro = lambda x: x.reshape((-1, accum_steps) + x.shape[1:]).swapaxes(0, 1)
+  micro = lambda tree: jax.tree.map(
+      lambda x: x.reshape((-1, accum_steps) + x.shape[1:]).swapaxes(0, 1), tree)
 
   def add_micro_batch(carry, xs):
     images, labels, i = xs
@@ -161,12 +162,12 @@ def load_pretrained_params(config, params, mesh, image_size, **kwargs):
       restored, params)
 
 
-def export_params(params, path: str, mesh, config, class_names=None):
+def export_params(params, path: str, mesh, config, class_names=None, num_classes=None):
   """Writes the parameters as an official-layout .npz that carries its model config, class
   names and input normalisation (gathered to every process first)."""
   params = sharding.gather(params, mesh)
   if jax.process_index() == 0:
-    checkpoint.save(params, path, model_config=config.model,
+    checkpoint.save(params, path, model_config=config.model, num_classes=num_classes,
                     image_size=config_lib.image_size(config),
                     multi_label=objectives.kind(config) is objectives.MultiLabel,
                     class_names=class_names, preprocessing=config_lib.normalisation(config))
@@ -293,11 +294,19 @@ def opened_workdir(config, workdir):
       writer.close()
 
 
+def _pipeline(config):
+  """The input pipeline module of the run's objective: classification-style or dense."""
+  if objectives.kind(config).dense:
+    from vit_jax import dense_pipeline
+    return dense_pipeline
+  from vit_jax import input_pipeline
+  return input_pipeline
+
+
 def _source(config, split):
   """This process' shard of `split`, once every process agrees on what the split holds."""
-  from vit_jax import input_pipeline
-  source = input_pipeline.get_source(config, split, process_index=jax.process_index(),
-                                     process_count=jax.process_count())
+  source = _pipeline(config).get_source(config, split, process_index=jax.process_index(),
+                                        process_count=jax.process_count())
   multihost.agree(f'data ({config.dataset}, {split})', {
       'examples': source.num_examples, 'classes': source.num_classes,
       'class names': list(source.class_names or ())})
@@ -367,9 +376,8 @@ def _train_and_evaluate(config, workdir, mesh, writer, lock) -> dict:
   train_step = make_train_step(config, model, tx, schedule, shardings, mesh, objective)
 
   local_batch = config.batch // jax.process_count()
-  from vit_jax import input_pipeline
-  batches = input_pipeline.train_batches(config, train_source, batch_size=local_batch,
-                                         start_step=step)
+  batches = _pipeline(config).train_batches(config, train_source, batch_size=local_batch,
+                                            start_step=step)
   forward_flops = mfu.forward_flops_per_image(
       model, abstract['params'], image_size,
       **objective.init_inputs(jax.random.PRNGKey(0), config.model, image_size))
@@ -435,7 +443,7 @@ def _train_and_evaluate(config, workdir, mesh, writer, lock) -> dict:
       evaluated[name] = run_evaluator(name, evaluator, state['params'], step, writer)
   lock.check(step)
   export_params(state['params'], os.path.join(workdir, resume.EXPORT_FILE), mesh, config,
-                class_names)
+                class_names, num_classes=objective.num_outputs)
   results = accumulated_results(
       earlier_results, dict(step=step, train_loss=summary.get('train_loss'), **evaluated),
       start_step=start_step, start_time=start_time)

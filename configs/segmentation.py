@@ -1,0 +1,59 @@
+r"""Semantic segmentation with a ViT backbone and Segmenter's decoders (Strudel et al. 2021).
+
+python -m vit_jax.main --config=configs/segmentation.py:shapes --workdir=runs/segmentation
+python -m vit_jax.main --config=configs/segmentation.py:B_16,scene_parse150 --workdir=...
+python -m vit_jax.main --config=configs/segmentation.py:SOURCE,seg:~/data --workdir=...
+
+shapes: a small ViT from scratch on the embedded shapes (64 px, 4 classes), minutes on a CPU.
+SOURCE,DATASET: the backbone of SOURCE (a registry name: its ImageNet-21k checkpoint, or any
+checkpoint load_pretrained reads: .npz, Hugging Face, timm), its head dropped, position
+embeddings resampled to the 512 px grid. Segmenter's data settings for ADE20K: 512 px crops of
+images scaled by 0.5-2.0, flips, batch 8, 160k steps, the mask transformer (2 layers); AdamW
+(lr 1e-4, weight decay 0.05) with layer-wise learning-rate decay 0.65 as BEiT fine-tunes on
+ADE20K, linear decay (Segmenter's "poly" schedule with power 1). `--config.model.decoder.type=
+linear` gives Segmenter's linear decoder.
+"""
+
+import ml_collections
+
+from vit_jax import config_lib, evaluator_specs, models
+
+
+def get_config(arg='shapes'):
+  c = config_lib.base_config()
+  c.objective = 'segmentation'
+  if arg == 'shapes':
+    c.dataset = 'shapes'
+    c.model = models.vit_config('ViT-shapes', hidden_size=96, mlp_dim=384, num_heads=4,
+                                num_layers=4, patch=8, classifier='gap')
+    c.model.decoder = ml_collections.ConfigDict(dict(type='mask_transformer', num_layers=1))
+    c.pp.crop = 64
+    c.pp.scale_range = (0.75, 1.5)
+    c.optimizer = 'adam'
+    c.base_lr, c.weight_decay = 1e-3, 0.05
+    c.batch, c.batch_eval = 32, 100
+    c.warmup_steps, c.total_steps = 50, 800
+    c.shuffle_buffer = 2000
+    c.progress_every = 50
+  else:
+    source, dataset = config_lib.recipe_args(arg, 'segmentation', 'SOURCE,DATASET', 'shapes')
+    config_lib.finetune_source(c, source)
+    c.model.representation_size = None
+    c.model.decoder = ml_collections.ConfigDict(dict(type='mask_transformer', num_layers=2))
+    c.model.transformer.stochastic_depth = 0.1
+    c.dataset = dataset
+    c.train_split, c.test_split = 'train', 'test'  # TFDS scene_parse150's test: ADE's val.
+    c.tfds_download = dataset == 'scene_parse150'
+    c.pp.crop = 512
+    c.pp.scale_range = (0.5, 2.0)
+    c.optimizer = 'adam'
+    c.base_lr, c.weight_decay, c.layer_decay = 1e-4, 0.05, 0.65
+    c.batch, c.batch_eval = 8, 8
+    c.warmup_steps, c.total_steps = 1500, 160_000
+    c.progress_every = 100
+  c.decay_type = 'linear'
+  c.eval_every = c.checkpoint_every = max(c.total_steps // 4, 100)
+  c.keep_checkpoints = 2
+  c.evals = ml_collections.ConfigDict({'test': evaluator_specs.dense(
+      'segmentation', c.get_ref('test_split'), every=c.get_ref('eval_every'))})
+  return c.lock()
