@@ -21,6 +21,7 @@ setup(
         'optax>=0.2.8,<0.3',
         'orbax-checkpoint>=0.12.8,<0.13',
         'pillow>=11,<14',
+        'pycocotools>=2.0.8,<3',  # COCO box and mask mAP (detection), the field's reference.
         'safetensors>=0.4,<1',  # Hugging Face and timm weights (never pickles).
         'scikit-learn>=1.5,<2',  # Only for its bundled digits dataset (the offline demo).
         'tensorboard>=2.21,<2.22',  # clu's metric writers need it.

@@ -26,11 +26,14 @@ def test_finetune_notebook_offline(tmp_path):
   train.train_and_evaluate(tiny_config('--config.total_steps=40', '--config.eval_every=40',
                                        '--config.checkpoint_every=40'), str(pretrained))
   notebook = run_notebook('finetune.ipynb', tmp_path, CHECKPOINT=str(pretrained / 'model.npz'),
-                          IMAGE_SIZE=12, BATCH=32, STEPS=40, WARMUP_STEPS=4)
+                          IMAGE_SIZE=12, BATCH=32, STEPS=40, WARMUP_STEPS=4,
+                          SEGMENTATION_SIZE=32, SEGMENTATION_STEPS=20)
   text = '\n'.join(output.get('text', '') for cell in notebook.cells if cell.cell_type == 'code'
                    for output in cell.outputs)
   assert 'Pre-trained at (8, 8), fine-tuning at 12x12.' in text
   assert 'after fine-tuning:' in text
   images = sum('image/png' in output.get('data', {}) for cell in notebook.cells
                if cell.cell_type == 'code' for output in cell.outputs)
-  assert images == 4  # Inputs, loss curve, predictions, attention maps.
+  assert 'mIoU' in text and 'disc:' in text
+  # Inputs, loss curve, predictions, attention maps, segmentations.
+  assert images == 5

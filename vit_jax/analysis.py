@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from vit_jax import models_vit
+from vit_jax import models, models_vit
 
 FLAGS = flags.FLAGS
 
@@ -209,12 +209,16 @@ def _images(image_paths, image_size, dataset, split, count):
     return np.stack([predict.load_image(p, image_size) for p in image_paths])
   if not dataset:
     raise app.UsageError('Name image files or --dataset.')
-  from vit_jax import config_lib, input_pipeline
+  from vit_jax import config_lib, datasets, dense_pipeline, input_pipeline
   config = config_lib.base_config()
   config.dataset = dataset
   config.pp.crop = tuple(image_size)
-  source = input_pipeline.get_source(config, split)
-  batch = next(input_pipeline.eval_batches(config, source, batch_size=count, num_steps=1))
+  pipeline = input_pipeline
+  if datasets.has_boxes(dataset) or datasets.has_class_maps(dataset):
+    pipeline = dense_pipeline
+    config.objective = 'detection' if datasets.has_boxes(dataset) else 'segmentation'
+  source = pipeline.get_source(config, split)
+  batch = next(pipeline.eval_batches(config, source, batch_size=count, num_steps=1))
   return batch['image'][:int(batch['mask'].sum())]
 
 
@@ -226,7 +230,7 @@ def main(argv):
     raise app.UsageError(f'--outdir={FLAGS.outdir} is a file, not a directory: name a directory '
                          '(the file is left as it is).')
   read = checkpoint.load_model(FLAGS.checkpoint)
-  model = models_vit.VisionTransformer(num_classes=read.num_classes, **read.config)
+  model = models.build(read.config, read.num_classes)  # Classifier or dense: the same encoder.
   images = _images(argv[1:], read.image_size, FLAGS.dataset, FLAGS.split, FLAGS.num_images)
   for path in analyse(read.params, model, read.config, jnp.asarray(images), FLAGS.outdir,
                       read.model_inputs):

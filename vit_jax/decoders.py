@@ -196,8 +196,13 @@ class DenseVisionTransformer(models_vit.VisionTransformer):
   def __call__(self, inputs, *, train: bool, patch_corruption=None):
     del patch_corruption
     _, grid = self.encode(inputs, train=train)
-    options = {k: v for k, v in dict(self.decoder).items() if k != 'type'}
     kind = self.decoder['type']
+    # The options of this decoder type: a recipe's options of another type (the mask
+    # transformer's depth when --config.model.decoder.type=linear) are not its own.
+    known = {'linear': LinearDecoder, 'mask_transformer': MaskTransformer,
+             'detection': DetectionHead}.get(kind)
+    options = {k: v for k, v in dict(self.decoder).items()
+               if known and k in known.__dataclass_fields__ and k not in ('type', 'name')}
     if kind == 'linear':
       return LinearDecoder(self.num_classes, dtype=self.dtype, name='decoder',
                            **options)(grid, train=train)

@@ -338,6 +338,15 @@ def _place(example, size, scale, offset, flip, config):
                max_objects=config.max_objects)
 
 
+def canvas(image: np.ndarray, config):
+  """One uint8 image (h, w, 3) as evaluation places it: (normalised canvas, scale)."""
+  size = config_lib.image_size(config)
+  placed = place({'image': tf.constant(image)}, size, scale=1.0, offset=tf.zeros([2], tf.int32),
+                 flip=False, max_objects=1)
+  return (_normalised(placed, config).numpy(),
+          float(min(s / side for s, side in zip(size, image.shape[:2]))))
+
+
 def train_batches(config, source: Source, *, batch_size: int, start_step: int = 0):
   return input_pipeline.numpy_batches(train_dataset(config, source, batch_size=batch_size,
                                                     start_step=start_step), source)

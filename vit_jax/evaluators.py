@@ -159,7 +159,7 @@ def _resize_nearest(x, size):
   return x[rows.astype(int)][:, columns.astype(int)]
 
 
-def _original(canvas, scale, original_size, stride=1):
+def original_region(canvas, scale, original_size, stride=1):
   """The part of a canvas-sized map that shows the image, resized to the original size."""
   shown = [max(int(round(side * scale)) // stride, 1) for side in original_size]
   return _resize_nearest(canvas[:shown[0], :shown[1]], original_size)
@@ -183,7 +183,7 @@ class Segmentation:
                                                 mesh):
         for i in np.flatnonzero(batch['mask']):
           h, w = batch['original_size'][i]
-          predicted_map = _original(predicted[i], batch['scale'][i], (h, w))
+          predicted_map = original_region(predicted[i], batch['scale'][i], (h, w))
           confusion += segmentation.confusion_matrix(
               predicted_map, batch['segmentation'][i][:h, :w], num_classes)
           count += 1
@@ -283,7 +283,7 @@ def coco_records(batch, predicted, i, image_id):
     record = {'image_id': image_id, 'category_id': int(predicted['classes'][i][k]),
               'bbox': xywh(box), 'score': float(predicted['scores'][i][k])}
     if 'masks' in predicted:
-      mask = _original(predicted['masks'][i][k] > 0.5, scale, (h, w),
+      mask = original_region(predicted['masks'][i][k] > 0.5, scale, (h, w),
                        stride=decoders.MASK_STRIDE)
       record['segmentation'] = rle(mask)
     found.append(record)

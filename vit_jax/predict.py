@@ -1,7 +1,13 @@
-r"""Classifies image files with a checkpoint: the top-5 classes and their probabilities.
+r"""Classifies image files with a checkpoint: the top-5 classes and their probabilities; with a
+segmentation or detection model, draws its class map or boxes and masks over each image.
 
 python -m vit_jax.predict --checkpoint=runs/demo/finetune/model.npz --dataset=digits IMAGE...
 python -m vit_jax.predict --model=ViT-B_16 --checkpoint=ViT-B_16.npz --labels=names.txt IMAGE...
+python -m vit_jax.predict --checkpoint=runs/detection/model.npz --outdir=DIR IMAGE...
+
+A dense model's drawing goes to <outdir>/<image name>.png, at the image's own size (images are
+scaled as in evaluation: the longer side fits the model's input); detections scoring at least
+--threshold are drawn and printed.
 
 The architecture and resolution are read off the checkpoint (`--model` checks them against a
 registry entry). Images of any size are resized to the model's resolution, as in evaluation.
@@ -20,7 +26,6 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 
 from vit_jax import checkpoint, models
-from vit_jax.models_vit import VisionTransformer
 
 
 def label_names(num_classes, labels_path=None, dataset=None, from_checkpoint=None) -> list:
@@ -73,7 +78,7 @@ def load_classifier(checkpoint_path: str, model_name=None) -> Classifier:
   files: the mean and std of their preprocessor_config.json; exports: of their recipe)."""
   read = checkpoint.load_model(checkpoint_path)
   params, config, num_classes, image_size, multi_label = read[:5]
-  if not num_classes or config.classifier == 'unpooled':
+  if not num_classes or config.classifier == 'unpooled' or config.get('decoder') is not None:
     raise ValueError(f'{checkpoint_path} has no image classification head (classifier='
                      f'{config.classifier!r}, e.g. a masked patch prediction model): fine-tune it '
                      'on labelled images first (configs/finetune.py).')
@@ -84,11 +89,104 @@ def load_classifier(checkpoint_path: str, model_name=None) -> Classifier:
       raise ValueError(f'{checkpoint_path} does not hold a {model_name}: width '
                        f'{config.hidden_size}, patch {tuple(config.patches.size)}, '
                        f'{config.transformer.num_layers} layers.')
-  model = VisionTransformer(num_classes=num_classes, **config)
+  model = models.build(config, num_classes)
   activation = jax.nn.sigmoid if multi_label else jax.nn.softmax
   classify = jax.jit(lambda x: activation(model.apply({'params': params}, read.model_inputs(x),
                                                       train=False)))
   return Classifier(classify, image_size, num_classes, read.class_names)
+
+
+# ------------------------------------------------------------------------- dense models
+
+PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
+                    [245, 130, 48], [145, 30, 180], [70, 240, 240], [240, 50, 230],
+                    [210, 245, 60], [250, 190, 212], [0, 128, 128], [220, 190, 255]], np.uint8)
+
+
+def colour(k: int) -> tuple:
+  return tuple(int(v) for v in PALETTE[k % len(PALETTE)])
+
+
+def load_dense(checkpoint_path: str):
+  """(objective, predict(images) -> objective.predict outputs, config) of a segmentation or
+  detection export."""
+  from vit_jax import config_lib, objectives
+  read = checkpoint.load_model(checkpoint_path)
+  config = config_lib.base_config()
+  config.model = read.config
+  config.pp.crop = tuple(read.image_size)
+  config_lib.set_normalisation(config, read)
+  config.objective = ('detection' if read.config.decoder.type == 'detection' else
+                      'segmentation')
+  objective = objectives.from_config(config, read.num_classes)
+  model = models.build(read.config, read.num_classes)
+  predict = jax.jit(lambda images: objective.predict(model, read.params, images))
+  return objective, predict, config, read.class_names
+
+
+def draw(image: np.ndarray, found: dict, objective, scale: float, names, threshold: float):
+  """The image (uint8, original size) with the class map blended in, or the boxes (and masks)
+  scoring at least `threshold`; and the text lines that describe them."""
+  from PIL import Image, ImageDraw
+  from vit_jax import evaluators
+  h, w = image.shape[:2]
+  if objective.name == 'segmentation':
+    classes = evaluators.original_region(found, scale, (h, w))
+    drawn = (0.5 * image + 0.5 * PALETTE[classes % len(PALETTE)]).astype(np.uint8)
+    counts = np.bincount(classes.ravel(), minlength=len(names)) / classes.size
+    return Image.fromarray(drawn), [f'  {c:7.2%}  {names[k]}' for k, c in
+                                    sorted(enumerate(counts), key=lambda kc: -kc[1]) if c > 0]
+  drawn = image.astype(np.float32)
+  keep = [k for k in np.argsort(-found['scores']) if found['scores'][k] >= threshold]
+  if 'masks' in found:
+    from vit_jax import decoders
+    for k in keep:
+      mask = evaluators.original_region(found['masks'][k] > 0.5, scale, (h, w),
+                                        stride=decoders.MASK_STRIDE)
+      drawn[mask] = 0.5 * drawn[mask] + 0.5 * np.array(colour(int(found['classes'][k])))
+  picture = Image.fromarray(drawn.astype(np.uint8))
+  pen = ImageDraw.Draw(picture)
+  lines = []
+  for k in keep:
+    ymin, xmin, ymax, xmax = np.clip(found['boxes'][k] / scale, 0, [h, w, h, w])
+    name, score = names[int(found['classes'][k])], float(found['scores'][k])
+    pen.rectangle([xmin, ymin, xmax, ymax], outline=colour(int(found['classes'][k])), width=2)
+    pen.text((xmin + 2, ymin + 1), f'{name} {score:.2f}', fill=colour(int(found['classes'][k])))
+    lines.append(f'  {score:7.2%}  {name}  box (x, y, w, h) = ({xmin:.0f}, {ymin:.0f}, '
+                 f'{xmax - xmin:.0f}, {ymax - ymin:.0f})')
+  return picture, lines
+
+
+def predict_dense(paths, checkpoint_path, outdir, threshold, names=None) -> int:
+  """Draws a dense model's predictions for each image into <outdir>; the number of images that
+  could not be read."""
+  import os
+  import tensorflow as tf
+  from vit_jax import dense_pipeline, preprocess
+  if not outdir:
+    raise app.UsageError(f'{checkpoint_path} is a segmentation / detection model: name '
+                         '--outdir, where its drawings go.')
+  if os.path.exists(outdir) and not os.path.isdir(outdir):
+    raise app.UsageError(f'--outdir={outdir} is a file, not a directory.')
+  objective, predict, config, class_names = load_dense(checkpoint_path)
+  names = names or class_names or [f'class {i}' for i in range(objective.num_outputs)]
+  os.makedirs(outdir, exist_ok=True)
+  failures = 0
+  for path in paths:
+    try:
+      image = preprocess.decode(tf.io.read_file(path)).numpy()
+    except (tf.errors.OpError, ValueError):
+      print(f'error: {path}: not a readable JPEG/PNG/GIF/BMP image.', file=sys.stderr)
+      failures += 1
+      continue
+    canvas, scale = dense_pipeline.canvas(image, config)
+    found = jax.tree.map(lambda x: np.asarray(x)[0], predict(canvas[None]))
+    picture, lines = draw(image, found, objective, scale, names, threshold)
+    out = os.path.join(outdir, os.path.splitext(os.path.basename(path))[0] + '.png')
+    picture.save(out)
+    print(f'{path} -> {out}')
+    print('\n'.join(lines))
+  return failures
 
 
 def main(argv):
@@ -97,6 +195,13 @@ def main(argv):
     raise app.UsageError('Name at least one image file.')
   if FLAGS.top < 1:
     raise app.UsageError(f'--top={FLAGS.top} must be at least 1.')
+  description = checkpoint.read_description(FLAGS.checkpoint)
+  if description is not None and description.config.get('decoder') is not None:
+    names = FLAGS.labels and label_names(description.num_classes, FLAGS.labels)
+    failures = predict_dense(paths, FLAGS.checkpoint, FLAGS.outdir, FLAGS.threshold, names)
+    if failures:
+      sys.exit(f'{failures} of {len(paths)} images could not be read.')
+    return
   classify, image_size, num_classes, class_names = load_classifier(FLAGS.checkpoint,
                                                                    FLAGS.model)
   names = label_names(num_classes, FLAGS.labels, FLAGS.dataset, class_names)
@@ -126,6 +231,8 @@ def define_flags():
   flags.DEFINE_string('labels', None, 'Text file with one class name per line.')
   flags.DEFINE_string('dataset', None, 'Dataset whose class names to use.')
   flags.DEFINE_integer('top', 5, 'How many classes to print per image.')
+  flags.DEFINE_string('outdir', None, 'Segmentation / detection models: where the drawings go.')
+  flags.DEFINE_float('threshold', 0.3, 'Detection: the lowest score drawn and printed.')
 
 
 if __name__ == '__main__':
