@@ -11,8 +11,8 @@ import pytest
 import tensorflow as tf
 
 from helpers import parse_config
-from vit_jax import (config_lib, decoders, dense_pipeline, detection, models, objectives,
-                     segmentation, shapes, train)
+from vit_jax import (config_lib, decoders, dense_pipeline, detection, models, segmentation,
+                     shapes, train)
 from vit_jax.evaluators import coco_records
 
 
@@ -254,6 +254,47 @@ def test_segmentation_folder_is_read_with_its_classes_and_original_sizes(tmp_pat
     dense_pipeline.get_source(config, 'test')
 
 
+def test_a_coco_format_folder_gives_boxes_classes_and_masks(tmp_path):
+  """COCO's own layout: annotations/instances_<split>.json, images in <split>/; category ids
+  need not be contiguous; polygons and RLEs both give masks."""
+  import json
+  from PIL import Image
+  from pycocotools import mask as mask_utils
+  (tmp_path / 'val' ).mkdir()
+  (tmp_path / 'annotations').mkdir()
+  for name in ('a.jpg', 'b.jpg'):
+    Image.fromarray(np.zeros((20, 40, 3), np.uint8)).save(tmp_path / 'val' / name)
+  rle = np.zeros((20, 40), np.uint8)
+  rle[2:6, 30:38] = 1
+  encoded = mask_utils.encode(np.asfortranarray(rle))
+  encoded['counts'] = encoded['counts'].decode()
+  coco = {'categories': [{'id': 90, 'name': 'toaster'}, {'id': 3, 'name': 'car'}],
+          'images': [{'id': 5, 'file_name': 'b.jpg', 'height': 20, 'width': 40},
+                     {'id': 1, 'file_name': 'a.jpg', 'height': 20, 'width': 40}],
+          'annotations': [
+              {'image_id': 1, 'category_id': 90, 'bbox': [10, 4, 20, 8], 'iscrowd': 0,
+               'segmentation': [[10, 4, 30, 4, 30, 12, 10, 12]]},
+              {'image_id': 1, 'category_id': 3, 'bbox': [30, 2, 8, 4], 'iscrowd': 1,
+               'segmentation': encoded}]}
+  (tmp_path / 'annotations' / 'instances_val.json').write_text(json.dumps(coco))
+  config = parse_config('--config=configs/detection.py:shapes', f'--config.dataset=det:{tmp_path}',
+                        '--config.pp.crop=32')
+  source = dense_pipeline.get_source(config, 'val')
+  assert source.num_examples == 2 and source.class_names == ('car', 'toaster')
+  first = source.read(next(iter(source.shard())))  # Image id 1 comes first.
+  np.testing.assert_allclose(first['boxes'].numpy(), [[4 / 20, 10 / 40, 12 / 20, 30 / 40],
+                                                      [2 / 20, 30 / 40, 6 / 20, 38 / 40]])
+  assert first['classes'].numpy().tolist() == [1, 0]
+  assert first['is_crowd'].numpy().tolist() == [0, 1]
+  masks = first['masks'].numpy()
+  assert masks.shape == (2, 20, 40) and masks[0, 5:11, 11:29].all() and masks[0, :3].sum() == 0
+  np.testing.assert_array_equal(masks[1], rle)
+  batch = next(dense_pipeline.eval_batches(config, source, batch_size=2, num_steps=1))
+  assert batch['classes'].tolist() == [[1, 0], [-1, -1]]  # b.jpg has no objects.
+  with pytest.raises(ValueError, match='has no annotations/train.json'):
+    dense_pipeline.get_source(config, 'train')
+
+
 def test_dense_configs_are_checked_before_any_work():
   bad = [(['--config=configs/segmentation.py:shapes', '--config.dataset=digits'],
           'objective=segmentation needs a dataset with class maps'),
@@ -331,6 +372,13 @@ def test_a_killed_dense_run_resumes_to_the_uninterrupted_result(detection_run, t
   assert resumed['segments'][-1]['start_step'] >= 4
   assert_same_params(load_npz(tmp_path / 'model.npz'), load_npz(reference / 'model.npz'))
   assert resumed['test'] == results['test']
+
+
+def test_evaluating_the_export_gives_the_runs_results(detection_run, tmp_path):
+  workdir, results = detection_run
+  config = parse_config(*TINY_DETECTION, '--config.trainer=evaluate',
+                        f'--config.pretrained_path={workdir / "model.npz"}')
+  assert train.evaluate(config, str(tmp_path))['test'] == results['test']
 
 
 def test_predict_draws_boxes_and_masks_of_a_detection_export(detection_run, tmp_path):

@@ -216,24 +216,6 @@ class DenseVisionTransformer(models_vit.VisionTransformer):
     raise ValueError(f'model.decoder.type={kind!r}; expected one of {DECODERS}.')
 
 
-def level_geometry(image_size, strides) -> dict:
-  """The flattened locations of every pyramid level (in the order of DetectionHead's outputs):
-  'centre' (L, 2) pixel (y, x) of each cell's centre, 'stride' (L,), 'level' (L,)."""
-  centres, stride_of, level_of = [], [], []
-  for level, stride in enumerate(strides):
-    h, w = image_size[0] // stride, image_size[1] // stride
-    yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing='ij')
-    centres.append(np.stack([yy.ravel(), xx.ravel()], -1) * stride + stride / 2)
-    stride_of.append(np.full(h * w, stride))
-    level_of.append(np.full(h * w, level))
-  return {'centre': np.concatenate(centres).astype(np.float32),
-          'stride': np.concatenate(stride_of).astype(np.float32),
-          'level': np.concatenate(level_of).astype(np.int32),
-          'offsets': np.cumsum([0] + [(image_size[0] // s) * (image_size[1] // s)
-                                      for s in strides])[:-1],
-          'shapes': [(image_size[0] // s, image_size[1] // s) for s in strides]}
-
-
 def dynamic_mask_logits(controller, mask_features, centres, mask_stride: int = MASK_STRIDE):
   """CondInst's dynamic mask head: per instance, its controller's parameters (batch, N, P) as
   three 1x1 convolutions over the mask features (batch, h, w, C) concatenated with the pixels'

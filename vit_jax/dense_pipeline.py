@@ -86,9 +86,8 @@ def _segmentation_folder(root, split, process_index, process_count, num_classes)
                      f'an image in {images_dir} / {masks_dir}, e.g. {unmatched[:5]} (each '
                      'image needs <name>.png in masks/).')
   order = sorted(stems)
-  chosen = input_pipeline.slice_split(
-      f'seg:{root}', split if has_splits else split,
-      {split_name if has_splits else 'train': np.arange(len(order))})
+  chosen = input_pipeline.slice_split(f'seg:{root}', split, {
+      split_name if has_splits else 'train': np.arange(len(order))})
   keep = np.concatenate([indices for _, indices in chosen])
   image_paths = np.array([os.path.join(images_dir, stems[order[i]]) for i in keep])
   mask_paths = np.array([os.path.join(masks_dir, masks[order[i]]) for i in keep])
@@ -134,7 +133,7 @@ def _detection_folder(root, split, process_index, process_count) -> Source:
 
   def objects(record):
     from pycocotools import mask as mask_utils
-    record = json.loads(record)
+    record = json.loads(np.asarray(record).item())
     h, w = record['height'], record['width']
     boxes, classes, crowd, masks = [], [], [], []
     for o in record['objects']:
@@ -157,8 +156,8 @@ def _detection_folder(root, split, process_index, process_count) -> Source:
     image = preprocess.decode(tf.io.read_file(example['image']))
     boxes, classes, crowd, masks = tf.numpy_function(
         objects, [example['objects']], [tf.float32, tf.int32, tf.int32, tf.uint8])
-    return {'image': image, 'boxes': tf.reshape(boxes, [-1, 4]), 'classes': classes,
-            'is_crowd': crowd, 'masks': tf.reshape(masks, [-1] + tf.unstack(tf.shape(image)[:2]))}
+    return {'image': image, 'boxes': tf.reshape(boxes, [-1, 4]),
+            'classes': tf.reshape(classes, [-1]), 'is_crowd': tf.reshape(crowd, [-1]), 'masks': tf.reshape(masks, [-1] + tf.unstack(tf.shape(image)[:2]))}
 
   return Source(num_examples=len(images), num_classes=len(categories),
                 class_names=tuple(c.get('name', str(c['id'])) for c in categories),

@@ -40,9 +40,8 @@ def assign_levels(boxes, strides):
 
 def assign(boxes, classes, geometry):
   """Each object's level, location (index into the flattened locations) and validity."""
-  strides = np.asarray([s for s, _ in zip(geometry['level_strides'], geometry['shapes'])])
-  level = assign_levels(boxes, strides)
-  stride = jnp.asarray(strides, jnp.float32)[level]
+  level = assign_levels(boxes, geometry['level_strides'])
+  stride = jnp.asarray(geometry['level_strides'], jnp.float32)[level]
   centre = (boxes[..., :2] + boxes[..., 2:]) / 2
   shapes = jnp.asarray(geometry['shapes'])[level]  # (batch, N, 2)
   cell = jnp.clip(jnp.floor(centre / stride[..., None]).astype(jnp.int32), 0, shapes - 1)
@@ -54,7 +53,6 @@ def heatmap_targets(boxes, classes, geometry, num_classes: int):
   """(batch, L, C) targets: per class, the max over its objects of the Gaussian around each
   object's centre cell, on the object's level only, exactly 1 at the centre cell."""
   level, location, valid = assign(boxes, classes, geometry)
-  stride = jnp.asarray(geometry['stride'])  # (L,)
   centres = jnp.asarray(geometry['centre'])  # (L, 2)
   object_stride = jnp.asarray(geometry['level_strides'], jnp.float32)[level]  # (B, N)
   sigma = jnp.maximum((boxes[..., 2:] - boxes[..., :2]) / object_stride[..., None] / 6.0, 0.5)
@@ -64,7 +62,6 @@ def heatmap_targets(boxes, classes, geometry, num_classes: int):
                    d[..., 1] ** 2 / (2 * sigma[..., 1, None] ** 2)))  # (B, N, L)
   on_level = jnp.asarray(geometry['level'])[None, None] == level[..., None]
   bump = jnp.where(on_level & valid[..., None], bump, 0.0)
-  del stride
   batch = jnp.broadcast_to(jnp.arange(boxes.shape[0])[:, None], classes.shape)
   targets = jnp.zeros((boxes.shape[0], num_classes, centres.shape[0]))
   targets = targets.at[batch, jnp.maximum(classes, 0)].max(bump)
@@ -152,10 +149,21 @@ def decode(outputs, geometry, max_detections: int = 100) -> dict:
 
 
 def geometry(image_size, strides) -> dict:
-  """decoders.level_geometry with the strides of the levels."""
-  g = decoders.level_geometry(image_size, strides)
-  g['level_strides'] = tuple(strides)
-  return g
+  """The flattened locations of every pyramid level, in the order of DetectionHead's outputs:
+  'centre' (L, 2) pixel (y, x) of each cell's centre, 'stride' (L,), 'level' (L,); and per
+  level its 'offsets' into the locations, grid 'shapes' and 'level_strides'."""
+  shapes = [(image_size[0] // s, image_size[1] // s) for s in strides]
+  centres, stride_of, level_of = [], [], []
+  for level, (stride, (h, w)) in enumerate(zip(strides, shapes)):
+    yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing='ij')
+    centres.append(np.stack([yy.ravel(), xx.ravel()], -1) * stride + stride / 2)
+    stride_of.append(np.full(h * w, stride))
+    level_of.append(np.full(h * w, level))
+  return {'centre': np.concatenate(centres).astype(np.float32),
+          'stride': np.concatenate(stride_of).astype(np.float32),
+          'level': np.concatenate(level_of).astype(np.int32),
+          'offsets': np.cumsum([0] + [h * w for h, w in shapes])[:-1],
+          'shapes': shapes, 'level_strides': tuple(strides)}
 
 
 # ------------------------------------------------------------------------------------ COCO mAP

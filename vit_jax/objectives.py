@@ -195,13 +195,10 @@ class Detection:
     del rng, model_config, image_size
     return {}
 
-  def terms(self, model, params, batch, rng, train=True) -> dict:
-    outputs = model.apply({'params': params}, batch['image'], train=train,
-                          rngs={'dropout': rng})
-    return detection.losses(outputs, batch['labels'], self.geometry, self.num_outputs)
-
   def loss(self, model, params, batch, rng):
-    return sum(self.terms(model, params, batch, rng).values())
+    outputs = model.apply({'params': params}, batch['image'], train=True, rngs={'dropout': rng})
+    terms = detection.losses(outputs, batch['labels'], self.geometry, self.num_outputs)
+    return sum(terms.values())
 
   def predict(self, model, params, images):
     """detection.decode of the outputs: boxes in the input's pixels, scores, classes, masks."""
