@@ -130,7 +130,10 @@ def test_every_recipe_passes_the_checks(tmp_path):
   pretrained = tmp_path / 'model.npz'
   pretrained.write_bytes(b'')
   for recipe in ['digits.py:pretrain', 'digits.py:finetune', 'pretrain.py:B_16,imagenet21k',
-                 'pretrain.py:Ti_16,imagenet2012', 'finetune.py:B_16,cifar10']:
+                 'pretrain.py:Ti_16,imagenet2012', 'finetune.py:B_16,cifar10',
+                 'segmentation.py:shapes', 'segmentation.py:B_16,scene_parse150',
+                 'detection.py:shapes', 'detection.py:B_16,coco/2017',
+                 'detection.py:B_16,det:~/coco']:
     config = parse(recipe)
     config.pretrained_path = str(pretrained) if config.pretrained_path else None
     config_lib.check(config, device_count=8)
@@ -189,6 +192,30 @@ def test_weight_decay_touches_kernels_only():
   np.testing.assert_allclose(new['Dense_0']['kernel'], 1 - 0.1, rtol=1e-6)  # lr x wd x param.
   for unchanged in (new['Dense_0']['bias'], new['LayerNorm_0']['scale'], new['cls']):
     np.testing.assert_array_equal(unchanged, 1.0)
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_layer_decay_scales_each_depth_of_the_update(scan):
+  """decay ** (layers + 1 - depth): embeddings at depth 0, block i at i + 1, the rest last."""
+  c = config_lib.base_config()
+  c.update(optimizer='sgd', momentum=0.0, base_lr=1.0, warmup_steps=0, total_steps=10,
+           layer_decay=0.5)
+  c.model.transformer.num_layers = 3
+  blocks = ({'Transformer': {'encoderblock': {'w': jnp.ones((3, 2))}}} if scan else
+            {'Transformer': {f'encoderblock_{i}': {'w': jnp.ones(2)} for i in range(3)}})
+  params = {'embedding': {'kernel': jnp.ones(2)}, 'decoder': {'w': jnp.ones(2)}, **blocks}
+  params['Transformer']['posembed_input'] = {'pos_embedding': jnp.ones(2)}
+  tx = optim.make_optimizer(c)
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+  # Gradient norm 1 after clipping: every gradient entry is 1 / sqrt(count).
+  entry = -1 / np.sqrt(sum(x.size for x in jax.tree.leaves(params)))
+  np.testing.assert_allclose(updates['embedding']['kernel'], entry * 0.5 ** 4, rtol=1e-6)
+  np.testing.assert_allclose(updates['Transformer']['posembed_input']['pos_embedding'],
+                             entry * 0.5 ** 4, rtol=1e-6)
+  np.testing.assert_allclose(updates['decoder']['w'], entry, rtol=1e-6)
+  got = (updates['Transformer']['encoderblock']['w'][:, 0] if scan else
+         [updates['Transformer'][f'encoderblock_{i}']['w'][0] for i in range(3)])
+  np.testing.assert_allclose(got, entry * 0.5 ** np.array([3, 2, 1]), rtol=1e-6)
 
 
 @pytest.mark.parametrize('optimizer, moments', [('adam', ('mu',)), ('sgd', ('trace',))])

@@ -302,6 +302,8 @@ def test_dense_configs_are_checked_before_any_work():
           'Pyramid stride 12 is not the patch size 8 times a power of two'),
          (['--config=configs/segmentation.py:shapes', '--config.model.decoder.type=detection'],
           "model.decoder.type='detection'; expected one of"),
+         (['--config=configs/detection.py:shapes', '--config.dataset=coco/2017'],
+          'TFDS coco/2017 has boxes only'),
          (['--config=configs/digits.py:pretrain', '--config.dataset=seg:/data'],
           'holds class maps or boxes: set objective=segmentation or detection')]
   for args, message in bad:
@@ -424,3 +426,65 @@ def test_four_devices_with_fsdp_and_scan_give_the_same_dense_run(detection_run, 
   four = json.loads((tmp_path / 'results.json').read_text())
   assert four['train_loss'] == pytest.approx(results['train_loss'], rel=1e-4)
   assert_same_params(load_npz(tmp_path / 'model.npz'), load_npz(workdir / 'model.npz'), atol=5e-5)
+
+
+# The fault catalogue (test_fault_tolerance.py) for a dense objective.
+
+@pytest.fixture
+def detection_copy(detection_run, tmp_path):
+  import shutil
+  from helpers import snapshot
+  workdir = tmp_path / 'run'
+  shutil.copytree(detection_run[0], workdir)
+  return workdir, snapshot(workdir)
+
+
+def test_a_damaged_latest_dense_checkpoint_falls_back_to_the_previous_one(detection_run,
+                                                                         detection_copy, caplog):
+  import glob
+  import os
+  from helpers import assert_same_params, load_npz
+  workdir, _ = detection_copy
+  for path in glob.glob(str(workdir / 'checkpoints' / '12' / '**'), recursive=True):
+    if os.path.isfile(path) and not path.endswith('files.json'):
+      with open(path, 'r+b') as f:
+        f.truncate(os.path.getsize(path) // 2)
+  os.remove(workdir / 'model.npz')
+  train.train_and_evaluate(parse_config(*TINY_DETECTION), str(workdir))
+  assert 'The checkpoint of step 12 is damaged' in caplog.text
+  assert_same_params(load_npz(workdir / 'model.npz'), load_npz(detection_run[0] / 'model.npz'))
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (['--config.model.decoder.width=32'],
+     r'holds checkpoints of a different run \(model.decoder.width: 16 in the checkpoints, 32 now'),
+    (['--config.dataset=seg:/nowhere'], 'objective=detection needs a dataset with boxes'),
+    (['--config.test_split=validation'], r"Unknown split 'validation' of dataset 'shapes'"),
+    (['--config.model.decoder.type=linear'], r"model.decoder.type='linear'; expected one of"),
+])
+def test_bad_dense_input_is_named_and_leaves_the_workdir_intact(detection_copy, overrides,
+                                                               message):
+  from helpers import assert_unchanged
+  workdir, before = detection_copy
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(parse_config(*TINY_DETECTION, *overrides), str(workdir))
+  assert_unchanged(before, workdir)
+
+
+def test_dense_divergence_stops_naming_the_step_and_saves_nothing_of_it(tmp_path):
+  import os
+  config = parse_config(*TINY_DETECTION, '--config.base_lr=1e30', '--config.warmup_steps=0',
+                        '--config.checkpoint_every=1')
+  with pytest.raises(FloatingPointError, match=r'Non-finite training at step 1'):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert os.listdir(tmp_path / 'checkpoints') == []
+
+
+def test_a_corrupt_image_in_a_segmentation_folder_is_named(tmp_path):
+  root = write_segmentation_folder(tmp_path / 'data')
+  (root / 'images' / 'train' / '4.jpg').write_bytes(b'this is no JPEG')
+  config = parse_config('--config=configs/segmentation.py:shapes', f'--config.dataset=seg:{root}',
+                        '--config.pp.crop=32')
+  source = dense_pipeline.get_source(config, 'train')
+  with pytest.raises(ValueError, match=r'1 image file\(s\) cannot be decoded.*train/4.jpg'):
+    next(dense_pipeline.train_batches(config, source, batch_size=6))

@@ -398,6 +398,9 @@ def _check_decoder(config, fail, one_of):
     if any(side % max(strides) for side in size):
       fail(f'pp.crop={config.pp.crop} must be a multiple of the coarsest pyramid stride '
            f'{max(strides)}.')
+    if decoder.get('instance_masks') and config.dataset in datasets.DETECTION_TFDS:
+      fail(f'model.decoder.instance_masks=True, but TFDS {config.dataset} has boxes only: '
+           'read COCO with its masks from det:<dir> (the COCO download), or set it False.')
     if config.max_objects < 1 or config.max_detections < 1:
       fail(f'max_objects={config.max_objects} and max_detections={config.max_detections} '
            'must be at least 1.')

@@ -99,7 +99,8 @@ def _segmentation_folder(root, split, process_index, process_count, num_classes)
 
   return Source(num_examples=len(keep), num_classes=num_classes or len(names),
                 class_names=names, process_index=process_index, process_count=process_count,
-                examples={'image': image_paths, 'segmentation': mask_paths}, read=read)
+                examples={'image': image_paths, 'segmentation': mask_paths}, read=read,
+                find_unreadable=lambda: input_pipeline.unreadable(list(image_paths)))
 
 
 def _coco_json(root, split):
@@ -162,7 +163,8 @@ def _detection_folder(root, split, process_index, process_count) -> Source:
   return Source(num_examples=len(images), num_classes=len(categories),
                 class_names=tuple(c.get('name', str(c['id'])) for c in categories),
                 process_index=process_index, process_count=process_count,
-                examples={'image': paths, 'objects': np.array(records)}, read=read)
+                examples={'image': paths, 'objects': np.array(records)}, read=read,
+                find_unreadable=lambda: input_pipeline.unreadable(list(paths)))
 
 
 def _tfds_dense(config, name, split, process_index, process_count) -> Source:

@@ -165,16 +165,26 @@ def original_region(canvas, scale, original_size, stride=1):
   return _resize_nearest(canvas[:shown[0], :shown[1]], original_size)
 
 
-class Segmentation:
+class _Dense:
+  """A dense evaluator's data (opened now) and prediction step."""
 
   def __init__(self, name, spec, config, objective, model, mesh, params_shardings):
+    from vit_jax import dense_pipeline
     self.every = spec.every
-    self.source = _open_dense(config, spec)
+    self.source = dense_pipeline.get_source(
+        config, spec.split, process_index=jax.process_index(),
+        process_count=jax.process_count(), dataset=spec.dataset)
     if self.source.num_classes != objective.num_outputs:
       raise ValueError(f'evals.{name}: {spec.dataset or config.dataset}:{spec.split} has '
                        f'{self.source.num_classes} classes, the model {objective.num_outputs}.')
-    predict_step = _predict_step(objective, model, params_shardings, mesh)
-    num_classes = objective.num_outputs
+    self.predict_step = _predict_step(objective, model, params_shardings, mesh)
+
+
+class Segmentation(_Dense):
+
+  def __init__(self, name, spec, config, objective, model, mesh, params_shardings):
+    super().__init__(name, spec, config, objective, model, mesh, params_shardings)
+    predict_step, num_classes = self.predict_step, objective.num_outputs
 
     def run(params):
       confusion = np.zeros((num_classes, num_classes), np.int64)
@@ -191,12 +201,6 @@ class Segmentation:
       _check_count(count, self.source)
       return segmentation.metrics(confusion)
     self.run = run
-
-
-def _open_dense(config, spec):
-  from vit_jax import dense_pipeline
-  return dense_pipeline.get_source(config, spec.split, process_index=jax.process_index(),
-                                   process_count=jax.process_count(), dataset=spec.dataset)
 
 
 def _sum_over_processes(*values):
@@ -225,15 +229,11 @@ def _gather_json(items: list) -> list:
   return [item for row in gathered for item in json.loads(bytes(row).rstrip(b'\0'))]
 
 
-class Detection:
+class Detection(_Dense):
 
   def __init__(self, name, spec, config, objective, model, mesh, params_shardings):
-    self.every = spec.every
-    self.source = _open_dense(config, spec)
-    if self.source.num_classes != objective.num_outputs:
-      raise ValueError(f'evals.{name}: {spec.dataset or config.dataset}:{spec.split} has '
-                       f'{self.source.num_classes} classes, the model {objective.num_outputs}.')
-    predict_step = _predict_step(objective, model, params_shardings, mesh)
+    super().__init__(name, spec, config, objective, model, mesh, params_shardings)
+    predict_step = self.predict_step
 
     def run(params):
       images, annotations, detections = [], [], []

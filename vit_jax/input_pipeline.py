@@ -118,10 +118,10 @@ def _folder(root: str, split: str, process_index: int, process_count: int,
                 num_examples=len(names), num_classes=len(classes), class_names=tuple(classes),
                 process_index=process_index, process_count=process_count,
                 examples={'image': names, 'label': labels},
-                find_unreadable=lambda: _unreadable([prefix + n.decode() for n in names]))
+                find_unreadable=lambda: unreadable([prefix + n.decode() for n in names]))
 
 
-def _unreadable(paths) -> list:
+def unreadable(paths) -> list:
   """The paths that fail to decode, in order; every file is read, on every core (TF's decoders
   release the GIL)."""
   def fails(path):

@@ -2,7 +2,8 @@
 
   python -m vit_jax.report DIR... [--reliability=FILE.png]
 
-One row per workdir: its test evaluator's metrics (classification or masked patch prediction),
+One row per workdir: its test evaluator's metrics (classification or masked patch prediction;
+segmentation and detection metrics are listed under the row, as other evaluators'),
 with the expected calibration error, and where the run fine-tunes a released checkpoint whose
 result was published (vit_jax/published.py: same model, pre-training, dataset and dropout) the
 published top-1 ("paper") and the run's difference from it; further evaluators
@@ -55,7 +56,7 @@ def main(workdirs):
     if paper is not None:
       print(f'  paper: {paper.source}' + (f', {paper.time}' if paper.time else ''))
     for name, metrics in r.items():
-      if isinstance(metrics, dict) and name != 'test' and _scalars(metrics):
+      if isinstance(metrics, dict) and (name != 'test' or top1 is None) and _scalars(metrics):
         print(f'  {name}: ' + ', '.join(f'{k} {v:.4f}' for k, v in _scalars(metrics).items()))
 
 
