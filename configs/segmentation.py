@@ -4,7 +4,8 @@ python -m vit_jax.main --config=configs/segmentation.py:shapes --workdir=runs/se
 python -m vit_jax.main --config=configs/segmentation.py:B_16,scene_parse150 --workdir=...
 python -m vit_jax.main --config=configs/segmentation.py:SOURCE,seg:~/data --workdir=...
 
-shapes: a small ViT from scratch on the embedded shapes (64 px, 4 classes), minutes on a CPU.
+shapes: a small ViT from scratch on the embedded shapes (64 px, 4 classes) under the linear
+decoder, minutes on a CPU.
 SOURCE,DATASET: the backbone of SOURCE (a registry name: its ImageNet-21k checkpoint, or any
 checkpoint load_pretrained reads: .npz, Hugging Face, timm), its head dropped, position
 embeddings resampled to the 512 px grid. Segmenter's data settings for ADE20K: 512 px crops of

@@ -142,6 +142,27 @@ def test_box_and_dice_losses_equal_numpy():
   np.testing.assert_allclose(detection.dice_loss(logits, masks, valid), expected, rtol=1e-5)
 
 
+def test_dynamic_mask_head_equals_a_per_instance_numpy_computation():
+  rng = np.random.default_rng(4)
+  controller = rng.normal(size=(2, 3, decoders.dynamic_mask_head_size())).astype(np.float32)
+  features = rng.normal(size=(2, 4, 5, decoders.MASK_CHANNELS)).astype(np.float32)
+  centres = rng.uniform(0, 20, size=(2, 3, 2)).astype(np.float32)
+  got = decoders.dynamic_mask_logits(controller, features, centres)
+  yy, xx = np.meshgrid(np.arange(4), np.arange(5), indexing='ij')
+  pixels = np.stack([yy, xx], -1) * 4 + 2.0  # Stride-4 pixel centres.
+  c = decoders.MASK_CHANNELS
+  for b, n in itertools.product(range(2), range(3)):
+    x = np.concatenate([features[b], (pixels - centres[b, n]) / 64], -1)
+    p, offset = controller[b, n], 0
+    for i, (fan_in, fan_out) in enumerate([(c + 2, c), (c, c), (c, 1)]):
+      kernel = p[offset:offset + fan_in * fan_out].reshape(fan_in, fan_out)
+      offset += fan_in * fan_out
+      x = x @ kernel + p[offset:offset + fan_out]
+      offset += fan_out
+      x = np.maximum(x, 0) if i < 2 else x
+    np.testing.assert_allclose(got[b, n], x[..., 0], rtol=1e-4, atol=1e-5)
+
+
 def test_decoding_finds_the_peak_and_its_box():
   num_locations = GEOMETRY['centre'].shape[0]
   heatmap = np.full((1, num_locations, 2), -10.0, np.float32)

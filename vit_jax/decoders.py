@@ -225,17 +225,19 @@ def dynamic_mask_logits(controller, mask_features, centres, mask_stride: int = M
   yy, xx = jnp.meshgrid(jnp.arange(h), jnp.arange(w), indexing='ij')
   pixels = (jnp.stack([yy, xx], -1) * mask_stride + mask_stride / 2).astype(jnp.float32)
   relative = (pixels[None, None] - centres[:, :, None, None, :]) / 64.0  # (B, N, h, w, 2)
-  features = jnp.broadcast_to(mask_features[:, None], (batch, centres.shape[1], h, w, channels))
-  x = jnp.concatenate([features.astype(jnp.float32), relative], -1)
   sizes = [(channels + 2, channels), (channels, channels), (channels, 1)]
-  offset = 0
-  for i, (fan_in, fan_out) in enumerate(sizes):
+  layers, offset = [], 0
+  for fan_in, fan_out in sizes:
     kernel = controller[..., offset:offset + fan_in * fan_out].reshape(
-        controller.shape[:2] + (fan_in, fan_out))
+        controller.shape[:2] + (fan_in, fan_out)).astype(jnp.float32)
     offset += fan_in * fan_out
-    bias = controller[..., offset:offset + fan_out]
+    layers.append((kernel, controller[..., offset:offset + fan_out].astype(jnp.float32)))
     offset += fan_out
-    x = jnp.einsum('bnhwi,bnio->bnhwo', x, kernel.astype(jnp.float32)) + bias[:, :, None, None]
-    if i < len(sizes) - 1:
-      x = jax.nn.relu(x)
+  # The first layer reads the shared features once (not a copy per instance) and the offsets.
+  kernel, bias = layers[0]
+  x = (jnp.einsum('bhwc,bnco->bnhwo', mask_features.astype(jnp.float32), kernel[:, :, :channels])
+       + jnp.einsum('bnhwr,bnro->bnhwo', relative, kernel[:, :, channels:])
+       + bias[:, :, None, None])
+  for kernel, bias in layers[1:]:
+    x = jnp.einsum('bnhwi,bnio->bnhwo', jax.nn.relu(x), kernel) + bias[:, :, None, None]
   return x[..., 0]
