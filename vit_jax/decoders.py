@@ -151,7 +151,9 @@ class DetectionHead(nn.Module):
     def tower(name):
       layers = []
       for i in range(self.tower_depth):
-        layers += [nn.Conv(self.width, (3, 3), dtype=self.dtype, name=f'{name}_conv{i}'),
+        # No bias: the GroupNorm after it removes any (its gradient would be zero).
+        layers += [nn.Conv(self.width, (3, 3), use_bias=False, dtype=self.dtype,
+                           name=f'{name}_conv{i}'),
                    nn.GroupNorm(num_groups=min(32, self.width), dtype=self.dtype,
                                 name=f'{name}_gn{i}'), nn.relu]
       return nn.Sequential(layers)
