@@ -518,3 +518,68 @@ def test_a_corrupt_image_in_a_segmentation_folder_is_named(tmp_path):
   source = dense_pipeline.get_source(config, 'train')
   with pytest.raises(ValueError, match=r'1 image file\(s\) cannot be decoded.*train/4.jpg'):
     next(dense_pipeline.train_batches(config, source, batch_size=6))
+
+
+def test_tfds_coco_and_ade20k_are_read_through_stand_ins_with_their_real_features(tmp_path):
+  """TFDS coco/2017 and scene_parse150 prepared locally with the real builders' names, versions
+  and features (ADE20K's annotation: 3 equal channels, 0 = "other"); each example's image says
+  which one it is."""
+  import tensorflow_datasets as tfds
+  from test_vtab import decode_index, encode_index
+
+  def prepare(name, split, make):
+    real = tfds.builder(name)
+    examples = [make(i) for i in range(12)]
+
+    class StandIn(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+      VERSION = real.version
+      BUILDER_CONFIGS = [real.builder_config] if real.builder_config else []
+
+      def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=real.info.features)
+
+      def _split_generators(self, dl_manager):
+        return {split: self._generate_examples()}
+
+      def _generate_examples(self):
+        yield from enumerate(examples)
+
+    StandIn.name = real.name
+    StandIn(config=real.builder_config and real.builder_config.name,
+            data_dir=str(tmp_path)).download_and_prepare()
+    return examples
+
+  coco = prepare('coco/2017', 'validation', lambda i: {
+      'image': encode_index((40, 48, 3), i), 'image/filename': f'{i}.jpg', 'image/id': i,
+      'objects': [{'area': 10, 'bbox': tfds.features.BBox(0.1 * k, 0.2, 0.5, 0.6 + 0.1 * k),
+                   'id': k, 'is_crowd': k == 1, 'label': (i + k) % 80} for k in range(i % 3)]})
+  config = parse_config('--config=configs/detection.py:shapes', '--config.dataset=coco/2017',
+                        f'--config.tfds_data_dir={tmp_path}', '--config.pp.crop=32',
+                        '--config.model.decoder.instance_masks=False')
+  source = dense_pipeline.get_source(config, 'validation')
+  assert source.num_examples == 12 and source.num_classes == len(source.class_names) == 80
+  for stored in source.shard().as_numpy_iterator():
+    read = {k: np.asarray(v) for k, v in source.read(stored).items()}
+    i = decode_index(read['image'], binary=False)
+    objects = coco[i]['objects']
+    np.testing.assert_allclose(read['boxes'], [[0.1 * k, 0.2, 0.5, 0.6 + 0.1 * k]
+                                               for k in range(len(objects))] or np.zeros((0, 4)))
+    assert read['classes'].tolist() == [o['label'] for o in objects]
+    assert read['is_crowd'].tolist() == [int(o['is_crowd']) for o in objects]
+
+  def ade_example(i):
+    annotation = np.zeros((40, 48, 3), np.uint8)
+    annotation[:20] = i * 13 % 151  # 0 ("other") for i = 0.
+    return {'image': encode_index((40, 48, 3), i), 'annotation': annotation}
+
+  ade = prepare('scene_parse150', 'test', ade_example)
+  config = parse_config('--config=configs/segmentation.py:shapes', '--config.dataset=scene_parse150',
+                        f'--config.tfds_data_dir={tmp_path}', '--config.pp.crop=32')
+  source = dense_pipeline.get_source(config, 'test')
+  assert source.num_examples == 12 and source.num_classes == 150
+  for stored in source.shard().as_numpy_iterator():
+    read = {k: np.asarray(v) for k, v in source.read(stored).items()}
+    i = decode_index(read['image'], binary=False)
+    top = ade[i]['annotation'][0, 0, 0]
+    assert (read['segmentation'][:20] == (segmentation.IGNORE if top == 0 else top - 1)).all()
+    assert (read['segmentation'][20:] == segmentation.IGNORE).all()
