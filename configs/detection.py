@@ -18,50 +18,32 @@ JSON with polygons); TFDS coco/2017 has boxes only, so there instance_masks is o
 
 import ml_collections
 
-from vit_jax import config_lib, evaluator_specs, models
+from vit_jax import config_lib
 
 
 def get_config(arg='shapes'):
   c = config_lib.base_config()
-  c.objective = 'detection'
+  dataset = config_lib.dense_recipe(c, 'detection', arg)
   if arg == 'shapes':
-    c.dataset = 'shapes'
-    c.model = models.vit_config('ViT-shapes', hidden_size=96, mlp_dim=384, num_heads=4,
-                                num_layers=4, patch=8, classifier='gap')
     c.model.decoder = ml_collections.ConfigDict(dict(
         type='detection', strides=(4, 8, 16), width=64, tower_depth=2, instance_masks=True))
-    c.pp.crop = 64
     c.pp.scale_range = (0.75, 1.5)
-    c.optimizer = 'adam'
     c.base_lr, c.weight_decay = 1e-3, 0.05
-    c.batch, c.batch_eval = 32, 96
     c.warmup_steps, c.total_steps = 100, 1500
     c.max_objects, c.max_detections = 8, 20
-    c.shuffle_buffer = 2000
-    c.progress_every = 50
   else:
-    source, dataset = config_lib.recipe_args(arg, 'detection', 'SOURCE,DATASET', 'shapes')
-    config_lib.finetune_source(c, source)
-    c.model.representation_size = None
     c.model.decoder = ml_collections.ConfigDict(dict(
         type='detection', strides=(4, 8, 16, 32), width=256, tower_depth=4,
         instance_masks=dataset.startswith('det:')))
-    c.model.transformer.stochastic_depth = 0.1
-    c.dataset = dataset
     if dataset == 'coco/2017':
       c.train_split, c.test_split, c.tfds_download = 'train', 'validation', True
     else:
       c.train_split, c.test_split = 'train2017', 'val2017'
     c.pp.crop = 1024
     c.pp.scale_range = (0.1, 2.0)
-    c.optimizer = 'adam'
     c.base_lr, c.weight_decay, c.layer_decay = 1e-4, 0.1, 0.7
     c.batch, c.batch_eval = 64, 64
     c.warmup_steps, c.total_steps = 250, 184_375
-    c.progress_every = 100
   c.decay_type = 'cosine'
-  c.eval_every = c.checkpoint_every = max(c.total_steps // 4, 100)
-  c.keep_checkpoints = 2
-  c.evals = ml_collections.ConfigDict({'test': evaluator_specs.dense(
-      'detection', c.get_ref('test_split'), every=c.get_ref('eval_every'))})
+  config_lib.dense_evaluation(c)
   return c.lock()

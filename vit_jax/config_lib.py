@@ -170,6 +170,38 @@ def finetune_dataset(c: ml_collections.ConfigDict, name: str):
     add_imagenet_variants(c)
 
 
+def dense_recipe(c: ml_collections.ConfigDict, objective: str, arg: str) -> str:
+  """What configs/segmentation.py and configs/detection.py share: `arg` 'shapes' (a small ViT
+  from scratch on the embedded shapes, 64 px) or 'SOURCE,DATASET' (the backbone of SOURCE, its
+  head dropped, drop path 0.1), Adam; returns the dataset. The recipe adds its decoder and
+  schedule, then dense_evaluation."""
+  c.objective = objective
+  c.optimizer = 'adam'
+  if arg == 'shapes':
+    c.dataset = 'shapes'
+    c.model = models.vit_config('ViT-shapes', hidden_size=96, mlp_dim=384, num_heads=4,
+                                num_layers=4, patch=8, classifier='gap')
+    c.pp.crop = 64
+    c.batch, c.batch_eval = 32, 96
+    c.shuffle_buffer = 2000
+    c.progress_every = 50
+  else:
+    source, c.dataset = recipe_args(arg, objective, 'SOURCE,DATASET', 'shapes')
+    finetune_source(c, source)
+    c.model.representation_size = None
+    c.model.transformer.stochastic_depth = 0.1
+    c.progress_every = 100
+  return c.dataset
+
+
+def dense_evaluation(c: ml_collections.ConfigDict):
+  """The objective's evaluator on the test split, four times a run, with the checkpoints."""
+  c.eval_every = c.checkpoint_every = max(c.total_steps // 4, 100)
+  c.keep_checkpoints = 2
+  c.evals = ml_collections.ConfigDict({'test': evaluator_specs.dense(
+      c.objective, c.get_ref('test_split'), every=c.get_ref('eval_every'))})
+
+
 def add_imagenet_variants(c: ml_collections.ConfigDict):
   """ImageNet-1k runs report ReaL (Beyer et al. 2020) and ImageNet-v2 next to the validation
   split (TFDS prepares both from the ImageNet manual download and the network)."""

@@ -49,10 +49,11 @@ def assign(boxes, classes, geometry):
   return level, location, classes >= 0
 
 
-def heatmap_targets(boxes, classes, geometry, num_classes: int):
+def heatmap_targets(boxes, classes, geometry, num_classes: int, assigned=None):
   """(batch, L, C) targets: per class, the max over its objects of the Gaussian around each
-  object's centre cell, on the object's level only, exactly 1 at the centre cell."""
-  level, location, valid = assign(boxes, classes, geometry)
+  object's centre cell, on the object's level only, exactly 1 at the centre cell. `assigned`:
+  assign()'s result where the caller has it."""
+  level, location, valid = assigned or assign(boxes, classes, geometry)
   centres = jnp.asarray(geometry['centre'])  # (L, 2)
   object_stride = jnp.asarray(geometry['level_strides'], jnp.float32)[level]  # (B, N)
   sigma = jnp.maximum((boxes[..., 2:] - boxes[..., :2]) / object_stride[..., None] / 6.0, 0.5)
@@ -100,11 +101,11 @@ def losses(outputs, labels, geometry, num_classes: int) -> dict:
   """The terms of the loss for a batch of outputs and labels {'boxes' (B, N, 4) in pixels
   (ymin, xmin, ymax, xmax), 'classes' (B, N) (-1: none), 'masks' (B, N, h/4, w/4) optional}."""
   boxes, classes = labels['boxes'].astype(jnp.float32), labels['classes']
-  _, location, valid = assign(boxes, classes, geometry)
+  assigned = assign(boxes, classes, geometry)
+  _, location, valid = assigned
   num_objects = valid.sum()
-  terms = {'heatmap': heatmap_loss(outputs['heatmap'],
-                                   heatmap_targets(boxes, classes, geometry, num_classes),
-                                   num_objects)}
+  targets = heatmap_targets(boxes, classes, geometry, num_classes, assigned)
+  terms = {'heatmap': heatmap_loss(outputs['heatmap'], targets, num_objects)}
   centre = jnp.asarray(geometry['centre'])[location]
   stride = jnp.asarray(geometry['stride'])[location]
   predicted = jnp.take_along_axis(outputs['box'].astype(jnp.float32), location[..., None], 1)
