@@ -225,7 +225,7 @@ def test_report_puts_the_published_result_beside_the_run(tmp_path, capsys):
     path.mkdir()
     (path / 'config.json').write_text(json.dumps({
         'pretrained_path': pretrained_path, 'dataset': dataset, 'total_steps': steps,
-        'model': {'model_name': model, 'transformer': {'dropout_rate': dropout}}}))
+        'pp': {'crop': 384}, 'model': {'model_name': model, 'transformer': {'dropout_rate': dropout}}}))
     (path / 'results.json').write_text(json.dumps(
         {'step': 10_000, 'wall_time_sec': 5.0, 'test': {'accuracy_test': top1}}))
     return str(path)
@@ -241,6 +241,7 @@ def test_report_puts_the_published_result_beside_the_run(tmp_path, capsys):
                         steps=2000)
   assert published.for_workdir(official) == published.Published(0.9876, 'official repository',
                                                                  '7.8h V100')
+  assert published.for_workdir(official, 'imagenet2012') is None  # Not this run's dataset.
   assert published.for_workdir(augreg).top1 == 0.8373
   assert published.for_workdir(scratch) is None and published.for_workdir(other_steps) is None
   assert published.for_workdir(short) == published.Published(0.8917, 'official repository',

@@ -111,6 +111,15 @@ def main(argv):
       sys.stderr.write(f'\n{type(e).__name__}: {e}\n')
       sys.stderr.flush()
       os._exit(1)  # pylint: disable=protected-access
+    _beside_published(_WORKDIR.value)
+
+
+def _beside_published(workdir: str):
+  """Prints the finished run beside the published result it reproduces, where there is one."""
+  from vit_jax import published, report
+  if (jax.process_index() == 0 and published.for_workdir(workdir) is not None
+      and os.path.isfile(os.path.join(workdir, 'results.json'))):
+    report.main([workdir])
 
 
 if __name__ == '__main__':

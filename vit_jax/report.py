@@ -5,9 +5,10 @@
 One row per workdir: its test evaluator's metrics (classification or masked patch prediction;
 segmentation and detection metrics are listed under the row, as other evaluators'),
 with the expected calibration error, and where the run fine-tunes a released checkpoint whose
-result was published (vit_jax/published.py: same model, pre-training, dataset and dropout) the
-published top-1 ("paper") and the run's difference from it; further evaluators
-(results.json[name]) are listed under it.
+result was published (vit_jax/published.py: same model, pre-training, dataset, steps, resolution
+and dropout) the published top-1 ("paper") and the run's difference from it; further evaluators
+(results.json[name]) are listed under it, with the published figure of their dataset where
+there is one (ReaL: the paper's Table 2).
 --reliability draws the test evaluator's reliability diagram (accuracy against confidence per
 bin) of each workdir into one PNG."""
 
@@ -55,9 +56,19 @@ def main(workdirs):
           f'{r["wall_time_sec"]:>7.0f}s')
     if paper is not None:
       print(f'  paper: {paper.source}' + (f', {paper.time}' if paper.time else ''))
+    evals = published.run_config(workdir).get('evals') or {}
     for name, metrics in r.items():
       if isinstance(metrics, dict) and (name != 'test' or top1 is None) and _scalars(metrics):
-        print(f'  {name}: ' + ', '.join(f'{k} {v:.4f}' for k, v in _scalars(metrics).items()))
+        print(f'  {name}: ' + ', '.join(f'{k} {v:.4f}' for k, v in _scalars(metrics).items())
+              + _beside_published(workdir, (evals.get(name) or {}).get('dataset'),
+                                  metrics.get(f'accuracy_{name}')))
+
+
+def _beside_published(workdir: str, dataset, top1) -> str:
+  """', paper X (source), diff Y' for an evaluator whose dataset has a published result."""
+  paper = dataset and top1 is not None and published.for_workdir(workdir, dataset)
+  return f'; paper {paper.top1:.2%} ({paper.source}), diff {top1 - paper.top1:+.2%}' if paper \
+      else ''
 
 
 def reliability_diagram(workdirs, path: str):

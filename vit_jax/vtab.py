@@ -8,7 +8,8 @@ For each task, each learning rate is trained on train800 and scored on val200
 scored on test (DIR/<task>/final). SOURCE and the runs' settings are configs/vtab.py's; any of its
 keys can be overridden. Every run has its own workdir, so a killed sweep started again skips the
 finished runs and resumes the interrupted one from its checkpoint. At the end it prints the
-paper's table (each task, each group's mean, the mean over all tasks) and writes DIR/vtab.json.
+paper's table (each task, each group's mean, the mean over all tasks; beside the paper's Tables 9
+and 2 where they have the checkpoint: ViT-L/16 from ImageNet-21k) and writes DIR/vtab.json.
 """
 
 import copy
@@ -18,7 +19,9 @@ import sys
 
 from absl import app, flags, logging
 
+from vit_jax import checkpoint
 from vit_jax import main as cli
+from vit_jax import published
 from vit_jax import vtab_tasks
 from vit_jax.configs import common
 
@@ -86,13 +89,33 @@ def summary(results: dict) -> dict:
   return means
 
 
-def table(results: dict, means: dict) -> str:
-  lines = [f'{"task":<24} {"group":<12} {"lr":>6} {"val200":>7} {"test":>7}']
+def paper(config) -> dict:
+  """{task or 'all': published test accuracy} of the checkpoint `config` fine-tunes, where the
+  paper gives one (Tables 9 and 2: ViT-L/16 from ImageNet-21k, the JFT models)."""
+  run = published.setting(config.to_dict())
+  found = {task: published.lookup(run.model, run.pretraining, f'vtab:{task}', config.total_steps)
+           for task in vtab_tasks.VTAB_1K}
+  found['all'] = published.lookup(run.model, run.pretraining, 'vtab', config.total_steps)
+  return {name: result.top1 for name, result in found.items() if result is not None}
+
+
+def table(results: dict, means: dict, paper: dict) -> str:
+  """The sweep's table; with 'paper' and 'diff' columns where `paper` has the task."""
+
+  def beside(name, accuracy):
+    if name not in paper:
+      return ''
+    return f' {paper[name]:>7.2%} {accuracy - paper[name]:>+7.2%}'
+
+  lines = [f'{"task":<24} {"group":<12} {"lr":>6} {"val200":>7} {"test":>7}'
+           + (f' {"paper":>7} {"diff":>7}' if paper else '')]
   for name, task in results.items():
     lines.append(f'{name:<24} {task["group"]:<12} {task["lr"]:>6g} '
-                 f'{task["val200"][task["lr"]]:>7.2%} {task["test"]:>7.2%}')
+                 f'{task["val200"][task["lr"]]:>7.2%} {task["test"]:>7.2%}'
+                 + beside(name, task['test']))
   for group, mean in means.items():
-    lines.append(f'{"mean " + group:<24} {"":<12} {"":>6} {"":>7} {mean:>7.2%}')
+    lines.append(f'{"mean " + group:<24} {"":<12} {"":>6} {"":>7} {mean:>7.2%}'
+                 + beside(group, mean))
   return '\n'.join(lines)
 
 
@@ -106,10 +129,10 @@ def main(argv):
   workdir = cli._WORKDIR.value  # pylint: disable=protected-access
   results = sweep(cli._CONFIG.value, workdir, _TASKS.value, lrs)  # pylint: disable=protected-access
   means = summary(results)
-  text = table(results, means)
+  text = table(results, means, paper(cli._CONFIG.value))  # pylint: disable=protected-access
   print(text)
-  with open(os.path.join(workdir, 'vtab.json'), 'w') as f:
-    json.dump({'tasks': results, 'means': means}, f, indent=1)
+  checkpoint.write_bytes(os.path.join(workdir, 'vtab.json'),  # Never a half-written table.
+                         json.dumps({'tasks': results, 'means': means}, indent=1).encode())
   logging.info('Wrote %s', os.path.join(workdir, 'vtab.json'))
 
 
