@@ -776,3 +776,36 @@ def test_timm_siglip_and_clip(tmp_path, monkeypatch):
                      quick_gelu=True)
   np.testing.assert_allclose(apply(exported, x), tokens[:, 0] @ clip['head.weight'].T +
                              clip['head.bias'], atol=1e-5, rtol=0)
+
+
+def test_reading_a_checkpoint_source_leaves_jax_unstarted_for_the_command_line(tmp_path):
+  """configs/finetune.py:<checkpoint> reads the file while the flags are parsed, before
+  main.start joins the other hosts (jax.distributed.initialize refuses once JAX's backend has
+  started): every kind of source is read without starting it, and the command line fine-tunes
+  from an export of this codebase."""
+  import subprocess
+  import sys
+  from helpers import ROOT, TINY, run_main
+  from vit_jax import checkpoint
+  hf = write_hf(tmp_path / 'hf', random_weights(HF_VIT, prefix_tokens=1, pos_tokens=5,
+                                                prefix='vit.', heads=[('classifier', 3)]),
+                dict(HF_CONFIG, model_type='vit', hidden_act='gelu', layer_norm_eps=1e-12))
+  exported = checkpoint.load_model(hf)
+  described, official = str(tmp_path / 'described.npz'), str(tmp_path / 'official.npz')
+  checkpoint.save(exported.params, described, model_config=exported.config,
+                  image_size=exported.image_size)
+  checkpoint.save(exported.params, official)
+  snippet = ('import sys; sys.path.insert(0, "tests"); from helpers import parse_config; '
+             'from jax._src import xla_bridge\n'
+             'for source in sys.argv[1:]:\n'
+             '  parse_config(f"--config=configs/finetune.py:{source},digits")\n'
+             '  print(source, xla_bridge.backends_are_initialized())')
+  run = subprocess.run([sys.executable, '-c', snippet, hf, described, official], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert run.stdout.split() == [hf, 'False', described, 'False', official, 'False']
+  result = run_main(f'--config=configs/finetune.py:{described},digits',
+                    f'--workdir={tmp_path / "w"}', *[a for a in TINY[1:] if 'model.' not in a],
+                    '--config.total_steps=3', '--config.eval_every=3')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (tmp_path / 'w' / 'model.npz').exists()

@@ -258,8 +258,10 @@ def _check_description(exported: layouts.Read, path: str):
   than the file holds (a hand-edited or mixed-up file would otherwise compute nonsense)."""
   try:
     model = models.build(exported.config, exported.num_classes)
-    images = jnp.zeros((1,) + tuple(exported.image_size) + (3,))
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, train=False))
+    # Shapes only: reading a config (configs/finetune.py:<checkpoint>) must not start JAX's
+    # backend, which a multi-host run has yet to join (jax.distributed.initialize).
+    images = jax.ShapeDtypeStruct((1,) + tuple(exported.image_size) + (3,), jnp.float32)
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images)
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointMismatchError(f'{path}: the model its {DESCRIPTION_KEY} describes cannot be '
                                   f'built ({type(e).__name__}: {e}).') from None
