@@ -93,3 +93,12 @@ def test_a_finished_run_that_reproduces_a_published_cell_prints_it(tmp_path, cap
   (workdir / 'config.json').write_text(json.dumps(config))
   main._beside_published(str(workdir))  # pylint: disable=protected-access
   assert capsys.readouterr().out == ''
+
+
+def test_the_listing_names_an_unknown_model_with_the_known_ones(capsys):
+  published.main(['published', 'ViT-H_14'])
+  rows = capsys.readouterr().out.splitlines()[1:]
+  assert len(rows) == 7 + 6 + 19 and all(r.startswith('ViT-H_14 ') for r in rows)
+  with pytest.raises(SystemExit, match=r"No published result of 'ViT-X_16'; the table has "
+                                       r'R\+ViT-Ti_16, R26\+ViT-S_32, '):
+    published.main(['published', 'ViT-X_16'])

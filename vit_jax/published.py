@@ -207,6 +207,9 @@ def for_workdir(workdir: str, dataset: Optional[str] = None) -> Optional[Publish
 
 def main(argv):
   wanted = argv[1] if len(argv) > 1 else None
+  known = sorted({s.model for s in RESULTS})
+  if wanted is not None and wanted not in known:
+    sys.exit(f'No published result of {wanted!r}; the table has {", ".join(known)}.')
   print(f'{"model":<14} {"pre-training":<18} {"dataset":<28} {"steps":>6} {"px":>4} '
         f'{"drop":>4} {"top-1":>7}  source')
   for s, r in sorted(RESULTS.items(), key=lambda item: (item[1].source, item[0].model,
