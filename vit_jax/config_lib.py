@@ -8,7 +8,8 @@ import os
 
 import ml_collections
 
-from vit_jax import datasets, decoders, evaluator_specs, layouts, models, models_vit, objectives
+from vit_jax import (datasets, decoders, evaluator_specs, layouts, models, models_vit,
+                     objectives, published)
 from vit_jax.datasets import DATASETS  # Recipes read the facts here too.
 
 TRAINERS = ('train', 'evaluate', 'inference_time')
@@ -20,9 +21,7 @@ DTYPES = ('float32', 'bfloat16')
 OBJECTIVES = ('classification', 'mpp', 'segmentation', 'detection')
 # ImageNet-21k checkpoints of the original release (gs://vit_models/imagenet21k).
 OFFICIAL_CHECKPOINTS = ('ViT-B_16', 'ViT-B_32', 'ViT-L_16', 'ViT-L_32', 'ViT-H_14')
-# Paper Table 4: fine-tuning steps per dataset.
-FINETUNE_STEPS = {'imagenet2012': 20_000, 'cifar10': 10_000, 'cifar100': 10_000,
-                  'oxford_iiit_pet': 500, 'oxford_flowers102': 500}
+FINETUNE_STEPS = published.FINETUNE_STEPS  # Paper Table 4: fine-tuning steps per dataset.
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -48,7 +48,8 @@ def main(workdirs):
     test = r.get('test', r)  # Earlier runs wrote the test metrics at the top level.
     top1, top5, loss, ece = _test_metrics(test)
     name = workdir + (' (mpp)' if 'mpp_accuracy_test' in test else '')
-    paper = published.for_workdir(workdir)
+    config = published.run_config(workdir)
+    paper = published.for_run(config)
     diff = None if paper is None or top1 is None else top1 - paper.top1
     print(f'{name:<32} {r["step"]:>6} {_cell(top1, ".2%", 7)} '
           f'{_cell(paper and paper.top1, ".2%", 7)} {_cell(diff, "+.2%", 7)} '
@@ -56,17 +57,17 @@ def main(workdirs):
           f'{r["wall_time_sec"]:>7.0f}s')
     if paper is not None:
       print(f'  paper: {paper.source}' + (f', {paper.time}' if paper.time else ''))
-    evals = published.run_config(workdir).get('evals') or {}
+    evals = config.get('evals') or {}
     for name, metrics in r.items():
       if isinstance(metrics, dict) and (name != 'test' or top1 is None) and _scalars(metrics):
         print(f'  {name}: ' + ', '.join(f'{k} {v:.4f}' for k, v in _scalars(metrics).items())
-              + _beside_published(workdir, (evals.get(name) or {}).get('dataset'),
+              + _beside_published(config, (evals.get(name) or {}).get('dataset'),
                                   metrics.get(f'accuracy_{name}')))
 
 
-def _beside_published(workdir: str, dataset, top1) -> str:
-  """', paper X (source), diff Y' for an evaluator whose dataset has a published result."""
-  paper = dataset and top1 is not None and published.for_workdir(workdir, dataset)
+def _beside_published(config: dict, dataset, top1) -> str:
+  """'; paper X (source), diff Y' for an evaluator whose dataset has a published result."""
+  paper = dataset and top1 is not None and published.for_run(config, dataset)
   return f'; paper {paper.top1:.2%} ({paper.source}), diff {top1 - paper.top1:+.2%}' if paper \
       else ''
 
