@@ -1,7 +1,9 @@
 """The ViT model family: published parameter counts, shapes, dropout, dtypes."""
 
+import functools
 import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from vit_jax import models
+from vit_jax import models, models_vit
 from vit_jax.models_vit import VisionTransformer
 
 # Published counts at 224x224 with a 1000-class head (official ViT repository, models_test.py).
@@ -226,3 +228,23 @@ def test_the_model_runs_under_pmap_and_shard_map():
       env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4'))
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'pmap and shard_map equal jit on 4 devices' in result.stdout
+
+
+def test_dense_layers_train_without_transposed_copies_on_cpu():
+  """On CPU the encoder's Dense layers see (batch x tokens, D) matrices (over_tokens): XLA then
+  computes their weight gradients from the activations as they lie, where over (batch, tokens)
+  it copied both operands into transposed layouts first (half of an MLP's training step)."""
+  mlp = models_vit.MlpBlock(mlp_dim=64)
+  x = jnp.ones((4, 5, 32))
+  params = mlp.init(jax.random.PRNGKey(0), x, deterministic=True)
+
+  def transposes(apply):
+    grad = jax.jit(jax.grad(lambda p, x: (apply(p, x) ** 2).sum()))
+    return len(re.findall(r' transpose\(', grad.lower(params, x).compile().as_text()))
+
+  over_tokens = lambda p, x: models_vit.over_tokens(
+      functools.partial(mlp.apply, p, deterministic=True), x)
+  assert transposes(over_tokens) == 0
+  assert transposes(lambda p, x: mlp.apply(p, x, deterministic=True)) > 0  # What it avoids.
+  np.testing.assert_allclose(over_tokens(params, x), mlp.apply(params, x, deterministic=True),
+                             rtol=1e-6)
