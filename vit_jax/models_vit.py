@@ -55,8 +55,9 @@ def over_tokens(layer, x):
   The products are the same, but XLA's CPU backend computes a weight's gradient (a contraction
   over batch and tokens together) by first copying both operands into transposed layouts unless
   batch and tokens are one axis: flattened, a ViT-Ti/16 block's forward + backward took 247
-  instead of 297 ms on a 2-core Xeon, its MLP half the time (README, Benchmarks). Elsewhere the layer sees x as it is: on TPU, merging
-  the axes can cost a copy between tiled layouts, and nothing was measured there.
+  instead of 297 ms on a 2-core Xeon, its MLP half the time (benchmarks/cpu_speed.md).
+  Elsewhere the layer sees x as it is: on TPU, merging the axes can cost a copy between tiled
+  layouts, and nothing was measured there.
   """
   if not _compiling_for_cpu():
     return layer(x)
