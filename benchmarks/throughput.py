@@ -1,11 +1,13 @@
 r"""Throughput of the library's own train step and forward pass for a registry model.
 
 python benchmarks/throughput.py --model ViT-Ti_16 --res 224 --batch 32 [--json]
+    [--dtype bfloat16] [--attention dot_product]
 
 Compiles the train step that train.py uses (its optimizer, sharding and donation) and the forward
 pass on random data, times them after warm-up (median of --repeats), and prints img/s, GFLOPs per
-image (XLA's cost analysis), the machine's measured float32 matmul peak, the MFU of both, and the
-peak host memory. With --json the last line is one JSON object.
+image (XLA's cost analysis), the peak FLOP/s (on a CPU the measured float32 matmul peak, on an
+accelerator its data sheet's dense bfloat16 figure, vit_jax.mfu), the MFU of both, and the peak
+memory (host; on an accelerator also the device's). With --json the last line is one JSON object.
 """
 
 import argparse
@@ -16,14 +18,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import config_lib, cpu_tuning, mfu, models, objectives, optim, sharding, train
+from vit_jax import (config_lib, cpu_tuning, mfu, models, models_vit, objectives, optim, sharding,
+                     train)
 from vit_jax.inference_time import median_seconds
 
 
-def step_config(model: str, res: int, batch: int, **updates):
+def step_config(model: str, res: int, batch: int, attention: str = 'einsum', **updates):
   """The pre-training recipe (Adam, weight decay, clipping) for a registry model."""
   config = config_lib.base_config()
   config.model = models.get_config(model)
+  config.model.transformer.attention = attention
   config_lib.pretrain_recipe(config)
   config.pp.crop = res
   config.update(batch=batch, total_steps=100_000, **updates)
@@ -38,10 +42,14 @@ def main():
   parser.add_argument('--batch', type=int, default=32)
   parser.add_argument('--infer_batch', type=int, default=64)
   parser.add_argument('--repeats', type=int, default=10)
+  parser.add_argument('--dtype', default='float32', choices=config_lib.DTYPES,
+                      help='activations (config.dtype); parameters stay float32')
+  parser.add_argument('--attention', default='einsum', choices=models_vit.ATTENTIONS)
   parser.add_argument('--json', action='store_true')
   args = parser.parse_args()
 
-  config = step_config(args.model, args.res, args.batch, batch_eval=args.infer_batch)
+  config = step_config(args.model, args.res, args.batch, args.attention,
+                       batch_eval=args.infer_batch, dtype=args.dtype)
   config.model.representation_size = None  # As timm's models, which have none.
 
   mesh = sharding.make_mesh()
@@ -65,6 +73,9 @@ def main():
 
   train_seconds = median_seconds(one_train_step, args.repeats)
 
+  device = jax.local_devices()[0]
+  train_peak_bytes = (device.memory_stats() or {}).get('peak_bytes_in_use')
+
   forward = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
   images = jnp.asarray(rng.uniform(-1, 1, (args.infer_batch, args.res, args.res, 3)),
                        jnp.float32)
@@ -72,18 +83,24 @@ def main():
   infer_flops = mfu.flops(forward.lower(params, images).compile())
   infer_seconds = median_seconds(lambda: forward(params, images), args.repeats)
 
-  peak = mfu.matmul_peak_flops() / 1e9
+  peak = (mfu.matmul_peak_flops() if device.platform == 'cpu' else mfu.device_peak_flops())
+  peak = peak / 1e9 if peak else float('nan')  # An accelerator not in mfu.PEAK_TFLOPS: no MFU.
   devices = jax.device_count()
   results = {
       'model': args.model, 'res': args.res, 'batch': args.batch, 'devices': devices,
+      'device': f'{device.platform}: {device.device_kind}', 'dtype': args.dtype,
+      'attention': args.attention,
       'train_img_s': args.batch / train_seconds,
       'infer_img_s': args.infer_batch / infer_seconds,
       'gflops_per_img_forward': infer_flops / args.infer_batch / 1e9,
       'gflops_per_img_train': train_flops / args.batch / 1e9,
-      'matmul_peak_gflops': peak,
+      'peak_gflops': peak,
       'train_mfu': train_flops / train_seconds / 1e9 / (peak * devices),
       'infer_mfu': infer_flops / infer_seconds / 1e9 / (peak * devices),
       'peak_host_memory_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      # The train step's peak on the accelerator (None on a CPU, whose JAX device keeps no
+      # statistics), before the forward pass's larger batch runs.
+      'peak_device_memory_mb': train_peak_bytes / 2**20 if train_peak_bytes else None,
   }
   for key, value in results.items():
     print(f'{key:>24}: {value:.4g}' if isinstance(value, float) else f'{key:>24}: {value}')

@@ -199,14 +199,16 @@ def test_scanned_run_resumes_identically(scanned_run, tmp_path):
 
 
 def test_train_step_runs_without_tensorflow():
-  """benchmarks/throughput.py's path on an install without TensorFlow (nor clu)."""
+  """benchmarks/throughput.py's path on an install without TensorFlow (nor clu), as on a GPU
+  machine, in the GPU benchmark's settings (bfloat16 activations, fused attention's call)."""
   script = '''
 import sys
 sys.modules['tensorflow'] = None  # Any import of it now fails.
 sys.modules['clu'] = None
 sys.path.insert(0, 'benchmarks')
 sys.argv = ['throughput.py', '--model', 'testing', '--res', '16', '--batch', '2',
-            '--infer_batch', '2', '--repeats', '1', '--json']
+            '--infer_batch', '2', '--repeats', '1', '--dtype', 'bfloat16',
+            '--attention', 'dot_product', '--json']
 import throughput
 throughput.mfu.matmul_peak_flops = lambda: 1e9
 throughput.main()
@@ -215,7 +217,11 @@ assert 'tensorflow' not in sys.modules or sys.modules['tensorflow'] is None
   run = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
   assert run.returncode == 0, run.stderr[-3000:]
-  assert json.loads(run.stdout.splitlines()[-1])['train_img_s'] > 0
+  results = json.loads(run.stdout.splitlines()[-1])
+  assert results['train_img_s'] > 0 and results['infer_img_s'] > 0
+  assert (results['dtype'], results['attention']) == ('bfloat16', 'dot_product')
+  assert results['peak_gflops'] == 1.0 and results['train_mfu'] > 0
+  assert results['device'].startswith('cpu') and results['peak_device_memory_mb'] is None
 
 
 def test_plan_reports_memory_flops_and_compile_time_as_json():
