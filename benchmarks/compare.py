@@ -9,8 +9,8 @@ cross-entropy, the same batch sizes (64 for inference), median of the same repet
 Needs the `bench` extra (pip install -e '.[bench]').
 
 On a CPU each model also runs without vit_jax.cpu_tuning's settings. On a GPU timm runs on it
-too (`--dtype bfloat16`: under torch.autocast, as timm's own training script does), and the
-table adds each side's peak device memory, e.g. for ViT-B/16:
+too (`--dtype bfloat16`: under bfloat16 torch.autocast, as timm's train.py with --amp
+--amp-dtype bfloat16), and the table adds each side's peak device memory, e.g. for ViT-B/16:
 python benchmarks/compare.py --models ViT-B_16 --batch 256 --infer_batch 512 --dtype bfloat16
     --attention einsum dot_product
 """
