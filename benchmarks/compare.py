@@ -146,17 +146,16 @@ def main():
   if on_cpu:
     print('untuned: without vit_jax.cpu_tuning (VIT_JAX_CPU_TUNING=0: JAX\'s default dot '
           'library, 4 KiB pages)')
-  memory = not on_cpu  # The train step's peak device memory, GiB: vit_jax / timm.
   width = max(19, *(len(row[0]) for row in rows))
   print(f'{"model":<{width}} {"train img/s":>12} {"timm":>8} {"ratio":>6} {"MFU":>5}   '
         f'{"infer img/s":>11} {"timm":>8} {"ratio":>6} {"MFU":>5}' +
-        (f'   {"GiB":>6} {"timm":>6}' if memory else ''))
+        ('' if on_cpu else f'   {"GiB":>6} {"timm":>6}'))  # Train step's peak device memory.
   for name, ours_, theirs in rows:
     line = (f'{name:<{width}} {ours_["train_img_s"]:>12.1f} {theirs["train_img_s"]:>8.1f} '
             f'{ours_["train_img_s"] / theirs["train_img_s"]:>6.2f} {ours_["train_mfu"]:>5.0%}   '
             f'{ours_["infer_img_s"]:>11.1f} {theirs["infer_img_s"]:>8.1f} '
             f'{ours_["infer_img_s"] / theirs["infer_img_s"]:>6.2f} {ours_["infer_mfu"]:>5.0%}')
-    if memory:
+    if not on_cpu:
       gib = lambda mb: f'{mb / 1024:>6.1f}' if mb else f'{"?":>6}'
       line += f'   {gib(ours_["peak_device_memory_mb"])} {gib(theirs["peak_device_memory_mb"])}'
     print(line)
