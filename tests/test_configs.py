@@ -24,7 +24,7 @@ def test_pretrain_recipe_follows_table_3():
   assert c.model.representation_size == 768 and c.model.transformer.dropout_rate == 0.1
   assert c.loss == 'sigmoid_xent' and c.model.head_bias_init == -10.0
   assert c.total_steps == 289_051  # 90 epochs of ImageNet-21k at batch 4096.
-  # The release unpacked into class folders, 1% held out (README: ImageNet-21k).
+  # The release unpacked into class folders, 1% held out (docs/imagenet.md: ImageNet-21k).
   assert (c.dataset, c.train_split, c.test_split) == ('folder:~/imagenet21k', 'train[:99%]',
                                                       'train[99%:]')
   h = parse('pretrain.py:H_14,jft')

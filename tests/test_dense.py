@@ -11,8 +11,8 @@ import pytest
 import tensorflow as tf
 
 from helpers import parse_config
-from vit_jax import (config_lib, decoders, dense_pipeline, detection, models, segmentation,
-                     shapes, train)
+from vit_jax import (config_lib, decoders, dense_pipeline, detection, models, predict,
+                     segmentation, shapes, train)
 from vit_jax.evaluators import coco_records
 
 
@@ -423,6 +423,10 @@ def test_predict_draws_boxes_and_masks_of_a_detection_export(detection_run, tmp_
   drawn = Image.open(tmp_path / 'out' / 'wide.png')
   assert drawn.size == (192, 128)  # The image's own size.
   assert any(name in result.stdout for name in shapes.CLASSES), result.stdout
+  drawing = (tmp_path / 'out' / 'wide.png').read_bytes()  # Its own drawing: a re-run redraws it.
+  assert predict.predict_dense([str(tmp_path / 'wide.png')], str(workdir / 'model.npz'),
+                               str(tmp_path / 'out'), threshold=0.0) == 0
+  assert (tmp_path / 'out' / 'wide.png').read_bytes() == drawing
   result = run_main(f'--checkpoint={workdir / "model.npz"}', str(tmp_path / 'wide.png'),
                     module='vit_jax.predict')
   assert result.returncode != 0 and 'name --outdir' in result.stderr

@@ -281,7 +281,14 @@ def test_report_shows_masked_patch_prediction_metrics(tmp_path, capsys):
 
 def test_temporaries_of_a_killed_export_are_removed_at_the_next_start(run_copy):
   workdir, before = run_copy
-  (workdir / 'model.npz.tmp-999999').write_bytes(b'half an export')
+  ours = workdir / '.model.npz.vit_jax-tmp-999999'  # files.temporary_path's form.
+  ours.write_bytes(b'half an export')
+  users = {'notes.tmp-20251130': b'my notes', 'model.npz.tmp-999999': b'mine too',
+           '.notes.vit_jax-tmp-': b'no pid: not a name vit_jax makes'}
+  for name, content in users.items():
+    (workdir / name).write_bytes(content)
   train.train_and_evaluate(tiny_config(), str(workdir))
-  assert not (workdir / 'model.npz.tmp-999999').exists()
+  assert not ours.exists()
+  for name, content in users.items():  # Only temporaries this codebase made go.
+    assert (workdir / name).read_bytes() == content, name
   assert_unchanged(before, workdir, except_for=[HISTORY, 'model.npz', 'results.json'])

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from helpers import parse_config, run_main
+from helpers import ROOT, parse_config, run_main, snapshot
 from vit_jax import input_pipeline, vtab, vtab_tasks
 
 # The real datasets' split sizes (TFDS), from which the benchmark slices its splits.
@@ -195,6 +195,31 @@ def test_a_killed_sweep_resumes_without_redoing_finished_runs(tmp_path, monkeypa
   assert written['means']['all'] == pytest.approx(
       np.mean([t['test'] for t in written['tasks'].values()]))
   assert 'mean all' in result.stdout and 'digits_parity' in result.stdout
+
+  # Finished runs of another setting are refused, not reported: nothing trains, nothing changes.
+  monkeypatch.setattr(train, 'train_and_evaluate', lambda *a: pytest.fail('trained'))
+  before = snapshot(tmp_path)
+  longer = parse_config('--config=configs/vtab.py:testing,digits', *args,
+                        '--config.total_steps=4')
+  with pytest.raises(vtab.SweepMismatchError, match=r'lr_0.01 holds a run of another setting '
+                     r'.*total_steps: 3 there, 4 now'):
+    vtab.sweep(longer, str(tmp_path), ['digits'], [0.01, 0.3])
+  chosen = written['tasks']['digits']['lr']
+  other = 0.3 if chosen == 0.01 else 0.01  # Its val200 run finished: it becomes the choice.
+  with pytest.raises(vtab.SweepMismatchError,
+                     match=rf'final holds a run .*base_lr: {chosen!r} there, {other!r} now'):
+    vtab.sweep(config, str(tmp_path), ['digits'], [other])
+  assert snapshot(tmp_path) == before
+
+
+def test_learning_rates_and_tasks_are_refused_before_anything_trains():
+  from absl import app
+  for bad in ([], [''], ['abc'], ['0.01', 'nan'], ['-1']):
+    with pytest.raises(app.UsageError, match='--lrs'):
+      vtab.parse_lrs(bad)
+  assert vtab.parse_lrs(['0.01', '3e-2']) == [0.01, 0.03]
+  assert vtab.with_pretrained_flag(['vtab', '--pretrained=B_16', '--tasks=']) == [
+      'vtab', f'--config={ROOT}/configs/vtab.py:B_16,{vtab_tasks.VTAB_1K[0]}', '--tasks=']
 
 
 # ------------------------------------------------- every task through a stand-in of its dataset

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from vit_jax import models, models_vit
+from vit_jax import files, models, models_vit
 
 FLAGS = flags.FLAGS
 
@@ -120,7 +120,7 @@ def plot_rollout(images, maps, path):
   axes[0, 0].set_title('input', fontsize=8, loc='left')
   axes[1, 0].set_title('attention rollout', fontsize=8, loc='left')
   figure.tight_layout()
-  figure.savefig(path, dpi=100)
+  figure.savefig(path, dpi=100, format='png')
   plt.close(figure)
 
 
@@ -135,7 +135,7 @@ def plot_position_similarity(similarity, path):
       axes[i, j].axis('off')
   figure.colorbar(shown, ax=axes, shrink=0.8, label='cosine similarity')
   figure.suptitle('Position embedding similarity (row, column of the patch)', fontsize=9)
-  figure.savefig(path, dpi=100)
+  figure.savefig(path, dpi=100, format='png')
   plt.close(figure)
 
 
@@ -148,7 +148,7 @@ def plot_attention_distance(distance, path):
   ax.set_xlabel('network depth (layer)')
   ax.set_ylabel('mean attention distance (pixels)')
   figure.tight_layout()
-  figure.savefig(path, dpi=100)
+  figure.savefig(path, dpi=100, format='png')
   plt.close(figure)
 
 
@@ -162,7 +162,7 @@ def plot_filters(components, path):
   for ax, component in zip(axes.ravel(), components):
     ax.imshow(component if component.shape[-1] == 3 else component[..., 0])
   figure.suptitle('Principal components of the patch-embedding filters', fontsize=9)
-  figure.savefig(path, dpi=100)
+  figure.savefig(path, dpi=100, format='png')
   plt.close(figure)
 
 
@@ -176,30 +176,30 @@ FIGURES = ('attention_rollout.png', 'position_embedding_similarity.png',
 def analyse(params, model, config, images, outdir, model_inputs=lambda x: x) -> list:
   """Writes the figures for `params` (all four, or three for models without absolute position
   embeddings); returns their paths. `images` are in [-1, 1]; `model_inputs` normalises them as
-  the model takes them (checkpoint.load_model(...).model_inputs)."""
+  the model takes them (checkpoint.load_model(...).model_inputs). A figure name that a file not
+  written there by analysis holds is refused before any work (files.OutputFolder)."""
   from vit_jax import checkpoint, models
-  os.makedirs(outdir, exist_ok=True)
   stride = models.token_stride(config)  # Pixels per token (a hybrid's stem included).
   grid = (images.shape[1] // stride[0], images.shape[2] // stride[1])
+  posemb = checkpoint.patch_position_embeddings(params, config, grid)
+  figures = [name for name in FIGURES
+             if posemb is not None or name != 'position_embedding_similarity.png']
+  folder = files.OutputFolder(outdir)
+  folder.check(figures)
   has_class_token = config.classifier in ('token', 'token_and_gap')
   weights = attention_weights(model, params, model_inputs(images))
-  path = lambda name: os.path.join(outdir, name)
-  plot_rollout(images, rollout_maps(attention_rollout(weights), grid, has_class_token),
-               path('attention_rollout.png'))
-  paths = [path('attention_rollout.png')]
-  posemb = checkpoint.patch_position_embeddings(params, config, grid)
-  if posemb is not None:
-    plot_position_similarity(position_embedding_similarity(posemb, grid),
-                             path('position_embedding_similarity.png'))
-    paths.append(path('position_embedding_similarity.png'))
-  plot_attention_distance(mean_attention_distance(weights, grid, stride),
-                          path('attention_distance.png'))
-  plot_filters(embedding_filter_components(checkpoint.patch_embedding_kernel(params)),
-               path('embedding_filters.png'))
-  paths += [path('attention_distance.png'), path('embedding_filters.png')]
-  for name in FIGURES:  # A figure of an earlier model that this one has none of.
-    if path(name) not in paths and os.path.exists(path(name)):
-      os.remove(path(name))
+  plots = {
+      'attention_rollout.png': lambda path: plot_rollout(
+          images, rollout_maps(attention_rollout(weights), grid, has_class_token), path),
+      'position_embedding_similarity.png': lambda path: plot_position_similarity(
+          position_embedding_similarity(posemb, grid), path),
+      'attention_distance.png': lambda path: plot_attention_distance(
+          mean_attention_distance(weights, grid, stride), path),
+      'embedding_filters.png': lambda path: plot_filters(
+          embedding_filter_components(checkpoint.patch_embedding_kernel(params)), path)}
+  paths = [folder.write(name, plots[name]) for name in figures]
+  for name in set(FIGURES) - set(figures):  # An earlier model's figure, if analysis drew it.
+    folder.remove(name)
   return paths
 
 
@@ -226,9 +226,7 @@ def main(argv):
   from vit_jax import checkpoint
   if FLAGS.num_images < 1:
     raise app.UsageError(f'--num_images={FLAGS.num_images} must be at least 1.')
-  if os.path.exists(FLAGS.outdir) and not os.path.isdir(FLAGS.outdir):
-    raise app.UsageError(f'--outdir={FLAGS.outdir} is a file, not a directory: name a directory '
-                         '(the file is left as it is).')
+  files.OutputFolder(FLAGS.outdir)  # A file, not a folder: refused before the model loads.
   read = checkpoint.load_model(FLAGS.checkpoint)
   model = models.build(read.config, read.num_classes)  # Classifier or dense: the same encoder.
   images = _images(argv[1:], read.image_size, FLAGS.dataset, FLAGS.split, FLAGS.num_images)

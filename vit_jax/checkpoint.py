@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vit_jax import datasets, layouts, models, models_vit
+from vit_jax import datasets, files, layouts, models, models_vit
 from vit_jax.layouts import official
 # Names this module has always offered; their home is now vit_jax/layouts/.
 from vit_jax.layouts.common import (  # pylint: disable=unused-import
@@ -47,13 +47,9 @@ def check_finite(flat: dict, where: str):
         'diverged before it was saved; use an earlier checkpoint.')
 
 
-def _is_remote(path: str) -> bool:
-  return '://' in path
-
-
 def _open(path: str):
   """The file at a local or remote (gs://...) path, opened for binary reading."""
-  if _is_remote(path):
+  if files.is_remote(path):
     import tensorflow as tf  # Only remote paths pay for importing TensorFlow.
     if not tf.io.gfile.exists(path):
       raise FileNotFoundError(f'Checkpoint not found: {path}')
@@ -107,24 +103,6 @@ def _open_npz(f, path: str):
 def _read_bytes(path: str) -> bytes:
   with _open(path) as f:
     return f.read()
-
-
-def write_bytes(path: str, data: bytes):
-  if _is_remote(path):
-    import tensorflow as tf
-    with tf.io.gfile.GFile(path, 'wb') as f:
-      f.write(data)
-    return
-  # Write next to the target and rename: a reader never sees a half-written file.
-  tmp_path = f'{path}.tmp-{os.getpid()}'
-  try:
-    with open(tmp_path, 'wb') as f:
-      f.write(data)
-    os.replace(tmp_path, path)
-  except BaseException:  # A full disk, an interrupt: the old file stays, no litter.
-    if os.path.exists(tmp_path):
-      os.remove(tmp_path)
-    raise
 
 
 def _load(path: str):
@@ -278,7 +256,8 @@ def _check_description(exported: layouts.Read, path: str):
 
 def save(params: Params, path: str, *, model_config=None, image_size=None,
          multi_label: bool = False, class_names: Optional[Sequence[str]] = None,
-         preprocessing: Optional[dict] = None, num_classes: Optional[int] = None):
+         preprocessing: Optional[dict] = None, num_classes: Optional[int] = None,
+         new: bool = False):
   """Writes `params` as an official-layout .npz (float32 where the model runs in bfloat16; a
   scanned encoder per layer).
 
@@ -287,7 +266,8 @@ def save(params: Params, path: str, *, model_config=None, image_size=None,
   [0, 1] were normalised with, where not [-1, 1]) the file describes itself: one more array,
   `vit_jax_description` (JSON as bytes), which readers of the official layout (the official
   code, timm) do not look up, and which `load_model` reads back. `num_classes`: a dense
-  model's (whose decoder has no `head` to read it from).
+  model's (whose decoder has no `head` to read it from). `new`: refuse to replace an existing
+  `path` (files.create), for destinations a user names.
   """
   flat = unstack_layers(flax.traverse_util.flatten_dict(jax.device_get(params)))
   flat = {'/'.join(key): value for key, value in flat.items()}
@@ -313,7 +293,10 @@ def save(params: Params, path: str, *, model_config=None, image_size=None,
     arrays[key] = value
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
-  write_bytes(path, buffer.getvalue())
+  if new:
+    files.create(path, lambda temporary: files.write_bytes(temporary, buffer.getvalue()))
+  else:
+    files.write_bytes(path, buffer.getvalue())
 
 
 def _grid_shape(num_tokens: int, image_size, token_stride, what: str):

@@ -9,7 +9,7 @@ DATASETS = {
     'cifar100': dict(num_classes=100, train_size=50_000, train='train[:98%]', test='test'),
     'imagenet2012': dict(num_classes=1000, train_size=1_281_167, train='train[:99%]',
                          test='validation'),
-    # No TFDS builder: the release unpacked into one folder per class (README, "ImageNet-21k").
+    # No TFDS builder: the release unpacked into one folder per class (docs/imagenet.md, "ImageNet-21k").
     'imagenet21k': dict(num_classes=21_843, train_size=13_155_000, train='train[:99%]',
                         test='train[99%:]', multi_label=True, dataset='folder:~/imagenet21k'),
     'oxford_iiit_pet': dict(num_classes=37, train_size=3_680, train='train[:90%]', test='test'),

@@ -19,6 +19,8 @@ import zipfile
 import numpy as np
 import tensorflow as tf
 
+from vit_jax import files
+
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 SPLITLESS = 'train'  # The name of the one split of a folder without split directories.
 INDEX_VERSION = 3  # 3: hidden entries ignored.
@@ -114,7 +116,7 @@ def indexed_files(directory: str, classes: list, index_dir: str):
     logging.info('The file index %s is out of date: listing %s again.', path, directory)
   logging.info('Listing the images of %s (indexed in %s for the next start).', directory, path)
   names, labels = _list(directory, classes)
-  temporary = f'{path}.tmp-{os.getpid()}'
+  temporary = files.temporary_path(path)
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(temporary, 'wb') as f:

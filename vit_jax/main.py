@@ -75,7 +75,8 @@ def _quiet_orbax(record: std_logging.LogRecord) -> bool:
 
 def start(argv):
   """What every command that trains does once its flags are parsed: join the other processes,
-  turn SIGTERM into a clean stop, and keep tf.data off the accelerators."""
+  turn SIGTERM into a clean stop, and keep tf.data off the accelerators. Returns the parsed
+  (config, workdir)."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected command-line arguments: {" ".join(argv[1:])}')
   logging.get_absl_handler().addFilter(_quiet_orbax)
@@ -87,22 +88,22 @@ def start(argv):
     logging.set_verbosity(logging.WARNING)  # Process 0 speaks for all.
   import tensorflow as tf
   tf.config.set_visible_devices([], 'GPU')  # tf.data only: leave accelerators to JAX.
+  return _CONFIG.value, _WORKDIR.value
 
 
 def main(argv):
-  start(argv)
+  config, workdir = start(argv)
   from vit_jax import resume, train  # After flag parsing, so that --help stays fast.
 
-  config = _CONFIG.value
   logging.info('Config:\n%s', config)
   if config.trainer == 'evaluate':
-    train.evaluate(config, _WORKDIR.value)
+    train.evaluate(config, workdir)
   elif config.trainer == 'inference_time':
     from vit_jax import inference_time
-    inference_time.inference_time(config, _WORKDIR.value)
+    inference_time.inference_time(config, workdir)
   else:
     try:
-      train.train_and_evaluate(config, _WORKDIR.value)
+      train.train_and_evaluate(config, workdir)
     except resume.CheckpointSaveError as e:
       # The failed save's orbax threads would hold the exit for a coordination timeout
       # (300 s) and then print their tracebacks: the named error is the last word instead.
@@ -111,7 +112,7 @@ def main(argv):
       sys.stderr.write(f'\n{type(e).__name__}: {e}\n')
       sys.stderr.flush()
       os._exit(1)  # pylint: disable=protected-access
-    _beside_published(_WORKDIR.value)
+    _beside_published(workdir)
 
 
 def _beside_published(workdir: str):

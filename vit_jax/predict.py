@@ -5,7 +5,9 @@ python -m vit_jax.predict --checkpoint=runs/demo/finetune/model.npz --dataset=di
 python -m vit_jax.predict --model=ViT-B_16 --checkpoint=ViT-B_16.npz --labels=names.txt IMAGE...
 python -m vit_jax.predict --checkpoint=runs/detection/model.npz --outdir=DIR IMAGE...
 
-A dense model's drawing goes to <outdir>/<image name>.png, at the image's own size (images are
+A dense model's drawing goes to <outdir>/<image name>.png, at the image's own size; a name that
+a file not drawn there by predict holds, or that two images would share, is refused before any
+work (files.OutputFolder), so an input photo or a user's own drawing is never replaced (images are
 scaled as in evaluation: the longer side fits the model's input); detections scoring at least
 --threshold are drawn and printed.
 
@@ -15,6 +17,8 @@ Label names come from --labels (one per line) or --dataset (digits, folder:<dir>
 A file that cannot be read is reported by name; the others are still classified.
 """
 
+import math
+import os
 import re
 import sys
 from typing import Callable, NamedTuple, Optional
@@ -25,7 +29,7 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 
-from vit_jax import checkpoint, models
+from vit_jax import checkpoint, files, models
 
 
 def label_names(num_classes, labels_path=None, dataset=None, from_checkpoint=None) -> list:
@@ -157,22 +161,33 @@ def draw(image: np.ndarray, found: dict, objective, scale: float, names, thresho
   return picture, lines
 
 
+def output_names(paths, outdir) -> list:
+  """<image name>.png for each image, checked before any work: a name that another file holds
+  (the input photo itself, a user's own drawing) or that two images would share is refused."""
+  folder = files.OutputFolder(outdir)
+  names = [os.path.splitext(os.path.basename(path))[0] + '.png' for path in paths]
+  for path, name in zip(paths, names):
+    out = os.path.join(outdir, name)
+    if os.path.exists(out) and os.path.exists(path) and os.path.samefile(path, out):
+      raise ValueError(f'{out} would be drawn over its own input image: name another --outdir '
+                       '(nothing was written).')
+  folder.check(names)
+  return folder, names
+
+
 def predict_dense(paths, checkpoint_path, outdir, threshold, names=None) -> int:
   """Draws a dense model's predictions for each image into <outdir>; the number of images that
   could not be read."""
-  import os
   import tensorflow as tf
   from vit_jax import dense_pipeline, preprocess
   if not outdir:
     raise app.UsageError(f'{checkpoint_path} is a segmentation / detection model: name '
                          '--outdir, where its drawings go.')
-  if os.path.exists(outdir) and not os.path.isdir(outdir):
-    raise app.UsageError(f'--outdir={outdir} is a file, not a directory.')
+  folder, out_names = output_names(paths, outdir)
   objective, predict, config, class_names = load_dense(checkpoint_path)
   names = names or class_names or [f'class {i}' for i in range(objective.num_outputs)]
-  os.makedirs(outdir, exist_ok=True)
   failures = 0
-  for path in paths:
+  for path, out_name in zip(paths, out_names):
     try:
       image = preprocess.decode(tf.io.read_file(path)).numpy()
     except (tf.errors.OpError, ValueError):
@@ -182,8 +197,7 @@ def predict_dense(paths, checkpoint_path, outdir, threshold, names=None) -> int:
     canvas, scale = dense_pipeline.canvas(image, config)
     found = jax.tree.map(lambda x: np.asarray(x)[0], predict(canvas[None]))
     picture, lines = draw(image, found, objective, scale, names, threshold)
-    out = os.path.join(outdir, os.path.splitext(os.path.basename(path))[0] + '.png')
-    picture.save(out)
+    out = folder.write(out_name, lambda temporary: picture.save(temporary, format='PNG'))
     print(f'{path} -> {out}')
     print('\n'.join(lines))
   return failures
@@ -195,6 +209,8 @@ def main(argv):
     raise app.UsageError('Name at least one image file.')
   if FLAGS.top < 1:
     raise app.UsageError(f'--top={FLAGS.top} must be at least 1.')
+  if not (math.isfinite(FLAGS.threshold) and 0 <= FLAGS.threshold <= 1):
+    raise app.UsageError(f'--threshold={FLAGS.threshold}: expected a score between 0 and 1.')
   description = checkpoint.read_description(FLAGS.checkpoint)
   if description is not None and description.config.get('decoder') is not None:
     names = FLAGS.labels and label_names(description.num_classes, FLAGS.labels)

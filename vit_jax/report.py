@@ -10,13 +10,14 @@ and dropout) the published top-1 ("paper") and the run's difference from it; fur
 (results.json[name]) are listed under it, with the published figure of their dataset where
 there is one (ReaL: the paper's Table 2).
 --reliability draws the test evaluator's reliability diagram (accuracy against confidence per
-bin) of each workdir into one PNG."""
+bin) of each workdir into one figure (.png, .pdf or .svg; never over a file report did not
+write there)."""
 
 import json
 import os
 import sys
 
-from vit_jax import published
+from vit_jax import files, published
 
 
 def _test_metrics(test: dict):
@@ -90,8 +91,19 @@ def reliability_diagram(workdirs, path: str):
   axes.set(xlabel='confidence', ylabel='accuracy', xlim=(0, 1), ylim=(0, 1),
            title='Reliability diagram')
   axes.legend(fontsize='small')
-  figure.savefig(path, dpi=100, bbox_inches='tight')
+  folder = files.OutputFolder(os.path.dirname(path) or '.')
+  folder.write(os.path.basename(path), lambda temporary: figure.savefig(
+      temporary, dpi=100, bbox_inches='tight', format=os.path.splitext(path)[1][1:]))
   print(f'Wrote {path}')
+
+
+def check_diagram_path(path: str):
+  """Refuses, before any work, a --reliability path that is a folder, has no image extension
+  or names a file that report did not write."""
+  formats = ('png', 'pdf', 'svg')
+  if os.path.isdir(path) or os.path.splitext(path)[1][1:].lower() not in formats:
+    raise ValueError(f'--reliability={path}: expected a new file named .png, .pdf or .svg.')
+  files.OutputFolder(os.path.dirname(path) or '.').check([os.path.basename(path)])
 
 
 if __name__ == '__main__':
@@ -107,6 +119,11 @@ if __name__ == '__main__':
   if missing:
     sys.exit(f'No results.json in {", ".join(missing)} (a workdir has one once a run finished '
              'or was preempted).')
+  for diagram in diagrams:
+    try:
+      check_diagram_path(diagram)
+    except (ValueError, FileExistsError) as e:
+      sys.exit(str(e))
   main(workdirs)
   for diagram in diagrams:
     reliability_diagram(workdirs, diagram)

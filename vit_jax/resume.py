@@ -31,7 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from vit_jax import checkpoint
+from vit_jax import checkpoint, files
 
 # Config keys that fix the train state (parameters and optimizer state); the image size and the
 # number of outputs, which the data can fix too, are compared as resolved values.
@@ -171,13 +171,11 @@ def make_writable_directory(directory: str):
 
 
 def remove_temporaries(workdir: str):
-  """Deletes what a killed writer left in the workdir (`<file>.tmp-<pid>`, see
-  checkpoint.write_bytes): called by the lock's holder, so no live writer owns them."""
-  for name in os.listdir(workdir):
-    stem, _, pid = name.rpartition('.tmp-')
-    if stem and pid.isdigit() and os.path.isfile(os.path.join(workdir, name)):
-      logging.info('Removing %s, left by a run that was killed while writing %s.', name, stem)
-      os.remove(os.path.join(workdir, name))
+  """Deletes what a killed writer of this codebase left in the workdir (files.temporary_path's
+  names only): called by the lock's holder, so no live writer owns them."""
+  for name in files.remove_temporaries(workdir):
+    logging.info('Removed the temporary file of %s, left by a run that was killed while '
+                 'writing it.', name)
 
 
 # ------------------------------------------------------------------------ configs of a workdir
@@ -215,7 +213,7 @@ def append_json(path, entry: dict):
   entries = read_json(path) or []
   entries = [entries] if isinstance(entries, dict) else entries  # One result, as written before.
   entries.append(entry)
-  checkpoint.write_bytes(path, json.dumps(entries, indent=1).encode())
+  files.write_bytes(path, json.dumps(entries, indent=1).encode())
 
 
 class Workdir:
@@ -299,7 +297,7 @@ class Workdir:
       return
     classes_path = os.path.join(self.path, CLASSES_FILE)
     if class_names is not None and not os.path.exists(classes_path):
-      checkpoint.write_bytes(classes_path, json.dumps(list(class_names), indent=0).encode())
+      files.write_bytes(classes_path, json.dumps(list(class_names), indent=0).encode())
     config_dict = json.loads(config.to_json_best_effort())
     append_json(os.path.join(self.path, HISTORY_FILE), {
         'started': time.strftime('%Y-%m-%d %H:%M:%S'), 'host': socket.gethostname(),
@@ -307,7 +305,7 @@ class Workdir:
         'num_outputs': num_outputs, 'image_size': list(image_size), 'config': config_dict})
     config_path = os.path.join(self.path, CONFIG_FILE)
     if not os.path.exists(config_path):
-      checkpoint.write_bytes(config_path, json.dumps(config_dict, indent=2).encode())
+      files.write_bytes(config_path, json.dumps(config_dict, indent=2).encode())
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -415,7 +413,7 @@ class Checkpoints:
         for name in files:
           path = os.path.join(root, name)
           sizes[os.path.relpath(path, step_dir)] = os.path.getsize(path)
-      checkpoint.write_bytes(os.path.join(step_dir, FILES_RECORD), json.dumps(sizes).encode())
+      files.write_bytes(os.path.join(step_dir, FILES_RECORD), json.dumps(sizes).encode())
 
   def _set_aside(self, step, problem):
     logging.warning('The checkpoint of step %d is damaged (%s); setting it aside as '

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vit_jax import (checkpoint, config_lib, evaluators, mfu, models, multihost, objectives,
+from vit_jax import (checkpoint, config_lib, evaluators, files, mfu, models, multihost, objectives,
                      optim, resume, sharding)
 from vit_jax.models_vit import VisionTransformer
 
@@ -571,7 +571,7 @@ def write_results(workdir, name, results):
   """<workdir>/<name> as JSON, from process 0, never half-written."""
   if jax.process_index() == 0:
     path = os.path.join(workdir, name)
-    checkpoint.write_bytes(path, json.dumps(results, indent=2).encode())
+    files.write_bytes(path, json.dumps(results, indent=2).encode())
     logging.info('Wrote %s: %s', path, results)
 
 

@@ -7,19 +7,24 @@ For each task, each learning rate is trained on train800 and scored on val200
 (DIR/<task>/lr_<lr>); the one with the best val200 accuracy is trained on train800val200 and
 scored on test (DIR/<task>/final). SOURCE and the runs' settings are configs/vtab.py's; any of its
 keys can be overridden. Every run has its own workdir, so a killed sweep started again skips the
-finished runs and resumes the interrupted one from its checkpoint. At the end it prints the
+finished runs and resumes the interrupted one from its checkpoint. A run counts as finished only
+if it was trained with the setting asked for now: a workdir whose runs used another checkpoint,
+resolution, schedule or learning rate is refused before anything trains, naming the keys that
+differ (every key but the bookkeeping ones, `SAME_RUN_EITHER_WAY`). At the end it prints the
 paper's table (each task, each group's mean, the mean over all tasks; beside the paper's Tables 9
 and 2 where they have the checkpoint: ViT-L/16 from ImageNet-21k) and writes DIR/vtab.json.
 """
 
 import copy
 import json
+import math
 import os
 import sys
 
+import flax
 from absl import app, flags, logging
 
-from vit_jax import checkpoint
+from vit_jax import files, resume
 from vit_jax import main as cli
 from vit_jax import published
 from vit_jax import vtab_tasks
@@ -29,6 +34,41 @@ _TASKS = flags.DEFINE_list('tasks', list(vtab_tasks.VTAB_1K), 'VTAB tasks to run
                            '19; the offline digits, digits_parity also exist).')
 _LRS = flags.DEFINE_list('lrs', ['0.001', '0.003', '0.01', '0.03'],
                          'Learning rates swept on val200.')
+
+
+# Keys that change how a run is logged, checkpointed or found on disk, not what it computes.
+SAME_RUN_EITHER_WAY = ('eval_every', 'progress_every', 'checkpoint_every', 'keep_checkpoints',
+                       'compilation_cache_dir', 'folder_index_dir', 'tfds_data_dir',
+                       'tfds_download', 'tfds_manual_dir', 'evals.test.every', 'trainer',
+                       *resume.SAME_STATE_EITHER_WAY)
+
+
+class SweepMismatchError(ValueError):
+  """A sub-run's workdir holds a run of another setting than the sweep asks for."""
+
+
+def _setting(config_dict: dict) -> dict:
+  flat = {**resume.NEWER_KEYS,
+          **flax.traverse_util.flatten_dict(json.loads(json.dumps(config_dict)), sep='.')}
+  return {k: v for k, v in flat.items() if k not in SAME_RUN_EITHER_WAY}
+
+
+def check_same_run(config, workdir: str, ignore=()):
+  """Refuses `workdir` if a run of another setting than `config` trained there (`ignore`: keys
+  not known yet, e.g. the final run's learning rate before the val200 runs have finished)."""
+  last = resume.Workdir(workdir).last_training()
+  if last is None:
+    return
+  then, now = _setting(last[0]), _setting(json.loads(config.to_json_best_effort()))
+  differ = sorted(k for k in then.keys() | now.keys()
+                  if k not in ignore and then.get(k) != now.get(k))
+  if differ:
+    details = '; '.join(f'{k}: {then.get(k)!r} there, {now.get(k)!r} now' for k in differ[:6])
+    raise SweepMismatchError(
+        f'{workdir} holds a run of another setting than this sweep asks for ({details}'
+        f'{" ..." if len(differ) > 6 else ""}): its result would be reported (or the run '
+        'resumed) as if it were this setting\'s. Nothing was changed: sweep with the setting it '
+        'was started with, or into a new --workdir.')
 
 
 def finished(workdir: str, total_steps: int):
@@ -42,8 +82,10 @@ def finished(workdir: str, total_steps: int):
 
 
 def run(config, workdir: str) -> dict:
-  """The run in `workdir`, trained (or resumed) unless it finished before; its test accuracy."""
+  """The run in `workdir`, trained (or resumed) unless it finished before with this very
+  setting; its test accuracy."""
   from vit_jax import train
+  check_same_run(config, workdir)
   results = finished(workdir, config.total_steps)
   if results is None:
     train.train_and_evaluate(config, workdir)
@@ -52,7 +94,7 @@ def run(config, workdir: str) -> dict:
       logging.info('%s stopped before its last step: the sweep stops here.', workdir)
       sys.exit(0)
   else:
-    logging.info('%s: finished before, skipped.', workdir)
+    logging.info('%s: finished before with this setting, skipped.', workdir)
   return results['test']['accuracy_test']
 
 
@@ -67,6 +109,12 @@ def with_run(config, task: str, lr: float, train_split: str, test_split: str):
 
 def sweep(config, workdir: str, tasks, lrs) -> dict:
   """{task: {'val200': {lr: accuracy}, 'lr': chosen, 'test': accuracy, 'group': ...}}."""
+  for task in tasks:  # Every run already there, checked before anything trains.
+    for lr in lrs:
+      check_same_run(with_run(config, task, lr, 'train800', 'val200'),
+                     os.path.join(workdir, task, f'lr_{lr}'))
+    check_same_run(with_run(config, task, lrs[0], 'train800val200', 'test'),
+                   os.path.join(workdir, task, 'final'), ignore=('base_lr',))
   results = {}
   for task in tasks:
     val = {lr: run(with_run(config, task, lr, 'train800', 'val200'),
@@ -119,34 +167,52 @@ def table(results: dict, means: dict, paper: dict) -> str:
   return '\n'.join(lines)
 
 
+def parse_lrs(values) -> list:
+  """--lrs as positive finite numbers, refused as a whole before anything trains."""
+  lrs = []
+  for value in values:
+    try:
+      lr = float(value)
+    except ValueError:
+      lr = math.nan
+    if not (math.isfinite(lr) and lr > 0):
+      raise app.UsageError(f'--lrs={",".join(values)}: {value!r} is not a positive learning '
+                           'rate; expected e.g. --lrs=0.001,0.003,0.01,0.03.')
+    lrs.append(lr)
+  if not lrs:
+    raise app.UsageError('--lrs is empty; expected e.g. --lrs=0.001,0.003,0.01,0.03.')
+  return lrs
+
+
 def main(argv):
-  cli.start(argv)
+  config, workdir = cli.start(argv)
+  if not _TASKS.value:
+    raise app.UsageError('--tasks is empty; expected some of '
+                         f'{", ".join(list(vtab_tasks.TASKS) + list(vtab_tasks.OFFLINE))}.')
   unknown = [t for t in _TASKS.value if t not in vtab_tasks.TASKS and t not in vtab_tasks.OFFLINE]
   if unknown:
     raise app.UsageError(f'Unknown VTAB task(s) {", ".join(unknown)}; expected some of '
                          f'{", ".join(list(vtab_tasks.TASKS) + list(vtab_tasks.OFFLINE))}.')
-  lrs = [float(lr) for lr in _LRS.value]
-  workdir = cli._WORKDIR.value  # pylint: disable=protected-access
-  results = sweep(cli._CONFIG.value, workdir, _TASKS.value, lrs)  # pylint: disable=protected-access
+  lrs = parse_lrs(_LRS.value)
+  results = sweep(config, workdir, _TASKS.value, lrs)
   means = summary(results)
-  text = table(results, means, paper(cli._CONFIG.value))  # pylint: disable=protected-access
+  text = table(results, means, paper(config))
   print(text)
-  checkpoint.write_bytes(os.path.join(workdir, 'vtab.json'),  # Never a half-written table.
-                         json.dumps({'tasks': results, 'means': means}, indent=1).encode())
+  files.write_bytes(os.path.join(workdir, 'vtab.json'),  # Never a half-written table.
+                    json.dumps({'tasks': results, 'means': means}, indent=1).encode())
   logging.info('Wrote %s', os.path.join(workdir, 'vtab.json'))
 
 
 def with_pretrained_flag(argv: list) -> list:
   """--pretrained=SOURCE stands for --config=<checkout>/configs/vtab.py:SOURCE,<first task> (the
   task is set per run)."""
-  tasks = next((a.split('=', 1)[1] for a in argv if a.startswith('--tasks=')),
-               vtab_tasks.VTAB_1K[0])
+  tasks = next((a.split('=', 1)[1] for a in argv if a.startswith('--tasks=')), '').split(',')
+  first = next((task for task in tasks if task), vtab_tasks.VTAB_1K[0])  # main checks --tasks.
   out = []
   for arg in argv:
     if arg.startswith('--pretrained='):
       source = arg.split('=', 1)[1]
-      arg = f'--config={os.path.join(common.ROOT, "configs", "vtab.py")}:' \
-            f'{source},{tasks.split(",")[0]}'
+      arg = f'--config={os.path.join(common.ROOT, "configs", "vtab.py")}:{source},{first}'
     out.append(arg)
   return out
 

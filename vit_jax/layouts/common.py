@@ -9,7 +9,7 @@ from typing import NamedTuple, Optional
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import models_vit
+from vit_jax import files, models_vit
 
 
 class CheckpointMismatchError(ValueError):
@@ -157,40 +157,27 @@ def plain_vit_problems(config, params) -> list:
   return problems
 
 
-def write_model_dir(path: str, flat: dict, config: dict):
-  """config.json and model.safetensors into a new directory `path` (written next to it and
-  renamed: a reader never sees half of it; an existing path is never replaced)."""
+def write_model_dir(path: str, flat: dict, config: dict, extra_files: Optional[dict] = None):
+  """config.json and model.safetensors (and `extra_files`, name -> JSON) in a new folder `path`,
+  which appears whole or not at all; an existing path is never replaced (files.create_dir)."""
   from safetensors.numpy import save_file
-  if os.path.exists(path):
-    raise FileExistsError(f'{path} exists: name a new directory (nothing was written).')
-  temporary = f'{path.rstrip("/")}.tmp-{os.getpid()}'
-  os.makedirs(temporary)
-  try:
+
+  def fill(folder):
     save_file({k: np.ascontiguousarray(v, np.float32) for k, v in flat.items()},
-              os.path.join(temporary, 'model.safetensors'), metadata={'format': 'pt'})
-    with open(os.path.join(temporary, 'config.json'), 'w') as f:
-      json.dump(config, f, indent=2)
-    os.rename(temporary, path)
-  except BaseException:
-    import shutil
-    shutil.rmtree(temporary, ignore_errors=True)
-    raise
+              os.path.join(folder, 'model.safetensors'), metadata={'format': 'pt'})
+    for name, content in {'config.json': config, **(extra_files or {})}.items():
+      with open(os.path.join(folder, name), 'w') as f:
+        json.dump(content, f, indent=2)
+
+  files.create_dir(path, fill)
 
 
 def write_safetensors(path: str, flat: dict):
-  """A .safetensors file, written next to `path` and renamed; an existing file is kept."""
+  """A new .safetensors file; an existing file is never replaced (files.create)."""
   from safetensors.numpy import save_file
-  if os.path.exists(path):
-    raise FileExistsError(f'{path} exists: name a new file (nothing was written).')
-  temporary = f'{path}.tmp-{os.getpid()}'
-  try:
-    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in flat.items()}, temporary,
-              metadata={'format': 'pt'})
-    os.rename(temporary, path)
-  except BaseException:
-    if os.path.exists(temporary):
-      os.remove(temporary)
-    raise
+  files.create(path, lambda temporary: save_file(
+      {k: np.ascontiguousarray(v, np.float32) for k, v in flat.items()}, temporary,
+      metadata={'format': 'pt'}))
 
 
 SCANNED_BLOCK = ('Transformer', models_vit.SCANNED_BLOCK)  # A scanned encoder's stacked block.
