@@ -31,7 +31,10 @@ setup(
     ],
     extras_require={
         'notebooks': ['ipykernel>=6.29,<8', 'nbclient>=0.10,<0.12', 'nbformat>=5.10,<6'],
-        'test': ['pytest>=8,<10', 'pytest-xdist>=3.6,<4',
+        # The XLA:TPU compiler (libtpu), for vit_jax.plan on any host: jax's own pin.
+        'tpu': ['jax[tpu]>=0.10.2,<0.11'],
+        'test': ['jax[tpu]>=0.10.2,<0.11', 'pytest>=8,<10', 'pytest-xdist>=3.6,<4',
+                 'filelock>=3.12,<5',
                  'ipykernel>=6.29,<8', 'nbclient>=0.10,<0.12', 'nbformat>=5.10,<6'],
         # PyTorch timm and transformers, for interoperability checks and side-by-side
         # benchmarks. This torch /

@@ -76,7 +76,8 @@ def main():
   device = jax.local_devices()[0]
   train_peak_bytes = (device.memory_stats() or {}).get('peak_bytes_in_use')
 
-  forward = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
+  forward = jax.jit(sharding.under_mesh(
+      lambda p, x: model.apply({'params': p}, x, train=False), mesh))
   images = jnp.asarray(rng.uniform(-1, 1, (args.infer_batch, args.res, args.res, 3)),
                        jnp.float32)
   params = holder['state']['params']
@@ -109,5 +110,5 @@ def main():
 
 
 if __name__ == '__main__':
-  cpu_tuning.restart_with_huge_pages()  # As python -m vit_jax.main does.
+  cpu_tuning.tune_command_line()  # As python -m vit_jax.main does.
   main()

@@ -20,8 +20,25 @@ TINY = ['--config=configs/digits.py:pretrain',
         '--config.batch=32', '--config.batch_eval=64', '--config.total_steps=6',
         '--config.warmup_steps=2', '--config.eval_every=3', '--config.checkpoint_every=3',
         '--config.progress_every=2', '--config.keep_checkpoints=3',
-        '--config.compilation_cache_dir=',  # Each test compiles afresh: no state between tests.
+        '--config.compilation_cache_dir=',  # The session's shared cache (conftest), not ~/.cache.
         '--config.folder_index_dir=']
+
+
+def built_once(tmp_path_factory, name: str, build) -> str:
+  """<shared tmp>/<name>, made by `build(path)` once per test session however many xdist workers
+  ask for it: the first builds it under a file lock, the others wait and reuse it (fixtures that
+  train a model are built once, not once per worker)."""
+  import filelock
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    root = root.parent  # Shared by the workers of this session.
+  path, done = root / 'built_once' / name, root / 'built_once' / f'{name}.done'
+  path.parent.mkdir(exist_ok=True)
+  with filelock.FileLock(str(root / 'built_once' / f'{name}.lock')):
+    if not done.exists():
+      build(path)
+      done.touch()
+  return path
 
 
 def parse_config(*args):

@@ -145,10 +145,13 @@ def accuracy(classify, config) -> float:
   return float(correct / source.num_examples)
 
 
-@pytest.mark.parametrize('posemb, classifier', [
-    (posemb, classifier) for classifier in ('token', 'gap')
-    for posemb in ('learn', 'learn_2d', 'sincos2d', 'relative', 'none')] + [('learn', 'map')])
-def test_exports_of_every_variant_describe_themselves(tmp_path, posemb, classifier):
+VARIANTS = [(posemb, classifier) for classifier in ('token', 'gap')
+            for posemb in ('learn', 'learn_2d', 'sincos2d', 'relative', 'none')] + [('learn', 'map')]
+
+
+def export_variant(tmp_path, posemb, classifier):
+  """A tiny model of the variant, exported with its description; (model, params, config,
+  images, path) with images of a 2x3 grid."""
   config = models.vit_config('tiny', hidden_size=16, mlp_dim=32, num_heads=2, num_layers=1,
                              patch=4, classifier=classifier)
   config.transformer.update(posemb=posemb, gelu_approximate=False)
@@ -158,6 +161,12 @@ def test_exports_of_every_variant_describe_themselves(tmp_path, posemb, classifi
   params = jax.tree.map(lambda p: p + 0.05, params)
   path = str(tmp_path / 'model.npz')
   checkpoint.save(params, path, model_config=config, image_size=(8, 12))
+  return model, params, config, images, path
+
+
+@pytest.mark.parametrize('posemb, classifier', VARIANTS)
+def test_exports_of_every_variant_describe_themselves(tmp_path, posemb, classifier):
+  model, params, config, images, path = export_variant(tmp_path, posemb, classifier)
   apply = lambda model, p: jax.jit(lambda p: model.apply({'params': p}, images, train=False))(p)
   logits = apply(model, params)
   loaded, loaded_config, num_classes, image_size = checkpoint.load_model(path)[:4]
@@ -166,7 +175,7 @@ def test_exports_of_every_variant_describe_themselves(tmp_path, posemb, classifi
                                 logits)
   assert checkpoint.load(path).keys() == params.keys()  # The description is no parameter.
 
-  # The tools, each on the export alone.
+  # The in-process tools, each on the export alone.
   figures = analysis.analyse(loaded, model, loaded_config, images, str(tmp_path / 'figures'))
   assert len(figures) == (4 if posemb in ('learn', 'learn_2d', 'sincos2d') else 3)
   assert sorted(n for n in os.listdir(tmp_path / 'figures') if not n.startswith('.')) == sorted(
@@ -174,14 +183,6 @@ def test_exports_of_every_variant_describe_themselves(tmp_path, posemb, classifi
   classify, size, classes, _ = predict.load_classifier(path)
   assert (size, classes) == ((8, 12), 10)
   np.testing.assert_allclose(classify(images), jax.nn.softmax(logits), atol=1e-6)
-  few = fewshot.evaluate_checkpoint(path, dataset='digits', shots=(1, 5), seeds=1)
-  assert few.keys() == {1, 5} and 0 <= few[5] <= 1
-  # The recipe's config.model is another model (learned 1D posemb, class token): the export's
-  # own description decides what is evaluated.
-  config = tiny_config('--config.trainer=evaluate', f'--config.pretrained_path={path}',
-                       '--config.pp.crop=(8, 12)')
-  evaluated = train.evaluate(config, str(tmp_path / 'evaluate'))
-  assert evaluated['test']['accuracy_test'] == pytest.approx(accuracy(classify, config), abs=1e-6)
 
   # Without the description, what the shapes say (and a named error where they cannot).
   if posemb in ('sincos2d', 'none'):
@@ -190,6 +191,21 @@ def test_exports_of_every_variant_describe_themselves(tmp_path, posemb, classifi
   elif posemb != 'learn':  # The 1D table is taken as square.
     inferred, _, inferred_size = checkpoint.infer_model_config(loaded)
     assert (inferred.transformer.posemb, inferred_size) == (posemb, (8, 12))
+
+
+@pytest.mark.parametrize('posemb, classifier', [('learn_2d', 'token'), ('relative', 'gap'),
+                                                ('learn', 'map')])  # One per pooling.
+def test_exports_are_evaluated_as_they_describe_themselves(tmp_path, posemb, classifier):
+  _, _, _, _, path = export_variant(tmp_path, posemb, classifier)
+  classify = predict.load_classifier(path).classify
+  few = fewshot.evaluate_checkpoint(path, dataset='digits', shots=(1, 5), seeds=1)
+  assert few.keys() == {1, 5} and 0 <= few[5] <= 1
+  # The recipe's config.model is another model (learned 1D posemb, class token): the export's
+  # own description decides what is evaluated.
+  config = tiny_config('--config.trainer=evaluate', f'--config.pretrained_path={path}',
+                       '--config.pp.crop=(8, 12)')
+  evaluated = train.evaluate(config, str(tmp_path / 'evaluate'))
+  assert evaluated['test']['accuracy_test'] == pytest.approx(accuracy(classify, config), abs=1e-6)
 
 
 def test_predict_reads_a_model_that_its_parameters_cannot_describe(tmp_path):

@@ -1,4 +1,5 @@
-"""The XLA:CPU settings applied on import and the huge-page restart of the command-line tools."""
+"""The XLA:CPU settings of the command-line tools and their huge-page restart; importing
+vit_jax changes no environment variable."""
 
 import os
 import subprocess
@@ -9,7 +10,7 @@ from helpers import ROOT
 from vit_jax import cpu_tuning
 
 
-def test_import_sets_the_xla_flag_but_keeps_a_users_choice(monkeypatch):
+def test_the_xla_flag_keeps_a_users_choice(monkeypatch):
   monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
   cpu_tuning.set_xla_flags()
   assert os.environ['XLA_FLAGS'] == (
@@ -42,3 +43,13 @@ def test_restart_keeps_pid_arguments_and_environment():
     assert lines[2] == f'{pid} {args} {mark} {cpu_tuning.HUGE_PAGES}'
   else:
     assert lines[1] == f'{pid} {args} {mark} None'
+
+
+def test_importing_vit_jax_changes_no_environment_variable():
+  script = ('import os, json; before = dict(os.environ); import vit_jax, vit_jax.main, '
+            'vit_jax.train, vit_jax.predict; print(json.dumps(before == dict(os.environ)))')
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  env.pop('XLA_FLAGS', None)
+  run = subprocess.run([sys.executable, '-c', script], env=env, cwd=ROOT, capture_output=True,
+                       text=True, check=True)
+  assert run.stdout.strip().splitlines()[-1] == 'true'

@@ -2,6 +2,7 @@
 data that moves with its image, and tiny models that learn the embedded shapes."""
 
 import itertools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -375,9 +376,10 @@ TINY_DETECTION = ['--config=configs/detection.py:shapes', '--config.model.hidden
 
 @pytest.fixture(scope='module')
 def detection_run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('detection') / 'run'
-  results = train.train_and_evaluate(parse_config(*TINY_DETECTION), str(workdir))
-  return workdir, results
+  from helpers import built_once
+  workdir = built_once(tmp_path_factory, 'detection_run', lambda path: train.train_and_evaluate(
+      parse_config(*TINY_DETECTION), str(path)))
+  return workdir, json.loads((workdir / 'results.json').read_text())
 
 
 def test_a_killed_dense_run_resumes_to_the_uninterrupted_result(detection_run, tmp_path):

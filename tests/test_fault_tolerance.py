@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import (COUNTED, ROOT, TINY, assert_same_params, assert_unchanged, free_port, load_npz,
-                     main_command, run_main, scalars, tiny_config)
+from helpers import (COUNTED, ROOT, TINY, assert_same_params, assert_unchanged, built_once,
+                     free_port, load_npz, main_command, run_main, scalars, tiny_config)
 from vit_jax import checkpoint, train
 
 # Long enough to be interrupted: 60 steps, a checkpoint every 10.
@@ -29,13 +29,14 @@ def cpu_env(devices):
 def reference(tmp_path_factory):
   """The uninterrupted LONG run, in a subprocess like the interrupted ones; with a compilation
   cache (every program cached, however fast it compiled)."""
-  workdir = tmp_path_factory.mktemp('reference')
-  cache = tmp_path_factory.mktemp('xla_cache')
-  env = dict(cpu_env(1), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
-  result = run_main(*LONG, f'--workdir={workdir}', f'--config.compilation_cache_dir={cache}',
-                    env=env)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir, cache
+  def build(path):
+    env = dict(cpu_env(1), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+    result = run_main(*LONG, f'--workdir={path / "run"}',
+                      f'--config.compilation_cache_dir={path / "xla_cache"}', env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+  path = built_once(tmp_path_factory, 'reference', build)
+  return path / 'run', path / 'xla_cache'
 
 
 def test_compiled_programs_are_cached_for_the_next_start(reference):

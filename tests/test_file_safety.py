@@ -224,3 +224,9 @@ def test_convert_uploads_hf_and_timm_to_a_remote_dest(tmp_path):
   convert.convert(source, 'ram://bucket/timm.safetensors', 'timm')
   assert tf.io.gfile.exists('ram://bucket/timm.safetensors')
   assert not os.path.exists('ram:') and not os.path.exists('gs:')  # Nothing local.
+
+
+def test_report_names_a_truncated_results_file(tmp_path):
+  (tmp_path / 'results.json').write_text('{"step": 6, "test": {"accuracy_te')
+  with pytest.raises(ValueError, match=r'results.json is not readable JSON .*evaluate the'):
+    report.main([str(tmp_path)])

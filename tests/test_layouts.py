@@ -234,7 +234,7 @@ def test_hugging_face_dinov2_layer_scale_and_registers(tmp_path, registers):
   tokens = reference(w, x, HF_DINOV2, eps=1e-6, registers=bool(registers), layer_scale=True)
   np.testing.assert_allclose(apply(exported, x), tokens[:, 0], atol=1e-5, rtol=0)  # Pooler.
   # The patch tokens are the backbone's features: the registers are not among them.
-  grid = jax.jit(lambda p, x: __import__('vit_jax.models_vit', fromlist=['x']).backbone_features(
+  grid = jax.jit(lambda p, x: __import__('vit_jax.features', fromlist=['x']).backbone_features(
       VisionTransformer(num_classes=None, **exported.config), p, x))(exported.params, x)
   np.testing.assert_allclose(grid['encoded'].reshape(2, 4, WIDTH), tokens[:, 1 + registers:],
                              atol=1e-5, rtol=0)

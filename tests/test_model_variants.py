@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from vit_jax import checkpoint, models
-from vit_jax.models_vit import VisionTransformer, backbone_features, sincos2d
+from vit_jax.features import backbone_features
+from vit_jax.layers import sincos2d
+from vit_jax.models_vit import VisionTransformer
 
 
 def small_config(posemb='learn', **overrides):

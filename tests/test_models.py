@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from vit_jax import models, models_vit
+from vit_jax import cpu_tuning, layers, models, sharding
 from vit_jax.models_vit import VisionTransformer
 
 # Published counts at 224x224 with a 1000-class head (official ViT repository, models_test.py).
@@ -234,17 +234,20 @@ def test_dense_layers_train_without_transposed_copies_on_cpu():
   """On CPU the encoder's Dense layers see (batch x tokens, D) matrices (over_tokens): XLA then
   computes their weight gradients from the activations as they lie, where over (batch, tokens)
   it copied both operands into transposed layouts first (half of an MLP's training step)."""
-  mlp = models_vit.MlpBlock(mlp_dim=64)
+  mlp = layers.MlpBlock(mlp_dim=64)
   x = jnp.ones((4, 5, 32))
   params = mlp.init(jax.random.PRNGKey(0), x, deterministic=True)
 
-  def transposes(apply):
-    grad = jax.jit(jax.grad(lambda p, x: (apply(p, x) ** 2).sum()))
+  cpu = sharding.make_mesh(jax.devices()[:1])  # The mesh's devices decide, not the host.
+
+  def transposes(apply, mesh=cpu):
+    grad = jax.grad(lambda p, x: (apply(p, x) ** 2).sum())
+    grad = jax.jit(sharding.under_mesh(grad, mesh) if mesh else grad)
     return len(re.findall(r' transpose\(', grad.lower(params, x).compile().as_text()))
 
-  over_tokens = lambda p, x: models_vit.over_tokens(
+  over_tokens = lambda p, x: cpu_tuning.over_tokens(
       functools.partial(mlp.apply, p, deterministic=True), x)
   assert transposes(over_tokens) == 0
-  assert transposes(lambda p, x: mlp.apply(p, x, deterministic=True)) > 0  # What it avoids.
-  np.testing.assert_allclose(over_tokens(params, x), mlp.apply(params, x, deterministic=True),
-                             rtol=1e-6)
+  assert transposes(over_tokens, mesh=None) > 0  # What it avoids (no mesh: the plain layer).
+  np.testing.assert_allclose(jax.jit(sharding.under_mesh(over_tokens, cpu))(params, x),
+                             mlp.apply(params, x, deterministic=True), rtol=1e-6)

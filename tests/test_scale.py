@@ -159,11 +159,13 @@ SCANNED = ['--config.model.transformer.num_layers=2', '--config.model.transforme
 
 @pytest.fixture(scope='module')
 def scanned_run(tmp_path_factory):
+  from helpers import built_once
   from vit_jax import train
-  workdir = str(tmp_path_factory.mktemp('scanned') / 'workdir')
   config = tiny_config(*SCANNED, '--config.model.transformer.scan=True',
                        '--config.model.transformer.remat=full')
-  return workdir, train.train_and_evaluate(config, workdir)
+  workdir = built_once(tmp_path_factory, 'scanned_run',
+                       lambda path: train.train_and_evaluate(config, str(path)))
+  return str(workdir), json.loads((workdir / 'results.json').read_text())
 
 
 def test_scanned_run_trains_like_the_unrolled_one_and_exports_per_layer(scanned_run, tmp_path):

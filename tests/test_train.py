@@ -12,15 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import (COUNTED, TINY, assert_same_params, load_npz, run_main, scalars, tiny_config,
-                     write_class_folders)
+from helpers import (COUNTED, TINY, assert_same_params, built_once, load_npz, run_main, scalars,
+                     tiny_config, write_class_folders)
 from vit_jax import evaluators, input_pipeline, objectives, optim, sharding, train
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp('run') / 'workdir')
-  results = train.train_and_evaluate(tiny_config('--config.profile_steps=2'), workdir)
-  return workdir, results
+  workdir = built_once(tmp_path_factory, 'trained', lambda path: train.train_and_evaluate(
+      tiny_config('--config.profile_steps=2'), str(path)))
+  return str(workdir), json.loads((workdir / 'results.json').read_text())
 
 
 def test_run_writes_results_checkpoints_events_and_export(trained):

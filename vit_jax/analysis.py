@@ -9,14 +9,12 @@ python -m vit_jax.analysis --checkpoint=runs/demo/finetune/model.npz --dataset=d
     --outdir=runs/demo/analysis [IMAGE ...]
 """
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from vit_jax import files, models, models_vit
+from vit_jax import cpu_tuning, features, files, models
 
 FLAGS = flags.FLAGS
 
@@ -26,7 +24,7 @@ FLAGS = flags.FLAGS
 def attention_weights(model, params, images) -> list:
   """Per layer, the attention probabilities (batch, heads, tokens, tokens)."""
   _, state = model.apply({'params': params}, images, train=False, mutable=['intermediates'])
-  blocks = models_vit.block_intermediates(state['intermediates'])
+  blocks = features.block_intermediates(state['intermediates'])
   if not blocks or 'MultiHeadDotProductAttention_1' not in blocks[0]:
     raise ValueError('The model keeps no attention probabilities: build it with '
                      "transformer.attention='einsum'.")
@@ -245,5 +243,6 @@ def define_flags():
 
 
 if __name__ == '__main__':
+  cpu_tuning.tune_command_line()
   define_flags()
   app.run(main)

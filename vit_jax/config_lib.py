@@ -94,6 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_eval = 512
   c.accum_steps = 1  # Micro-batches per step (0 and 1: none, as in the official configs).
   c.sharding = 'replicate'
+  # Before training, compile the steps for this machine's devices and, where they do not fit,
+  # take the cheapest memory-only setting that does (vit_jax.plan's --auto_fit).
+  c.auto_fit = False
 
   c.eval_every = 1000
   # What the run measures, by name (evaluators.py): the test split of the dataset, and whatever

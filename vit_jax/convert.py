@@ -17,7 +17,7 @@ is uploaded once written in full.
 
 from absl import app, flags
 
-from vit_jax import checkpoint, files
+from vit_jax import checkpoint, cpu_tuning, files
 from vit_jax.layouts import hugging_face, timm
 
 FORMATS = ('npz', 'hf', 'timm')
@@ -32,7 +32,7 @@ def convert(source: str, dest: str, fmt: str) -> str:
   if fmt == 'npz':
     checkpoint.save(read.params, dest, model_config=read.config, image_size=read.image_size,
                     multi_label=read.multi_label, class_names=read.class_names,
-                    preprocessing=read.preprocessing, new=True)
+                    preprocessing=read.preprocessing, num_classes=read.num_classes, new=True)
     return f'vit_jax.checkpoint.load_model({dest!r})'
   # PyTorch's libraries read local files: a gs:// DEST is named as its local copy.
   local = dest.rstrip('/').rsplit('/', 1)[-1] if files.is_remote(dest) else dest
@@ -53,5 +53,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  cpu_tuning.tune_command_line()
   flags.DEFINE_enum('format', None, FORMATS, 'What to write.', required=True)
   app.run(main)

@@ -141,6 +141,12 @@ def evaluate_checkpoint(path: str, *, dataset: str, train_split='train', test_sp
   from vit_jax.models_vit import VisionTransformer
   read = checkpoint.load_model(path)
   params, model_config, image_size = read.params, read.config, read.image_size
+  if model_config.get('decoder') is not None:
+    raise ValueError(f'{path} is a dense model (model.decoder.type='
+                     f'{model_config.decoder.get("type")!r}: segmentation or detection), whose '
+                     'outputs are per pixel or per box: few-shot evaluation needs one pooled '
+                     'representation per image, of a classification model or backbone '
+                     '(the checkpoint this one was fine-tuned from).')
   if model_config.classifier == 'unpooled':
     raise ValueError(f'{path} has one output per patch (classifier=\'unpooled\', e.g. a masked '
                      'patch prediction model): few-shot evaluation needs one representation per '
@@ -189,6 +195,6 @@ def define_flags():
 
 
 if __name__ == '__main__':
-  cpu_tuning.restart_with_huge_pages()
+  cpu_tuning.tune_command_line()
   define_flags()
   app.run(main)

@@ -110,9 +110,9 @@ def indexed_files(directory: str, classes: list, index_dir: str):
   expected = {'version': INDEX_VERSION, 'directory': directory, 'classes': classes,
               'signature': _signature(directory, classes)}
   if os.path.exists(path):
-    files = _read_index(path, expected)
-    if files is not None:
-      return files
+    indexed = _read_index(path, expected)
+    if indexed is not None:
+      return indexed
     logging.info('The file index %s is out of date: listing %s again.', path, directory)
   logging.info('Listing the images of %s (indexed in %s for the next start).', directory, path)
   names, labels = _list(directory, classes)
@@ -139,18 +139,18 @@ def split_files(root: str, split: str, index_dir: str = ''):
     instruction = tfds.core.ReadInstruction.from_spec(split)
   except ValueError as e:
     raise ValueError(f'Split {split!r} of image folder {root}: {e}') from None
-  files = {}
+  by_split = {}
   for name in {part.split('[')[0].strip() for part in split.split('+')}:
     if name not in splits:
       has = (f'no split folders: its one split is {SPLITLESS!r}' if splits == {SPLITLESS: root}
              else f'the splits {sorted(splits)}')
       raise ValueError(f'Image folder {root} has no split {name!r}; it has {has}.')
-    files[name] = indexed_files(splits[name], classes, index_dir)
+    by_split[name] = indexed_files(splits[name], classes, index_dir)
   infos = {name: tfds.core.SplitInfo(name=name, shard_lengths=[len(f[0])], num_bytes=0)
-           for name, f in files.items()}
+           for name, f in by_split.items()}
   names, labels = [], []
   for part in instruction.to_absolute(infos):
-    part_names, part_labels = files[part.splitname]
+    part_names, part_labels = by_split[part.splitname]
     in_root = os.path.relpath(splits[part.splitname], root)  # The split's folder, or '.'.
     prefix = b'' if in_root == '.' else f'{in_root}/'.encode()
     names.append(np.char.add(prefix, part_names[part.from_:part.to]))

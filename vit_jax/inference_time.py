@@ -44,7 +44,8 @@ def inference_time(config, workdir: str) -> dict:
                            minval=-1), sharding.batch_sharding(mesh))
     _, create_params = train.abstract_params(config, model, mesh, (height, width), objective)
     params = create_params()
-    forward = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
+    forward = jax.jit(sharding.under_mesh(
+        lambda p, x: model.apply({'params': p}, x, train=False), mesh))
 
     start = time.perf_counter()
     jax.block_until_ready(forward(params, images))  # Compiles.

@@ -95,6 +95,8 @@ def main(argv):
   config, workdir = start(argv)
   from vit_jax import resume, train  # After flag parsing, so that --help stays fast.
 
+  if config.auto_fit and config.trainer == 'train':
+    config = _fitted(config)
   logging.info('Config:\n%s', config)
   if config.trainer == 'evaluate':
     train.evaluate(config, workdir)
@@ -115,6 +117,18 @@ def main(argv):
     _beside_published(workdir)
 
 
+def _fitted(config):
+  """config with the cheapest memory-only setting whose steps fit this machine's devices."""
+  from vit_jax import plan
+  devices = jax.devices()
+  logging.info('auto_fit: compiling the steps for %d %s devices, cheapest setting first.',
+               len(devices), devices[0].device_kind)
+  found = plan.auto_fit(config, devices, f'{devices[0].platform}:{len(devices)}',
+                        log=lambda line: logging.info('auto_fit:%s', line))
+  logging.info('auto_fit chose %s', found.flags() or 'the config as it is')
+  return plan.with_overrides(config, found.overrides)
+
+
 def _beside_published(workdir: str):
   """Prints the finished run beside the published result it reproduces, where there is one."""
   from vit_jax import published, report
@@ -124,5 +138,5 @@ def _beside_published(workdir: str):
 
 
 if __name__ == '__main__':
-  cpu_tuning.restart_with_huge_pages()
+  cpu_tuning.tune_command_line()
   app.run(main, flags_parser=parse_flags)

@@ -8,6 +8,7 @@ every process compares what it is about to run with process 0 before it compiles
 a difference is named with the value on each side, within seconds.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import sys
 import threading
 
 import jax
+import numpy as np
 
 # How long a process waits for the others at each agreement (they are seconds apart when all
 # run; a peer that does not arrive within this died or runs something else).
@@ -23,10 +25,6 @@ AGREE_TIMEOUT_S = 120
 
 class PodMismatchError(RuntimeError):
   """The processes of a run do not run the same thing (config, data)."""
-
-
-class PeerMissingError(RuntimeError):
-  """A process did not answer in time."""
 
 
 def initialize(coordinator_address: str, num_processes: int, process_id: int,
@@ -77,40 +75,58 @@ def _differences(theirs: dict, mine: dict) -> list:
           for k in sorted(theirs.keys() | mine.keys()) if theirs.get(k) != mine.get(k)]
 
 
+def _allgather_json(value) -> list:
+  """Every process's JSON-able `value`, in process order (two small collectives)."""
+  from jax.experimental import multihost_utils
+  data = np.frombuffer(json.dumps(value, default=str).encode(), np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.int32(len(data)))).reshape(-1)
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:len(data)] = data
+  rows = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, lengths)]
+
+
+@contextlib.contextmanager
+def _deadline(what: str, timeout_s: int):
+  """A collective waits forever for a peer that stopped earlier: name it and exit instead."""
+  done = threading.Event()
+
+  def name_the_missing_peer():
+    if done.wait(timeout_s):
+      return
+    sys.stderr.write(
+        f'\nPeerMissingError: Process {jax.process_index()}: not every process reached the '
+        f'agreement on the {what} within {timeout_s} s (one stopped earlier, or runs another '
+        'command). Nothing was run or written.\n')
+    sys.stderr.flush()
+    os._exit(1)  # pylint: disable=protected-access
+
+  threading.Thread(target=name_the_missing_peer, daemon=True).start()
+  try:
+    yield
+  finally:
+    done.set()
+
+
 def agree(what: str, facts: dict, timeout_s: int = AGREE_TIMEOUT_S):
   """Every process compares `facts` (JSON-able) with process 0's; where they differ, every
   process raises PodMismatchError naming each differing key with both values (process 0 names
   the processes that differ). Nothing happens with one process."""
   if jax.process_count() == 1:
     return
-  from jax._src import distributed  # The coordination service's key-value store.
-  client = distributed.global_state.client
-  key, me = f'vit_jax/agree/{what}', jax.process_index()
-  mine = json.loads(json.dumps(_flat(facts), default=str))
-  if me == 0:
-    client.key_value_set(key, json.dumps(mine))
-  try:
-    theirs = json.loads(client.blocking_key_value_get(key, timeout_s * 1000))
-  except Exception as e:  # pylint: disable=broad-except
-    raise PeerMissingError(f'Process {me}: process 0 did not publish its {what} within '
-                           f'{timeout_s} s ({str(e)[:200]}).') from None
-  differences = _differences(theirs, mine)
-  client.key_value_set(f'{key}/{me}', json.dumps(differences))
+  with _deadline(what, timeout_s):
+    everyone = _allgather_json(_flat(facts))
+  me, theirs = jax.process_index(), everyone[0]
+  disagreeing = {p: d for p, d in ((p, _differences(theirs, facts_p))
+                                   for p, facts_p in enumerate(everyone)) if d}
   if me > 0:
-    if differences:
+    if me in disagreeing:
+      differences = disagreeing[me]
       raise PodMismatchError(
           f'Process {me} runs another {what} than process 0: {"; ".join(differences[:10])}'
           f'{" ..." if len(differences) > 10 else ""}. Every process must run the same command '
           'on the same data; nothing was run or written.')
     return
-  disagreeing = {}
-  for other in range(1, jax.process_count()):
-    try:
-      verdict = json.loads(client.blocking_key_value_get(f'{key}/{other}', timeout_s * 1000))
-    except Exception:  # pylint: disable=broad-except
-      verdict = [f'no answer within {timeout_s} s']
-    if verdict:
-      disagreeing[other] = verdict
   if disagreeing:
     details = ' | '.join(f'process {p}: {"; ".join(d[:5])}' for p, d in disagreeing.items())
     raise PodMismatchError(

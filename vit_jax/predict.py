@@ -29,7 +29,7 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 
-from vit_jax import checkpoint, files, models
+from vit_jax import checkpoint, cpu_tuning, files, models, sharding
 
 
 def label_names(num_classes, labels_path=None, dataset=None, from_checkpoint=None) -> list:
@@ -95,8 +95,9 @@ def load_classifier(checkpoint_path: str, model_name=None) -> Classifier:
                        f'{config.transformer.num_layers} layers.')
   model = models.build(config, num_classes)
   activation = jax.nn.sigmoid if multi_label else jax.nn.softmax
-  classify = jax.jit(lambda x: activation(model.apply({'params': params}, read.model_inputs(x),
-                                                      train=False)))
+  classify = jax.jit(sharding.under_mesh(lambda x: activation(model.apply(
+      {'params': params}, read.model_inputs(x), train=False)),
+      sharding.make_mesh(jax.devices()[:1])))  # One image at a time: one device.
   return Classifier(classify, image_size, num_classes, read.class_names)
 
 
@@ -252,5 +253,6 @@ def define_flags():
 
 
 if __name__ == '__main__':
+  cpu_tuning.tune_command_line()
   define_flags()
   app.run(main)

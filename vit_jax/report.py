@@ -37,8 +37,17 @@ def _scalars(metrics: dict) -> dict:
 
 
 def read(workdir: str) -> dict:
-  with open(os.path.join(workdir, 'results.json')) as f:
-    return json.load(f)
+  path = os.path.join(workdir, 'results.json')
+  try:
+    with open(path) as f:
+      results = json.load(f)
+  except ValueError as e:
+    raise ValueError(f'{path} is not readable JSON ({e}): the run that wrote it was cut off, '
+                     'or the file was edited; evaluate the workdir again (config.trainer='
+                     'evaluate) to rewrite it.') from None
+  if not isinstance(results, dict) or 'step' not in results:
+    raise ValueError(f'{path} is not a results file of vit_jax (no "step").')
+  return results
 
 
 def main(workdirs):
@@ -124,6 +133,9 @@ if __name__ == '__main__':
       check_diagram_path(diagram)
     except (ValueError, FileExistsError) as e:
       sys.exit(str(e))
-  main(workdirs)
+  try:
+    main(workdirs)
+  except ValueError as e:
+    sys.exit(str(e))
   for diagram in diagrams:
     reliability_diagram(workdirs, diagram)

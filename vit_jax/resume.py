@@ -409,8 +409,8 @@ class Checkpoints:
       if os.path.exists(os.path.join(step_dir, FILES_RECORD)):
         continue
       sizes = {}
-      for root, _, files in os.walk(step_dir):
-        for name in files:
+      for root, _, names in os.walk(step_dir):
+        for name in names:
           path = os.path.join(root, name)
           sizes[os.path.relpath(path, step_dir)] = os.path.getsize(path)
       files.write_bytes(os.path.join(step_dir, FILES_RECORD), json.dumps(sizes).encode())

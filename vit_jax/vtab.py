@@ -24,7 +24,7 @@ import sys
 import flax
 from absl import app, flags, logging
 
-from vit_jax import files, resume
+from vit_jax import cpu_tuning, files, resume
 from vit_jax import main as cli
 from vit_jax import published
 from vit_jax import vtab_tasks
@@ -221,5 +221,6 @@ if __name__ == '__main__':
   if not any(a.startswith(('--pretrained=', '--config=', '--help', '-h')) for a in sys.argv):
     sys.exit('Give the checkpoint to evaluate: --pretrained=SOURCE (a registry name such as B_16, '
              'or a checkpoint file, directory or hf:// id); see --help.')
+  cpu_tuning.tune_command_line()
   sys.argv = with_pretrained_flag(sys.argv)
   app.run(main, flags_parser=cli.parse_flags)
