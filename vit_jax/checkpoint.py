@@ -118,6 +118,8 @@ def _load(path: str):
     description = _parse_description(description, path)
   if not flat:
     raise ValueError(f'{path} holds no parameters.')
+  # float16 / bfloat16 read as float32; integer or bool arrays are no weights: refused.
+  flat = layouts.floating_weights(flat, path, '/'.join)
   check_finite(flat, path)
   return flax.traverse_util.unflatten_dict(official.to_official_layout(flat)), description
 
@@ -131,6 +133,8 @@ def _foreign(path: str) -> Optional[layouts.Read]:
   read = layouts.read(local)
   if read is not None:
     check_finite(flax.traverse_util.flatten_dict(read.params), path)
+    # Every array as the model its files describe has it (a head as wide as the encoder...).
+    _check_holds(read, path, 'its files describe')
   return read
 
 
@@ -157,8 +161,17 @@ def load_model(path: str) -> layouts.Read:
   params, description = _load(path)
   if description is None:
     config, num_classes, image_size = infer_model_config(params)
-    return layouts.Read(params, config, num_classes, image_size,
+    read = layouts.Read(params, config, num_classes, image_size,
                         multi_label=num_classes == IMAGENET21K_CLASSES)
+    # The arrays that the shapes were read off agree with all the others (each block's key,
+    # MLP, norms as wide as the first's; no layer missing); a 1D table that is no square grid
+    # says no resolution (load_pretrained(pretrained_image_size=...) reads those files).
+    table = params.get('Transformer', {}).get('posembed_input', {}).get('pos_embedding')
+    tokens = None if table is None else table.shape[1] - (config.classifier == 'token')
+    square = tokens is None or math.isqrt(tokens) ** 2 == tokens
+    _check_holds(read, path, 'its parameter shapes describe', ignore=() if square else (
+        ('Transformer', 'posembed_input', 'pos_embedding'),))
+    return read
   exported = _described(params, description)
   _check_description(exported, path)
   return exported
@@ -234,24 +247,35 @@ def _described(params, description: dict) -> layouts.Read:
 def _check_description(exported: layouts.Read, path: str):
   """Raises CheckpointMismatchError where the model an export describes has other parameters
   than the file holds (a hand-edited or mixed-up file would otherwise compute nonsense)."""
+  _check_holds(exported, path, f'its {DESCRIPTION_KEY} describes')
+
+
+def _check_holds(read: layouts.Read, path: str, describes: str, ignore=()):
+  """Raises CheckpointMismatchError naming every key where the model that `read`'s config,
+  class count and image size describe has other parameters than `read` holds: missing,
+  unexpected and mis-shaped (with both shapes). `describes`: who describes that model, for the
+  message; `ignore`: keys not compared."""
   try:
-    model = models.build(exported.config, exported.num_classes)
+    model = models.build(read.config, read.num_classes)
     # Shapes only: reading a config (configs/finetune.py:<checkpoint>) must not start JAX's
     # backend, which a multi-host run has yet to join (jax.distributed.initialize).
-    images = jax.ShapeDtypeStruct((1,) + tuple(exported.image_size) + (3,), jnp.float32)
+    images = jax.ShapeDtypeStruct((1,) + tuple(read.image_size) + (3,), jnp.float32)
     shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images)
   except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointMismatchError(f'{path}: the model its {DESCRIPTION_KEY} describes cannot be '
-                                  f'built ({type(e).__name__}: {e}).') from None
+    raise CheckpointMismatchError(f'{path}: the model {describes} cannot be built '
+                                  f'({type(e).__name__}: {e}).') from None
   described = flax.traverse_util.flatten_dict(shapes['params'])
-  held = flax.traverse_util.flatten_dict(exported.params)
+  held = flax.traverse_util.flatten_dict(read.params)
   held.pop(('mask_token',), None)  # Made by the masked patch prediction objective, not the model.
+  for key in ignore:
+    if key in held and key in described:
+      held[key] = described[key]
   try:
     _check_fits(held, described, path)
   except CheckpointMismatchError as e:
     raise CheckpointMismatchError(str(e).replace(
-        'does not fit the model:', f'does not hold the model its {DESCRIPTION_KEY} describes '
-        '(missing: described, not held; unexpected: held, not described):', 1)) from None
+        'does not fit the model:', f'does not hold the model {describes} (missing: described, '
+        'not held; unexpected: held, not described):', 1)) from None
 
 
 def save(params: Params, path: str, *, model_config=None, image_size=None,

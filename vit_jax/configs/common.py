@@ -42,10 +42,18 @@ def with_official_keys(config: ml_collections.ConfigDict, pretrained_dir: str,
   with config.unlocked():
     config.pretrained_dir = ml_collections.FieldReference(pretrained_dir, field_type=str)
     if pretrained_file:
-      config.pretrained_path = config.get_ref('pretrained_dir') + f'/{pretrained_file}.npz'
+      # '' is the current directory (not the root: '' + '/NAME.npz'), a trailing '/' no '//'.
+      directory = config.get_ref('pretrained_dir')
+      config.pretrained_path = directory._apply_op(  # pylint: disable=protected-access
+          _in_directory, f'{pretrained_file}.npz')
     config.pp.train = config.get_ref('train_split')
     config.pp.test = config.get_ref('test_split')
   return config.lock()
+
+
+def _in_directory(directory: str, name: str) -> str:
+  """<directory>/<name>: in the current directory where `directory` is '' (or None)."""
+  return os.path.join(directory, name) if directory else name
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -17,6 +17,7 @@ from vit_jax.layouts import common, hugging_face, official, timm
 
 Read = common.Read
 is_normalisation = common.is_normalisation
+floating_weights = common.floating_weights
 HF_SCHEME = 'hf://'
 # What a model directory needs: its config, weights and image processor (no pickles).
 HUB_FILES = ['config.json', '*.safetensors', 'model.safetensors.index.json',
@@ -54,6 +55,8 @@ def read(path: str) -> Optional[Read]:
   except KeyError as e:  # A weight the layout has, the file not.
     raise common.CheckpointMismatchError(
         f'{path} does not hold the layout it claims: it has no {e.args[0]!r}.') from None
+  except common.WeightShapeError as e:  # A weight of another shape than its model's.
+    raise common.CheckpointMismatchError(f'{path}: {e}') from None
 
 
 def _read(path: str) -> Optional[Read]:

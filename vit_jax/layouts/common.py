@@ -4,9 +4,11 @@ and the bicubic resampling their libraries apply to position tables."""
 import json
 import math
 import os
+from collections.abc import Mapping
 from typing import NamedTuple, Optional
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from vit_jax import files, models_vit
@@ -15,6 +17,11 @@ from vit_jax import files, models_vit
 class CheckpointMismatchError(ValueError):
   """A checkpoint's parameters do not fit the model they are loaded into (or the layout the
   file claims)."""
+
+
+class WeightShapeError(CheckpointMismatchError):
+  """A file's weight of another shape than the model its files describe needs (layouts.read
+  puts the file's path in front)."""
 
 
 class Read(NamedTuple):
@@ -45,25 +52,98 @@ def is_normalisation(mean, std) -> bool:
              for v in (mean, std)) and min(std) > 0
 
 
+def read_json(path: str) -> dict:
+  """The JSON object in the file `path`, or a ValueError naming the file and where its JSON
+  breaks (a config.json that is no JSON would otherwise be a bare JSONDecodeError)."""
+  try:
+    with open(path, 'rb') as f:
+      content = json.loads(f.read().decode('utf-8'))
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno} '
+                     f'(character {e.pos}).') from None
+  except UnicodeDecodeError as e:
+    raise ValueError(f'{path} is not valid JSON: not UTF-8 text (byte {e.start}).') from None
+  if not isinstance(content, dict):
+    raise ValueError(f'{path} holds a JSON {type(content).__name__}, not the object '
+                     '({"key": value, ...}) expected.')
+  return content
+
+
+# Integer buffers some files carry beside their weights; the readers drop them unread.
+BUFFERS = ('position_ids',)
+
+
+def floating_weights(flat: dict, path: str, name=str) -> dict:
+  """`flat` ({key: array}) with every weight as float32: float16, bfloat16 and float64 files
+  (fp16 exports are common on the Hub) are cast; integer, bool and other tensors are no
+  weights and are refused, naming each key and dtype (`name`: how a key is written)."""
+  out, refused = {}, []
+  for key, value in flat.items():
+    value = np.asarray(value)
+    if value.dtype.kind == 'f' or value.dtype == ml_dtypes.bfloat16:  # numpy's bfloat16 (JAX's).
+      out[key] = value if value.dtype == np.float32 else value.astype(np.float32)
+    elif str(name(key)).rsplit('.', 1)[-1] in BUFFERS:
+      out[key] = value
+    else:
+      refused.append(f'{name(key)} ({value.dtype})')
+  if refused:
+    raise ValueError(
+        f'{path} holds tensors that are not floating-point weights: '
+        f'{", ".join(refused[:8])}{" ..." if len(refused) > 8 else ""}. A model\'s weights are '
+        'float32 (float16 / bfloat16 are read as float32); integer or bool tensors are no '
+        'weights (a quantised or damaged file): nothing was read.')
+  return out
+
+
 def load_safetensors(path: str) -> dict:
-  """{name: numpy array} of a .safetensors file (never a pickle)."""
+  """{name: float32 numpy array} of a .safetensors file (never a pickle); float16 / bfloat16
+  tensors cast, integer or bool ones refused (floating_weights)."""
   from safetensors.numpy import load_file
   try:
-    return load_file(path)
+    flat = load_file(path)
   except Exception as e:  # SafetensorError and others for damaged or foreign files.
     raise ValueError(f'{path} is not a readable .safetensors file ({type(e).__name__}: '
                      f'{e}).') from None
+  return floating_weights(flat, path)
+
+
+def check_shape(key: str, value, expected: tuple, why: str = ''):
+  """Raises WeightShapeError naming `key`, its shape and the `expected` one (None: any size),
+  and `why` that shape is expected."""
+  shape = tuple(np.shape(value))
+  if len(shape) != len(expected) or any(e is not None and e != s
+                                        for s, e in zip(shape, expected)):
+    shown = ', '.join('any' if e is None else str(e) for e in expected)
+    shown += ',' if len(expected) == 1 else ''
+    raise WeightShapeError(f'{key} is {shape}, expected ({shown})'
+                           f'{f" ({why})" if why else ""}.')
+
+
+def _inside(entry) -> bool:
+  """Whether a file name an index gives stays inside its folder: relative, without `..`."""
+  if not isinstance(entry, str) or not entry or os.path.isabs(entry) or '\\' in entry:
+    return False
+  return '..' not in os.path.normpath(entry).split(os.sep)
 
 
 def read_safetensors_dir(path: str) -> dict:
-  """The weights of a model directory: model.safetensors, or the shards its index names."""
+  """The weights of a model directory: model.safetensors, or the shards its index names (which
+  must lie inside the directory)."""
   index = os.path.join(path, 'model.safetensors.index.json')
   single = os.path.join(path, 'model.safetensors')
   if os.path.isfile(single):
     return load_safetensors(single)
   if os.path.isfile(index):
-    with open(index) as f:
-      shards = sorted(set(json.load(f)['weight_map'].values()))
+    weight_map = read_json(index).get('weight_map')
+    if not isinstance(weight_map, dict):
+      raise ValueError(f'{index} has no weight_map ({{"weight name": "shard file", ...}}).')
+    outside = sorted({f'{k!r}: {v!r}' for k, v in weight_map.items() if not _inside(v)})
+    if outside:
+      raise ValueError(
+          f'{index} names shard files outside its folder {path} (absolute paths or ..): '
+          f'{", ".join(outside[:4])}{" ..." if len(outside) > 4 else ""}. Shards are read '
+          'only from the model\'s own folder: nothing was read.')
+    shards = sorted(set(weight_map.values()))
     missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
     if missing:
       raise FileNotFoundError(f'{path}: the shards {missing} named by its '
@@ -88,10 +168,21 @@ def pop_conv(flat: dict, name: str) -> dict:
           'bias': flat.pop(f'{name}.bias')}
 
 
-def split_qkv(weight, bias, heads: int) -> dict:
+def split_qkv(weight, bias, heads: int, width: Optional[int] = None,
+              keys: tuple = ('qkv.weight', 'qkv.bias')) -> dict:
   """Query, key and value projections stacked in one PyTorch weight (3 D, D) and bias (3 D)
-  (timm's fused qkv, torch.nn.MultiheadAttention's in_proj) as this model's three."""
-  width = weight.shape[1]
+  (timm's fused qkv, torch.nn.MultiheadAttention's in_proj) as this model's three; `width`: the
+  model's D (default: the weight's), `keys`: the file's names of weight and bias, for the error
+  naming one of another shape."""
+  if width is None:
+    check_shape(keys[0], weight, (None, None), 'a (3 x width, width) matrix')
+    width = weight.shape[1]
+  why = f'query, key and value stacked: 3 x the width {width} rows'
+  check_shape(keys[0], weight, (3 * width, width), why)
+  check_shape(keys[1], bias, (3 * width,), why)
+  if width % heads:
+    raise WeightShapeError(f'{keys[0]}: a width of {width} does not split into {heads} '
+                           'attention heads.')
   return {name: {'kernel': w.T.reshape(width, heads, width // heads),
                  'bias': b.reshape(heads, width // heads)}
           for name, w, b in zip(('query', 'key', 'value'), np.split(weight, 3),
@@ -146,6 +237,13 @@ def plain_vit_problems(config, params) -> list:
   """What a model has that the PyTorch ViT families cannot express (empty: writable)."""
   problems = []
   transformer = config.transformer
+  if config.get('decoder') is not None:  # Segmentation, detection: a head per patch / box.
+    decoder = config.decoder
+    kind = decoder.get('type') if hasattr(decoder, 'get') else decoder
+    problems.append(
+        f'a dense decoder (model.decoder.type={kind!r}: {_count(params.get("decoder", {}))} of '
+        f'{_count(params)} arrays), which the PyTorch ViT classes have no place for (it stays '
+        'whole in --format=npz)')
   if config.get('resnet') is not None:
     problems.append('a hybrid ResNet stem')
   if config.classifier != 'token':
@@ -155,6 +253,11 @@ def plain_vit_problems(config, params) -> list:
   if 'mask_token' in params:
     problems.append('a masked patch prediction [mask] token')
   return problems
+
+
+def _count(tree) -> int:
+  """The arrays in a nested dict of parameters."""
+  return sum(_count(v) for v in tree.values()) if isinstance(tree, Mapping) else 1
 
 
 def write_model_dir(path: str, flat: dict, config: dict, extra_files: Optional[dict] = None):

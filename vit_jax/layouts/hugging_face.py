@@ -8,7 +8,7 @@ The key names are those of the files on the Hub (transformers v5 renames modules
 writes these names back when it saves). PyTorch's Linear stores (out, in): kernels transpose.
 """
 
-import json
+import math
 import os
 import re
 
@@ -28,12 +28,17 @@ def is_model_dir(path: str) -> bool:
   config = os.path.join(path, 'config.json')
   if not os.path.isfile(config):
     return False
-  with open(config) as f:
-    return 'model_type' in json.load(f)
+  return 'model_type' in common.read_json(config)
 
 
-def _linear(flat: dict, name: str, out: tuple):
-  """`name`.weight (out, in) as a kernel (in, *out), and its bias shaped `out`."""
+def _linear(flat: dict, name: str, out: tuple, inputs=None, why: str = ''):
+  """`name`.weight (out, in) as a kernel (in, *out), and its bias shaped `out`; a weight of
+  another shape than (prod(out), `inputs`) (None, -1: any size) is refused, naming it."""
+  rows = None if -1 in out else int(np.prod(out))
+  common.check_shape(f'{name}.weight', flat[f'{name}.weight'], (rows, inputs), why)
+  if f'{name}.bias' in flat:
+    common.check_shape(f'{name}.bias', flat[f'{name}.bias'],
+                       (flat[f'{name}.weight'].shape[0],), f'one per row of {name}.weight')
   weight = flat.pop(f'{name}.weight')
   kernel = weight.T.reshape((weight.shape[1],) + out)
   bias = flat.pop(f'{name}.bias', None)
@@ -44,10 +49,48 @@ def _norm(flat: dict, name: str) -> dict:
   return {'scale': flat.pop(f'{name}.weight'), 'bias': flat.pop(f'{name}.bias')}
 
 
+def _config_fits(flat: dict, hf: dict, conv_key: str, path: str, prefix: str = '') -> tuple:
+  """(width, heads, patch) of config.json (`hf`: its vision part), checked against the patch
+  embedding the weights hold (`conv_key`): a config.json that disagrees with its weights is
+  refused naming the field (`prefix`: where config.json nests `hf`) and the weight."""
+  where = os.path.join(path, 'config.json')
+  for field in ('hidden_size', 'num_attention_heads'):
+    if not isinstance(hf.get(field), int) or hf[field] < 1:
+      raise ValueError(f'{where}: {prefix}{field}={hf.get(field)!r}; expected a positive '
+                       'integer.')
+  width, heads = hf['hidden_size'], hf['num_attention_heads']
+  conv = flat[conv_key]
+  common.check_shape(conv_key, conv, (None, 3, None, None),
+                     'width, 3 colour channels, patch height and width')
+  patch = hf.get('patch_size', tuple(conv.shape[2:]))  # Absent: the weights' (as they are).
+  patch = tuple(patch) if isinstance(patch, (list, tuple)) else (patch, patch)
+  if conv.shape[0] != width:
+    raise common.CheckpointMismatchError(
+        f'{where} says {prefix}hidden_size={width}, but its weights are {conv.shape[0]} wide: '
+        f'{conv_key} is {tuple(conv.shape)}, expected ({width}, 3, {patch[0]}, {patch[1]}).')
+  if tuple(conv.shape[2:]) != patch:
+    raise common.CheckpointMismatchError(
+        f'{where} says {prefix}patch_size={hf["patch_size"]!r}, but {conv_key} is '
+        f'{tuple(conv.shape)}: {conv.shape[2]}x{conv.shape[3]} patches.')
+  if width % heads:
+    raise ValueError(f'{where}: {prefix}num_attention_heads={heads} does not divide '
+                     f'{prefix}hidden_size={width} into heads of equal width.')
+  return width, heads, patch
+
+
+def _layers_fit(hf: dict, num_layers: int, pattern: str, path: str, prefix: str = ''):
+  """A config.json whose num_hidden_layers is not the number of layers its weights hold is
+  refused naming both."""
+  said = hf.get('num_hidden_layers')
+  if said is not None and said != num_layers:
+    raise common.CheckpointMismatchError(
+        f'{os.path.join(path, "config.json")} says {prefix}num_hidden_layers={said!r}, but its '
+        f'weights hold {num_layers} layers ({pattern.format(0)} .. {pattern.format(num_layers - 1)}).')
+
+
 def read(path: str) -> common.Read:
   """A Hugging Face model directory as (params, model config, num_classes, image size, ...)."""
-  with open(os.path.join(path, 'config.json')) as f:
-    hf = json.load(f)
+  hf = common.read_json(os.path.join(path, 'config.json'))
   model_type = hf.get('model_type')
   if model_type in SIGLIP + CLIP:
     return _read_tower(path, hf)
@@ -58,8 +101,10 @@ def read(path: str) -> common.Read:
   prefix = PREFIXES[model_type]
   flat = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in flat.items()}
 
-  width, heads = hf['hidden_size'], hf['num_attention_heads']
+  width, heads, patch = _config_fits(flat, hf, 'embeddings.patch_embeddings.projection.weight',
+                                     path)
   head_dim = width // heads
+  wide = f'hidden_size={width}'
   dinov2 = model_type.startswith('dinov2')
   swiglu = dinov2 and bool(hf.get('use_swiglu_ffn'))  # weights_in: [gate; up] stacked.
   params = {'embedding': common.pop_conv(flat, 'embeddings.patch_embeddings.projection')}
@@ -72,14 +117,21 @@ def read(path: str) -> common.Read:
     params['registers'] = registers
   flat.pop('embeddings.mask_token', None)  # Masked image modelling only.
   encoder = {'posembed_input': {'pos_embedding': flat.pop('embeddings.position_embeddings')}}
-  num_layers = 1 + max(int(m.group(1)) for k in flat
-                       if (m := re.match(r'encoder\.layer\.(\d+)\.', k)))
+  common.check_shape('embeddings.position_embeddings', encoder['posembed_input']['pos_embedding'],
+                     (1, None, width), f'one row per token, {wide}')
+  num_layers = 1 + max((int(m.group(1)) for k in flat
+                        if (m := re.match(r'encoder\.layer\.(\d+)\.', k))), default=-1)
+  if not num_layers:
+    raise KeyError('encoder.layer.0.attention.attention.query.weight')
+  _layers_fit(hf, num_layers, 'encoder.layer.{}', path)
   for i in range(num_layers):
     layer = f'encoder.layer.{i}.'
     attention = {}
     for name in ('query', 'key', 'value'):
-      k, b = _linear(flat, f'{layer}attention.attention.{name}', (heads, head_dim))
+      k, b = _linear(flat, f'{layer}attention.attention.{name}', (heads, head_dim), width, wide)
       attention[name] = {'kernel': k, 'bias': b}
+    common.check_shape(f'{layer}attention.output.dense.weight',
+                       flat[f'{layer}attention.output.dense.weight'], (width, width), wide)
     out_weight = flat.pop(f'{layer}attention.output.dense.weight')
     attention['out'] = {'kernel': out_weight.T.reshape(heads, head_dim, width),
                         'bias': flat.pop(f'{layer}attention.output.dense.bias')}
@@ -91,7 +143,8 @@ def read(path: str) -> common.Read:
         'LayerNorm_0': _norm(flat, f'{layer}{"norm1" if dinov2 else "layernorm_before"}'),
         'MultiHeadDotProductAttention_1': attention,
         'LayerNorm_2': _norm(flat, f'{layer}{"norm2" if dinov2 else "layernorm_after"}'),
-        'MlpBlock_3': {'Dense_0': dict(zip(('kernel', 'bias'), _linear(flat, mlp_in, (-1,)))),
+        'MlpBlock_3': {'Dense_0': dict(zip(('kernel', 'bias'), _linear(flat, mlp_in, (-1,),
+                                                                      width, wide))),
                        'Dense_1': dict(zip(('kernel', 'bias'), _linear(flat, mlp_out, (width,))))},
     }
     if dinov2:
@@ -101,13 +154,17 @@ def read(path: str) -> common.Read:
   encoder['encoder_norm'] = _norm(flat, 'layernorm')
   params['Transformer'] = encoder
   if 'pooler.dense.weight' in flat:  # ViTModel's pooler: dense + tanh, the pre-logits.
-    k, b = _linear(flat, 'pooler.dense', (-1,))
+    k, b = _linear(flat, 'pooler.dense', (-1,), width, f'a pooler of the class token, {wide}')
     params['pre_logits'] = {'kernel': k, 'bias': b}
   heads_in_file = {'classifier': 'head', 'cls_classifier': 'head',
                    'distillation_classifier': 'head_dist'}
   for name, ours in heads_in_file.items():
     if f'{name}.weight' in flat:
-      k, b = _linear(flat, name, (-1,))
+      inputs = params['pre_logits']['kernel'].shape[1] if 'pre_logits' in params else width
+      if dinov2 and name == 'classifier' and np.shape(flat[f'{name}.weight'])[1:] == (2 * width,):
+        inputs = 2 * width  # The class token beside the mean patch token.
+      k, b = _linear(flat, name, (-1,), inputs, f'one row per class, {wide}' + (
+          ' (or twice that: DINOv2\'s class and mean patch token)' if dinov2 else ''))
       params[ours] = {'kernel': k, 'bias': b}
   if 'head_dist' in params and 'head' not in params:
     raise common.CheckpointMismatchError(
@@ -116,8 +173,6 @@ def read(path: str) -> common.Read:
   token_and_gap = 'head' in params and params['head']['kernel'].shape[0] == 2 * width
   common.refuse_leftovers(flat, path)
 
-  patch = hf['patch_size']
-  patch = tuple(patch) if isinstance(patch, (list, tuple)) else (patch, patch)
   mlp_dim = params['Transformer']['encoderblock_0']['MlpBlock_3']['Dense_0']['kernel'].shape[1]
   mlp_dim //= 2 if swiglu else 1
   config = models.vit_config(
@@ -162,15 +217,30 @@ def read(path: str) -> common.Read:
 
 
 def preprocessing(path: str):
-  """The mean / std the file's image processor normalises with (None: [-1, 1])."""
+  """The mean / std the file's image processor normalises with (None: [-1, 1]); values that
+  do not normalise (a std of 0 or below, NaN, not one per RGB channel) are refused by name."""
   processor = os.path.join(path, 'preprocessor_config.json')
   if not os.path.isfile(processor):
     return None
-  with open(processor) as f:
-    config = json.load(f)
-  if 'image_mean' not in config:
+  config = common.read_json(processor)
+  if 'image_mean' not in config and 'image_std' not in config:
     return None
-  return {'mean': list(config['image_mean']), 'std': list(config['image_std'])}
+  number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
+  values = {}
+  for ours, theirs in (('mean', 'image_mean'), ('std', 'image_std')):
+    value = config.get(theirs)
+    if number(value):  # One number for every channel, as transformers' normalize takes it.
+      value = [value] * 3
+    if not (isinstance(value, list) and len(value) == 3 and all(number(x) for x in value)):
+      raise ValueError(f'{processor}: {theirs}={config.get(theirs)!r}; expected three numbers '
+                       '(one per RGB channel) or one for all three.')
+    if not all(math.isfinite(x) for x in value):
+      raise ValueError(f'{processor}: {theirs}={config.get(theirs)!r} is not finite.')
+    if ours == 'std' and min(value) <= 0:
+      raise ValueError(f'{processor}: {theirs}={config.get(theirs)!r}; a standard deviation '
+                       'must be positive (the pixels are divided by it).')
+    values[ours] = [float(x) for x in value]
+  return values
 
 
 # ------------------------------------------------------------------------------------ writing
@@ -344,26 +414,40 @@ def _read_tower(path: str, hf: dict) -> common.Read:
       continue  # The text tower and the projections to the joint space.
     flat[key[len('vision_model.'):] if key.startswith('vision_model.') else key] = value
   flat.pop('embeddings.position_ids', None)  # A buffer some versions saved.
-  width, heads = vision['hidden_size'], vision['num_attention_heads']
+  nested = 'vision_config.' if vision is not hf else ''
+  width, heads, patch = _config_fits(flat, vision, 'embeddings.patch_embedding.weight', path,
+                                     nested)
   head_dim = width // heads
+  wide = f'{nested}hidden_size={width}'
   attention_of = lambda prefix, names: {
-      ours: dict(zip(('kernel', 'bias'), _linear(flat, f'{prefix}{theirs}', (heads, head_dim))))
+      ours: dict(zip(('kernel', 'bias'), _linear(flat, f'{prefix}{theirs}', (heads, head_dim),
+                                                 width, wide)))
       for ours, theirs in names}
+  square = lambda key: common.check_shape(key, flat[key], (width, width), wide)
   if clip:
     flat.setdefault('embeddings.patch_embedding.bias', np.zeros(width, np.float32))
   params = {'embedding': common.pop_conv(flat, 'embeddings.patch_embedding')}
   if clip:
+    common.check_shape('embeddings.class_embedding', flat['embeddings.class_embedding'],
+                       (width,), wide)
     params['cls'] = flat.pop('embeddings.class_embedding').reshape(1, 1, width)
+  common.check_shape('embeddings.position_embedding.weight',
+                     flat['embeddings.position_embedding.weight'], (None, width),
+                     f'one row per token, {wide}')
   encoder = {'posembed_input': {
       'pos_embedding': flat.pop('embeddings.position_embedding.weight')[None]}}
   if clip:
     encoder['pre_norm'] = _norm(flat, 'pre_layrnorm')
-  num_layers = 1 + max(int(m.group(1)) for k in flat
-                       if (m := re.match(r'encoder\.layers\.(\d+)\.', k)))
+  num_layers = 1 + max((int(m.group(1)) for k in flat
+                        if (m := re.match(r'encoder\.layers\.(\d+)\.', k))), default=-1)
+  if not num_layers:
+    raise KeyError('encoder.layers.0.self_attn.q_proj.weight')
+  _layers_fit(vision, num_layers, 'encoder.layers.{}', path, nested)
   for i in range(num_layers):
     layer = f'encoder.layers.{i}.'
     attention = attention_of(f'{layer}self_attn.', (('query', 'q_proj'), ('key', 'k_proj'),
                                                    ('value', 'v_proj')))
+    square(f'{layer}self_attn.out_proj.weight')
     out = flat.pop(f'{layer}self_attn.out_proj.weight')
     attention['out'] = {'kernel': out.T.reshape(heads, head_dim, width),
                         'bias': flat.pop(f'{layer}self_attn.out_proj.bias')}
@@ -372,7 +456,8 @@ def _read_tower(path: str, hf: dict) -> common.Read:
         'MultiHeadDotProductAttention_1': attention,
         'LayerNorm_2': _norm(flat, f'{layer}layer_norm2'),
         'MlpBlock_3': {'Dense_0': dict(zip(('kernel', 'bias'),
-                                           _linear(flat, f'{layer}mlp.fc1', (-1,)))),
+                                           _linear(flat, f'{layer}mlp.fc1', (-1,), width,
+                                                   wide))),
                        'Dense_1': dict(zip(('kernel', 'bias'),
                                            _linear(flat, f'{layer}mlp.fc2', (width,))))}}
   encoder['encoder_norm'] = _norm(flat, 'post_layernorm')
@@ -382,7 +467,9 @@ def _read_tower(path: str, hf: dict) -> common.Read:
     classifier = 'map'
     stacked_w, stacked_b = flat.pop('head.attention.in_proj_weight'), flat.pop(
         'head.attention.in_proj_bias')
-    attention = common.split_qkv(stacked_w, stacked_b, heads)
+    attention = common.split_qkv(stacked_w, stacked_b, heads, width, (
+        'head.attention.in_proj_weight', 'head.attention.in_proj_bias'))
+    square('head.attention.out_proj.weight')
     out = flat.pop('head.attention.out_proj.weight')
     attention['out'] = {'kernel': out.T.reshape(heads, head_dim, width),
                         'bias': flat.pop('head.attention.out_proj.bias')}
@@ -390,11 +477,12 @@ def _read_tower(path: str, hf: dict) -> common.Read:
         'probe': flat.pop('head.probe'), 'MultiHeadDotProductAttention_0': attention,
         'LayerNorm_0': _norm(flat, 'head.layernorm'),
         'MlpBlock_0': {'Dense_0': dict(zip(('kernel', 'bias'),
-                                           _linear(flat, 'head.mlp.fc1', (-1,)))),
+                                           _linear(flat, 'head.mlp.fc1', (-1,), width,
+                                                   wide))),
                        'Dense_1': dict(zip(('kernel', 'bias'),
                                            _linear(flat, 'head.mlp.fc2', (width,))))}}
   common.refuse_leftovers(flat, path)
-  patch = vision.get('patch_size', 16)
+  patch = patch[0]
   mlp_dim = encoder['encoderblock_0']['MlpBlock_3']['Dense_0']['kernel'].shape[1]
   config = models.vit_config(
       f'hf:{hf.get("_name_or_path") or os.path.basename(os.path.normpath(path))}',

@@ -89,6 +89,20 @@ def infer_model_config(params: Params, name: str = 'from-checkpoint'):
     mlp_dim = block['MlpBlock_3']['Dense_0']['kernel'].shape[1]
   except KeyError as e:
     raise ValueError(f'Not a ViT checkpoint: it has no parameter {e}.') from None
+  except (TypeError, ValueError, IndexError):  # An array of another rank than the model's.
+    def find(key):
+      value = params
+      for part in key.split('/'):
+        value = value.get(part, {}) if isinstance(value, dict) else {}
+      return value
+    ranks = {'embedding/kernel': 'patch, patch, 3, width',
+             'Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel':
+                 'width, heads, head width',
+             'Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel': 'width, MLP width'}
+    wrong = [f'{key} is {tuple(np.shape(find(key)))}, expected ({expected})'
+             for key, expected in ranks.items() if np.ndim(find(key)) != expected.count(',') + 1]
+    raise ValueError('Not a ViT checkpoint of the official layout: '
+                     f'{"; ".join(wrong) or "its arrays are of other ranks"}.') from None
   # Masked patch prediction models (mpp.py) have a [mask] embedding and one output per patch.
   classifier = ('unpooled' if 'mask_token' in params else 'map' if 'MAPHead_0' in params else
                 'token' if 'cls' in params else 'gap')

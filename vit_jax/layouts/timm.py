@@ -10,7 +10,6 @@ DINOv2-giant's packed SwiGLU MLP has an `mlp.fc1` twice as wide as `mlp.fc2` rea
 (the final norm after average pooling, where `norm` is then absent) is pool_norm here.
 """
 
-import json
 import os
 import re
 
@@ -42,11 +41,18 @@ def read(path: str, flat: dict, hub_config: dict = None) -> common.Read:
   if clip:
     flat.setdefault('patch_embed.proj.bias', np.zeros(flat['patch_embed.proj.weight'].shape[0],
                                                       np.float32))
+  common.check_shape('patch_embed.proj.weight', flat['patch_embed.proj.weight'],
+                     (None, 3, None, None), 'width, 3 colour channels, patch height and width')
   embedding = common.pop_conv(flat, 'patch_embed.proj')
   patch_h, patch_w, _, width = embedding['kernel'].shape
   heads = (hub_config or {}).get('model_args', {}).get('num_heads') or HEADS_BY_WIDTH.get(
       width, max(width // 64, 1))
+  if not isinstance(heads, int) or heads < 1 or width % heads:
+    raise common.WeightShapeError(
+        f'its config.json\'s model_args.num_heads={heads!r} does not split the width {width} '
+        '(of patch_embed.proj.weight) into attention heads.')
   head_dim = width // heads
+  wide = f'the width {width} of patch_embed.proj.weight'
   params = {'embedding': embedding}
   prefix = []
   for name, ours in (('cls_token', 'cls'), ('dist_token', 'dist')):
@@ -56,7 +62,11 @@ def read(path: str, flat: dict, hub_config: dict = None) -> common.Read:
   if 'reg_token' in flat:
     params['registers'] = flat.pop('reg_token')
   table = flat.pop('pos_embed')
-  num_layers = 1 + max(int(m.group(1)) for k in flat if (m := re.match(r'blocks\.(\d+)\.', k)))
+  common.check_shape('pos_embed', table, (1, None, width), f'one row per token, {wide}')
+  num_layers = 1 + max((int(m.group(1)) for k in flat
+                        if (m := re.match(r'blocks\.(\d+)\.', k))), default=-1)
+  if not num_layers:
+    raise KeyError('blocks.0.attn.qkv.weight')
   encoder = {}
   layer_scale = None
   # SwiGLUPacked: fc1 holds [gate; up], each as wide as fc2's input.
@@ -65,7 +75,10 @@ def read(path: str, flat: dict, hub_config: dict = None) -> common.Read:
     block = f'blocks.{i}.'
     qkv_weight = flat.pop(f'{block}attn.qkv.weight')  # (3 D, D): query, key, value stacked.
     qkv_bias = flat.pop(f'{block}attn.qkv.bias', np.zeros(3 * width, qkv_weight.dtype))
-    attention = common.split_qkv(qkv_weight, qkv_bias, heads)
+    attention = common.split_qkv(qkv_weight, qkv_bias, heads, width,
+                                 (f'{block}attn.qkv.weight', f'{block}attn.qkv.bias'))
+    common.check_shape(f'{block}attn.proj.weight', flat[f'{block}attn.proj.weight'],
+                       (width, width), wide)
     attention['out'] = {'kernel': flat.pop(f'{block}attn.proj.weight').T.reshape(
         heads, head_dim, width), 'bias': flat.pop(f'{block}attn.proj.bias')}
     encoder[f'encoderblock_{i}'] = {
@@ -87,10 +100,16 @@ def read(path: str, flat: dict, hub_config: dict = None) -> common.Read:
   if clip:
     encoder['pre_norm'] = _norm(flat, 'norm_pre')
   if 'attn_pool.latent' in flat:  # SigLIP: attention pooling (timm's AttentionPoolLatent).
+    common.check_shape('attn_pool.q.weight', flat['attn_pool.q.weight'], (width, width), wide)
+    common.check_shape('attn_pool.kv.weight', flat['attn_pool.kv.weight'], (2 * width, width),
+                       f'key and value stacked: 2 x {wide}')
+    common.check_shape('attn_pool.proj.weight', flat['attn_pool.proj.weight'], (width, width),
+                       wide)
     key_value = flat.pop('attn_pool.kv.weight'), flat.pop('attn_pool.kv.bias')
     keys_values = common.split_qkv(
         np.concatenate([flat.pop('attn_pool.q.weight'), key_value[0]]),
-        np.concatenate([flat.pop('attn_pool.q.bias'), key_value[1]]), heads)
+        np.concatenate([flat.pop('attn_pool.q.bias'), key_value[1]]), heads, width,
+        ('attn_pool.q.weight + attn_pool.kv.weight', 'attn_pool.q.bias + attn_pool.kv.bias'))
     keys_values['out'] = {'kernel': flat.pop('attn_pool.proj.weight').T.reshape(
         heads, head_dim, width), 'bias': flat.pop('attn_pool.proj.bias')}
     params['MAPHead_0'] = {
@@ -112,10 +131,13 @@ def read(path: str, flat: dict, hub_config: dict = None) -> common.Read:
     table = np.concatenate([np.zeros((1, len(prefix), width), table.dtype), table], axis=1)
   encoder['posembed_input'] = {'pos_embedding': table}
   params['Transformer'] = encoder
-  if 'head.weight' in flat:
-    params['head'] = _linear(flat, 'head')
-  if 'head_dist.weight' in flat:
-    params['head_dist'] = _linear(flat, 'head_dist')
+  for name in ('head', 'head_dist'):
+    if f'{name}.weight' in flat:  # A classifier of the (pooled) tokens: as wide as they are.
+      common.check_shape(f'{name}.weight', flat[f'{name}.weight'], (None, width),
+                         f'one row per class, {wide}')
+      common.check_shape(f'{name}.bias', flat[f'{name}.bias'],
+                         (flat[f'{name}.weight'].shape[0],), f'one per row of {name}.weight')
+      params[name] = _linear(flat, name)
   common.refuse_leftovers(flat, path)
 
   # Average pooling: what timm pairs with fc_norm unless its config.json says otherwise.
@@ -156,8 +178,7 @@ def read_hub_config(path: str) -> dict:
   """timm's config.json beside its weights on the Hub ({'architecture': ..., ...}), or {}."""
   config = os.path.join(path, 'config.json')
   if os.path.isfile(config):
-    with open(config) as f:
-      return json.load(f)
+    return common.read_json(config)
   return {}
 
 
