@@ -35,6 +35,7 @@ def test_an_oversized_batch_does_not_fit_with_the_compilers_figure():
   assert result.temp_gib > result.hbm_gib
 
 
+@pytest.mark.slow  # Several TPU compilations: the full tier only.
 def test_auto_fit_finds_flags_that_fit_when_applied():
   devices, name = plan.topology_devices('v5e:2x2')
   big = [*LARGE_IMAGES, '--config.batch=2048']

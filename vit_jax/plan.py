@@ -146,7 +146,8 @@ def _num_classes(config) -> int:
   from vit_jax import datasets
   if config.num_classes:
     return config.num_classes
-  known = datasets.DATASETS.get(config.dataset, {}).get('num_classes')
+  known = next((info['num_classes'] for name, info in datasets.DATASETS.items()
+                if config.dataset in (name, info.get('dataset'))), None)
   known = known or datasets.SEGMENTATION_TFDS.get(config.dataset)
   if known is None:
     raise PlanError(f'The plan reads no data: say how many classes {config.dataset!r} has with '
@@ -224,9 +225,9 @@ def compile_plan(config, devices, topology: str, overrides=None) -> Plan:
                        'Ran out of memory' in line), text.splitlines()[0])[:400]
     plan.hbm_gib = plan.hbm_gib or _available_hbm(text)
     required = re.search(r'required for [^(]*\(([\d.]+)([KMGT])\)', text)
-    if required:
-      plan.temp_gib = (float(required.group(1)) * 1024.0**'KMGT'.index(required.group(2)) /
-                       1024**2)
+    if required:  # Its temporaries alone; the total is at least that.
+      plan.temp_gib = plan.total_gib = (
+          float(required.group(1)) * 1024.0**'KMGT'.index(required.group(2)) / 1024**2)
     return plan
   plan.compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
@@ -356,7 +357,8 @@ def main(argv):
     devices, topology = topology_devices(FLAGS.topology)
     if FLAGS.auto_fit:
       print(f'Searching memory-only settings for {topology}, cheapest first:')
-      plan = auto_fit(config, devices, topology, FLAGS.allow_bfloat16)
+      plan = auto_fit(config, devices, topology, FLAGS.allow_bfloat16,
+                      log=lambda line: print(line, flush=True))
     else:
       plan = compile_plan(config, devices, topology)
   except PlanError as e:
