@@ -22,11 +22,8 @@ sys.path.insert(0, ROOT)
 # v2/v3 (two cores each, one device per core), K/2 megacore chips on v4, K chips on v5e.
 TABLE = [
     ('pretrain.py', 'B_16,imagenet21k', ['v3:4x4', 'v4:2x2x4', 'v5e:4x4']),
-    ('pretrain.py', 'L_16,imagenet21k', ['v3:8x8', 'v4:4x4x4', 'v5e:8x8']),
-    ('pretrain.py', 'H_14,imagenet21k', ['v3:8x16', 'v4:4x4x8', 'v5e:16x16']),
+    ('pretrain.py', 'L_16,imagenet21k', ['v4:4x4x4']),
     ('finetune.py', 'B_16,imagenet2012', ['v3:2x2']),
-    ('finetune.py', 'L_16,imagenet2012', ['v3:2x2']),
-    ('vtab.py', 'B_16,dtd', ['v3:2x2']),
 ]
 
 
