@@ -338,6 +338,8 @@ def test_command_line_tools_name_bad_input(finished, tmp_path):
        'No few-shot evaluation possible'),
       ('vit_jax.fewshot', [f'--checkpoint={finished}/model.npz', '--seeds=0'],
        '--seeds=0 and --shots=1,5,10,25 must be at least 1'),
+      ('vit_jax.fewshot', [f'--checkpoint={finished}/model.npz', '--shots=abc'],
+       '--shots=abc: expected whole numbers of examples per class'),
       ('vit_jax.fewshot', [f'--checkpoint={finished}/model.npz', '--l2_reg=nan'],
        '--l2_reg=nan must be a positive number'),
       ('vit_jax.fewshot', [f'--checkpoint={finished}/model.npz', '--l2_reg=-1'],

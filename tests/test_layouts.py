@@ -809,3 +809,45 @@ def test_reading_a_checkpoint_source_leaves_jax_unstarted_for_the_command_line(t
                     '--config.total_steps=3', '--config.eval_every=3')
   assert result.returncode == 0, result.stderr[-3000:]
   assert (tmp_path / 'w' / 'model.npz').exists()
+
+
+def test_the_image_processors_resize_and_crop_are_followed_and_written_back(tmp_path):
+  """CLIP's, SigLIP's and DINOv2's processors resize the shorter side (bicubic) and crop the
+  centre: predict does the same, and convert writes it back (npz description, Hugging Face's
+  preprocessor_config.json)."""
+  from PIL import Image
+  from vit_jax import convert, predict
+  w = random_weights(HF_VIT, prefix_tokens=1, pos_tokens=5, prefix='vit.',
+                     heads=[('classifier', 3)])
+  path = write_hf(tmp_path / 'vit', w, dict(HF_CONFIG, model_type='vit', hidden_act='gelu'))
+  mean, std = [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]
+  (tmp_path / 'vit' / 'preprocessor_config.json').write_text(json.dumps(dict(
+      image_processor_type='CLIPImageProcessor', do_resize=True, size={'shortest_edge': 24},
+      resample=3, do_center_crop=True, crop_size={'height': SIZE, 'width': SIZE},
+      do_normalize=True, image_mean=mean, image_std=std)))
+  read = checkpoint.load_model(path)
+  assert read.resize == {'shortest_edge': 24, 'crop': [SIZE, SIZE], 'method': 'bicubic'}
+
+  # A smooth non-square photo, 60 x 107: the processor's own steps with PIL, as reference.
+  y, x = np.mgrid[0:60, 0:107]
+  photo = np.stack([128 + 100 * np.sin(x / 9), 128 + 100 * np.cos(y / 7),
+                    128 + 60 * np.sin((x + y) / 11)], -1).astype(np.uint8)
+  Image.fromarray(photo).save(tmp_path / 'photo.png')
+  ours = predict.load_image(str(tmp_path / 'photo.png'), read.image_size, read.resize)
+  width = int(24 * 107 / 60)
+  resized = np.asarray(Image.fromarray(photo).resize((width, 24), Image.BICUBIC), np.float32)
+  top, left = (24 - SIZE) // 2, (width - SIZE) // 2
+  expected = resized[top:top + SIZE, left:left + SIZE] / 127.5 - 1
+  np.testing.assert_allclose(ours, expected, atol=4 / 127.5)
+  squashed = predict.load_image(str(tmp_path / 'photo.png'), read.image_size)  # The old way.
+  assert np.abs(squashed - expected).mean() > 10 * np.abs(ours - expected).mean()
+
+  # Written back: the export describes it; a Hugging Face directory holds the processor file.
+  convert.convert(path, str(tmp_path / 'export.npz'), 'npz')
+  assert checkpoint.load_model(str(tmp_path / 'export.npz')).resize == read.resize
+  convert.convert(path, str(tmp_path / 'hf'), 'hf')
+  written = json.loads((tmp_path / 'hf' / 'preprocessor_config.json').read_text())
+  assert (written['size'], written['crop_size'], written['resample']) == (
+      {'shortest_edge': 24}, {'height': SIZE, 'width': SIZE}, 3)
+  again = checkpoint.load_model(str(tmp_path / 'hf'))
+  assert (again.resize, again.preprocessing) == (read.resize, read.preprocessing)

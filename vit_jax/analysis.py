@@ -201,10 +201,10 @@ def analyse(params, model, config, images, outdir, model_inputs=lambda x: x) -> 
   return paths
 
 
-def _images(image_paths, image_size, dataset, split, count):
+def _images(image_paths, image_size, dataset, split, count, resize=None):
   if image_paths:
     from vit_jax import predict
-    return np.stack([predict.load_image(p, image_size) for p in image_paths])
+    return np.stack([predict.load_image(p, image_size, resize) for p in image_paths])
   if not dataset:
     raise app.UsageError('Name image files or --dataset.')
   from vit_jax import config_lib, datasets, dense_pipeline, input_pipeline
@@ -227,7 +227,8 @@ def main(argv):
   files.OutputFolder(FLAGS.outdir)  # A file, not a folder: refused before the model loads.
   read = checkpoint.load_model(FLAGS.checkpoint)
   model = models.build(read.config, read.num_classes)  # Classifier or dense: the same encoder.
-  images = _images(argv[1:], read.image_size, FLAGS.dataset, FLAGS.split, FLAGS.num_images)
+  images = _images(argv[1:], read.image_size, FLAGS.dataset, FLAGS.split, FLAGS.num_images,
+                   read.resize)
   for path in analyse(read.params, model, read.config, jnp.asarray(images), FLAGS.outdir,
                       read.model_inputs):
     print(path)

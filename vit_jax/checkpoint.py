@@ -241,7 +241,8 @@ def _described(params, description: dict) -> layouts.Read:
   return layouts.Read(params, ml_collections.ConfigDict(model), description['num_classes'],
                       tuple(description['image_size']), description.get('multi_label', False),
                       class_names=description.get('class_names'),
-                      preprocessing=description.get('preprocessing'))
+                      preprocessing=description.get('preprocessing'),
+                      resize=description.get('resize'))
 
 
 def _check_description(exported: layouts.Read, path: str):
@@ -281,7 +282,7 @@ def _check_holds(read: layouts.Read, path: str, describes: str, ignore=()):
 def save(params: Params, path: str, *, model_config=None, image_size=None,
          multi_label: bool = False, class_names: Optional[Sequence[str]] = None,
          preprocessing: Optional[dict] = None, num_classes: Optional[int] = None,
-         new: bool = False):
+         resize: Optional[dict] = None, new: bool = False):
   """Writes `params` as an official-layout .npz (float32 where the model runs in bfloat16; a
   scanned encoder per layer).
 
@@ -309,6 +310,8 @@ def save(params: Params, path: str, *, model_config=None, image_size=None,
     if preprocessing is not None:
       description['preprocessing'] = {k: [float(x) for x in preprocessing[k]]
                                       for k in ('mean', 'std')}
+    if resize is not None:  # The source's image processor (layouts.common.Read.resize).
+      description['resize'] = dict(resize)
     arrays[DESCRIPTION_KEY] = np.frombuffer(json.dumps(description).encode(), np.uint8)
   for key, value in flat.items():
     value = np.asarray(value)

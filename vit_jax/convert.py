@@ -32,7 +32,8 @@ def convert(source: str, dest: str, fmt: str) -> str:
   if fmt == 'npz':
     checkpoint.save(read.params, dest, model_config=read.config, image_size=read.image_size,
                     multi_label=read.multi_label, class_names=read.class_names,
-                    preprocessing=read.preprocessing, num_classes=read.num_classes, new=True)
+                    preprocessing=read.preprocessing, num_classes=read.num_classes,
+                    resize=read.resize, new=True)
     return f'vit_jax.checkpoint.load_model({dest!r})'
   # PyTorch's libraries read local files: a gs:// DEST is named as its local copy.
   local = dest.rstrip('/').rsplit('/', 1)[-1] if files.is_remote(dest) else dest

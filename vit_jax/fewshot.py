@@ -168,6 +168,9 @@ def evaluate_checkpoint(path: str, *, dataset: str, train_split='train', test_sp
 
 def main(argv):
   del argv
+  if not FLAGS.shots or not all(k.strip().isdigit() for k in FLAGS.shots):
+    raise app.UsageError(f'--shots={",".join(FLAGS.shots)}: expected whole numbers of examples '
+                         'per class, e.g. --shots=1,5,10,25.')
   shots = [int(k) for k in FLAGS.shots]
   if FLAGS.seeds < 1 or min(shots) < 1:
     raise app.UsageError(f'--seeds={FLAGS.seeds} and --shots={",".join(FLAGS.shots)} must be at '

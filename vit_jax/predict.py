@@ -54,8 +54,10 @@ def label_names(num_classes, labels_path=None, dataset=None, from_checkpoint=Non
   return names
 
 
-def load_image(path: str, image_size) -> np.ndarray:
-  """The eval preprocessing: decode, resize to the model's resolution, value range [-1, 1]."""
+def load_image(path: str, image_size, resize=None) -> np.ndarray:
+  """The eval preprocessing: decode, resize to the model's resolution (or as the checkpoint's
+  image processor does, `resize`: the shorter side to its size, then the centre crop), value
+  range [-1, 1]."""
   import tensorflow as tf
   from vit_jax import preprocess
   try:
@@ -63,9 +65,13 @@ def load_image(path: str, image_size) -> np.ndarray:
   except (tf.errors.OpError, ValueError) as e:
     reason = re.sub(r'\{\{.*?\}\}|\[Op:.*', '', getattr(e, 'message', str(e))).strip()
     raise ValueError(f'{path}: not a readable JPEG/PNG/GIF/BMP image ({reason}).') from None
-  # A photograph may be many times the model's resolution: without a low-pass filter its
-  # resize would keep one pixel in n and drop the rest.
-  image = preprocess.resize_and_central_crop(image, image_size, image_size, antialias=True)
+  if resize:
+    image = preprocess.resize_shorter_and_crop(image, resize['shortest_edge'], resize['crop'],
+                                               resize['method'])
+  else:
+    # A photograph may be many times the model's resolution: without a low-pass filter its
+    # resize would keep one pixel in n and drop the rest.
+    image = preprocess.resize_and_central_crop(image, image_size, image_size, antialias=True)
   return preprocess.to_value_range(image).numpy()
 
 
@@ -74,6 +80,7 @@ class Classifier(NamedTuple):
   image_size: tuple
   num_classes: int
   class_names: Optional[list]  # What the checkpoint calls its classes (Hugging Face: id2label).
+  resize: Optional[dict] = None  # The checkpoint's own resize and crop (Read.resize).
 
 
 def load_classifier(checkpoint_path: str, model_name=None) -> Classifier:
@@ -98,7 +105,7 @@ def load_classifier(checkpoint_path: str, model_name=None) -> Classifier:
   classify = jax.jit(sharding.under_mesh(lambda x: activation(model.apply(
       {'params': params}, read.model_inputs(x), train=False)),
       sharding.make_mesh(jax.devices()[:1])))  # One image at a time: one device.
-  return Classifier(classify, image_size, num_classes, read.class_names)
+  return Classifier(classify, image_size, num_classes, read.class_names, read.resize)
 
 
 # ------------------------------------------------------------------------- dense models
@@ -219,14 +226,14 @@ def main(argv):
     if failures:
       sys.exit(f'{failures} of {len(paths)} images could not be read.')
     return
-  classify, image_size, num_classes, class_names = load_classifier(FLAGS.checkpoint,
-                                                                   FLAGS.model)
+  classify, image_size, num_classes, class_names, resize = load_classifier(FLAGS.checkpoint,
+                                                                           FLAGS.model)
   names = label_names(num_classes, FLAGS.labels, FLAGS.dataset, class_names)
 
   failures = 0
   for path in paths:
     try:
-      image = load_image(path, image_size)
+      image = load_image(path, image_size, resize)
     except ValueError as e:
       print(f'error: {e}', file=sys.stderr)
       failures += 1

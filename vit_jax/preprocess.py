@@ -64,6 +64,24 @@ def resize_and_central_crop(image, resize_size, crop_size, *, antialias):
   return image[top:top + crop_size[0], left:left + crop_size[1]]
 
 
+def resize_shorter_and_crop(image, shortest_edge: int, crop, method: str = 'bicubic'):
+  """What CLIP's, SigLIP's and DINOv2's image processors do: the shorter side to
+  `shortest_edge` (the longer one in proportion, rounded down), filtered as PIL does when it
+  shrinks (antialias), rounded to whole 8-bit values as their PIL images are; then the central
+  `crop` (h, w)."""
+  shape = tf.shape(image)
+  h, w = shape[0], shape[1]
+  short, long = tf.minimum(h, w), tf.maximum(h, w)
+  new_long = tf.cast(shortest_edge * long / short, tf.int32)  # int() of the ratio, as theirs.
+  size = tf.where(h <= w, tf.stack([shortest_edge, new_long]), tf.stack([new_long, shortest_edge]))
+  image = tf.image.resize(image, size, method=method, antialias=True)
+  image = tf.clip_by_value(tf.round(image), 0, 255)
+  top, left = (size[0] - crop[0]) // 2, (size[1] - crop[1]) // 2
+  image = image[top:top + crop[0], left:left + crop[1]]
+  image.set_shape(list(crop) + [3])
+  return image
+
+
 def random_flip(image, seed):
   return tf.image.stateless_random_flip_left_right(image, seed)
 

@@ -34,6 +34,10 @@ class Read(NamedTuple):
   class_names: Optional[list] = None  # Label i's name, where the file says (id2label).
   resample: str = 'bilinear'  # How the file's library resamples position tables.
   preprocessing: Optional[dict] = None  # {'mean', 'std'} of [0, 1] pixels; None: [-1, 1].
+  # How the file's image processor brings a photo to the model's size, where it says:
+  # {'shortest_edge': S, 'crop': [h, w], 'method': 'bicubic' | 'bilinear'} (CLIP, SigLIP,
+  # DINOv2: the shorter side to S, then the centre crop); None: straight to image_size.
+  resize: Optional[dict] = None
 
   def model_inputs(self, images):
     """Images in [-1, 1] normalised as this checkpoint's model takes them: (pixels in [0, 1] -

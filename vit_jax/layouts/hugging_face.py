@@ -11,6 +11,7 @@ writes these names back when it saves). PyTorch's Linear stores (out, in): kerne
 import math
 import os
 import re
+from typing import Optional
 
 import numpy as np
 
@@ -213,7 +214,8 @@ def read(path: str) -> common.Read:
                      # As each model's interpolate_pos_encoding: DINOv2 with registers
                      # filters (antialias=True), the others do not.
                      resample=('bicubic_antialias' if model_type == 'dinov2_with_registers'
-                               else 'bicubic'), preprocessing=preprocessing(path))
+                               else 'bicubic'), preprocessing=preprocessing(path),
+                     resize=resize(path))
 
 
 def preprocessing(path: str):
@@ -241,6 +243,60 @@ def preprocessing(path: str):
                        'must be positive (the pixels are divided by it).')
     values[ours] = [float(x) for x in value]
   return values
+
+
+# PIL's resampling filters, as image processors name them (transformers' PILImageResampling).
+RESAMPLING = {2: 'bilinear', 3: 'bicubic'}
+
+
+def resize(path: str) -> Optional[dict]:
+  """The resize and centre crop the file's image processor applies (Read.resize), where it
+  resizes the shorter side; None where it resizes straight to a size (ViT, DeiT) or says
+  nothing."""
+  processor = os.path.join(path, 'preprocessor_config.json')
+  if not os.path.isfile(processor):
+    return None
+  config = common.read_json(processor)
+  size = config.get('size')
+  shortest = size.get('shortest_edge') if isinstance(size, dict) else None
+  if not config.get('do_resize', True) or shortest is None:
+    return None
+  crop = config.get('crop_size') if config.get('do_center_crop', False) else None
+  if isinstance(crop, int):
+    crop = {'height': crop, 'width': crop}
+  crop = [crop['height'], crop['width']] if isinstance(crop, dict) else [shortest, shortest]
+  method = config.get('resample', 3)
+  if method not in RESAMPLING or not all(isinstance(v, int) and v > 0 for v in
+                                          [shortest, *crop]):
+    raise ValueError(f'{processor}: size={size!r}, crop_size={config.get("crop_size")!r}, '
+                     f'resample={method!r}; expected positive whole sizes and resample 2 '
+                     '(bilinear) or 3 (bicubic).')
+  return {'shortest_edge': shortest, 'crop': crop, 'method': RESAMPLING[method]}
+
+
+def _processor_file(read: common.Read) -> dict:
+  config = processor_config(read)
+  return {} if config is None else {'preprocessor_config.json': config}
+
+
+def processor_config(read: common.Read) -> Optional[dict]:
+  """preprocessor_config.json for a written model: its normalisation and resize, as read."""
+  if read.preprocessing is None and read.resize is None:
+    return None
+  mean, std = ((read.preprocessing['mean'], read.preprocessing['std']) if read.preprocessing
+               else ([0.5] * 3, [0.5] * 3))  # [-1, 1]: (x - 0.5) / 0.5.
+  config = {'image_processor_type': 'CLIPImageProcessor' if read.resize else
+            'ViTImageProcessor', 'do_normalize': True, 'image_mean': mean, 'image_std': std,
+            'do_rescale': True, 'rescale_factor': 1 / 255, 'do_resize': True}
+  if read.resize:
+    method = {v: k for k, v in RESAMPLING.items()}[read.resize['method']]
+    crop = read.resize['crop']
+    config.update(size={'shortest_edge': read.resize['shortest_edge']}, do_center_crop=True,
+                  crop_size={'height': crop[0], 'width': crop[1]}, resample=method)
+  else:
+    config.update(size={'height': int(read.image_size[0]), 'width': int(read.image_size[1])},
+                  resample=2)
+  return config
 
 
 # ------------------------------------------------------------------------------------ writing
@@ -376,7 +432,7 @@ def write(read: common.Read, path: str):
     hf['label2id'] = {name: i for i, name in enumerate(names)}
     if read.multi_label:
       hf['problem_type'] = 'multi_label_classification'
-  common.write_model_dir(path, flat, hf)
+  common.write_model_dir(path, flat, hf, _processor_file(read))
 
 
 def _mlp_ratio(mlp_dim: int, width: int, swiglu: bool) -> int:
@@ -500,7 +556,7 @@ def _read_tower(path: str, hf: dict) -> common.Read:
       vision.get('layer_norm_eps', 1e-5 if clip else 1e-6))
   side = int(round((encoder['posembed_input']['pos_embedding'].shape[1] - clip) ** 0.5))
   return common.Read(params, config, None, (side * patch, side * patch), resample='bicubic',
-                     preprocessing=preprocessing(path))
+                     preprocessing=preprocessing(path), resize=resize(path))
 
 
 def _write_tower(read: common.Read, path: str):
@@ -555,7 +611,7 @@ def _write_tower(read: common.Read, path: str):
   norm(encoder['encoder_norm'], 'post_layernorm')
   if clip:
     norm(encoder['pre_norm'], 'pre_layrnorm')
-    common.write_model_dir(path, flat, dict(
+    common.write_model_dir(path, flat, extra_files=_processor_file(read), config=dict(
         model_type='clip_vision_model', architectures=['CLIPVisionModel'], hidden_size=width,
         intermediate_size=int(transformer.mlp_dim), num_hidden_layers=int(transformer.num_layers),
         num_attention_heads=int(transformer.num_heads), num_channels=3,
@@ -579,4 +635,4 @@ def _write_tower(read: common.Read, path: str):
             hidden_act='gelu_pytorch_tanh' if transformer.get('gelu_approximate', True) else
             'gelu', layer_norm_eps=float(transformer.get('layer_norm_epsilon', 1e-6)),
             attention_dropout=0.0, vision_use_head=True)
-  common.write_model_dir(path, flat, hf)
+  common.write_model_dir(path, flat, hf, _processor_file(read))
