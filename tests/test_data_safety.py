@@ -323,8 +323,12 @@ def test_resuming_keeps_the_config_history(finished, run_copy):
 
 def test_command_line_tools_name_bad_input(finished, tmp_path):
   mpp_export = tmp_path / 'mpp.npz'
-  params = load_npz(finished / 'model.npz')  # As an MPP export without its description.
-  del params[checkpoint.DESCRIPTION_KEY]
+  params = load_npz(finished / 'model.npz')  # As an MPP export without its description:
+  for key in (checkpoint.DESCRIPTION_KEY, 'cls', 'head/kernel', 'head/bias', 'pre_logits/kernel',
+              'pre_logits/bias'):  # no class token, no head, a mask token.
+    del params[key]
+  posemb = 'Transformer/posembed_input/pos_embedding'
+  params[posemb] = params[posemb][:, 1:]
   params['mask_token'] = np.zeros((1, 1, 16), np.float32)
   np.savez(mpp_export, **params)
   image = tmp_path / 'digit.png'

@@ -184,7 +184,7 @@ def test_a_killed_sweep_resumes_without_redoing_finished_runs(tmp_path, monkeypa
                     '--tasks=digits,digits_parity', '--lrs=0.01,0.3', *args,
                     module='vit_jax.vtab')
   assert result.returncode == 0, result.stderr[-3000:]
-  assert 'finished before, skipped' in result.stderr
+  assert 'finished before with this setting, skipped' in result.stderr
   assert {w: (tmp_path / w / 'results.json').stat().st_mtime_ns for w in trained} == before
   written = json.loads((tmp_path / 'vtab.json').read_text())
   for name, task in written['tasks'].items():

@@ -101,6 +101,8 @@ def topology_devices(topology: Optional[str]):
     raise PlanError(f'--topology={topology} needs the TPU compiler (libtpu): pip install -e '
                     "'.[tpu]'. (--topology=cpu:N simulates N CPU devices without it.)") from None
   from jax.experimental import topologies
+  # Compile-only programs cannot be loaded back from JAX's persistent cache: keep them out.
+  jax.config.update('jax_enable_compilation_cache', False)
   # v4 and v5p chips hold two cores that their runtime joins into one device (megacore).
   chip = {'chip_config_name': 'megacore'} if kind in ('v4', 'v5p') else {}
   try:
@@ -170,8 +172,9 @@ def _abstract_batch(config, objective, image_size, batch_size, train: bool):
   return batch
 
 
-def _steps(config, mesh):
-  """The lowered train and eval steps of `config` on `mesh`, as vit_jax.main builds them."""
+def _steps(config, mesh, train_step: bool = True, eval_step: bool = True):
+  """The lowered train and eval steps of `config` on `mesh` (None where not asked for), as
+  vit_jax.main builds them."""
   from vit_jax import config_lib, objectives, optim, train
   objective = objectives.from_config(config, _num_classes(config))
   model = train.create_model(config, objective.num_outputs)
@@ -179,12 +182,16 @@ def _steps(config, mesh):
   image_size = config_lib.image_size(config)
   abstract, _ = train.abstract_state(config, model, tx, mesh, image_size, objective)
   shardings = train.shardings_of(abstract)
-  train_step = train.make_train_step(config, model, tx, schedule, shardings, mesh, objective)
-  eval_step = train.make_eval_step(objective, model, shardings['params'], mesh)
-  return (train_step.lower(abstract, _abstract_batch(config, objective, image_size,
-                                                    config.batch, True)),
-          eval_step.lower(abstract['params'], _abstract_batch(config, objective, image_size,
-                                                             config.batch_eval, False)))
+  lowered_train = lowered_eval = None
+  if train_step:
+    step = train.make_train_step(config, model, tx, schedule, shardings, mesh, objective)
+    lowered_train = step.lower(abstract, _abstract_batch(config, objective, image_size,
+                                                         config.batch, True))
+  if eval_step:
+    step = train.make_eval_step(objective, model, shardings['params'], mesh)
+    lowered_eval = step.lower(abstract['params'], _abstract_batch(config, objective, image_size,
+                                                                  config.batch_eval, False))
+  return lowered_train, lowered_eval
 
 
 def _flops_per_device(config, devices: int) -> float:
@@ -198,12 +205,14 @@ def _flops_per_device(config, devices: int) -> float:
   with flat.unlocked():
     flat.model.transformer.scan = False
     flat.accum_steps = 1
-  lowered = _steps(flat, sharding.make_mesh(jax.devices('cpu')[:1]))[0]
+  lowered = _steps(flat, sharding.make_mesh(jax.devices('cpu')[:1]), eval_step=False)[0]
   return float(lowered.cost_analysis()['flops']) / devices
 
 
-def compile_plan(config, devices, topology: str, overrides=None) -> Plan:
-  """Compiles `config` (with `overrides`, dotted keys) for `devices`; never raises for memory."""
+def compile_plan(config, devices, topology: str, overrides=None, eval_step: bool = True) -> Plan:
+  """Compiles `config` (with `overrides`, dotted keys) for `devices`; never raises for memory.
+  `eval_step=False`: the train step only (the search's candidates: the eval step, without
+  gradients or optimizer state, is the smaller one)."""
   from vit_jax import config_lib, sharding
   config = with_overrides(config, overrides or {})
   config_lib.check(config, device_count=len(devices))
@@ -212,9 +221,7 @@ def compile_plan(config, devices, topology: str, overrides=None) -> Plan:
               fits=None, hbm_gib=hbm_gib(devices[0]), overrides=dict(overrides or {}))
   start = time.perf_counter()
   try:
-    lowered_train, lowered_eval = _steps(config, mesh)
-    compiled = lowered_train.compile()
-    evaluated = lowered_eval.compile()
+    compiled = _steps(config, mesh, eval_step=False)[0].compile()
   except Exception as e:  # pylint: disable=broad-except
     text = str(e)
     if 'RESOURCE_EXHAUSTED' not in text and 'Ran out of memory' not in text:
@@ -239,13 +246,21 @@ def compile_plan(config, devices, topology: str, overrides=None) -> Plan:
   # The donated state's outputs reuse its arguments' buffers (aliased): counted once.
   plan.total_gib = (plan.argument_gib + plan.output_gib - plan.alias_gib + plan.temp_gib +
                     plan.code_gib)
-  eval_memory = evaluated.memory_analysis()
-  plan.eval_total_gib = (eval_memory.argument_size_in_bytes + eval_memory.output_size_in_bytes
-                         - eval_memory.alias_size_in_bytes + eval_memory.temp_size_in_bytes +
-                         eval_memory.generated_code_size_in_bytes) / GIB
   plan.fits = None if devices[0].platform == 'cpu' else True
-  plan.tflop_per_device = _flops_per_device(config, len(devices)) / 1e12
+  if eval_step:
+    _add_eval_step(plan, config, mesh)
   return plan
+
+
+def _add_eval_step(plan: Plan, config, mesh):
+  """The eval step's total and the train step's FLOPs, into a plan whose train step fits."""
+  start = time.perf_counter()
+  memory = _steps(config, mesh, train_step=False)[1].compile().memory_analysis()
+  plan.compile_s += time.perf_counter() - start
+  plan.eval_total_gib = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                         - memory.alias_size_in_bytes + memory.temp_size_in_bytes +
+                         memory.generated_code_size_in_bytes) / GIB
+  plan.tflop_per_device = _flops_per_device(config, plan.devices) / 1e12
 
 
 def with_overrides(config, overrides: dict):
@@ -305,8 +320,8 @@ def auto_fit(config, devices, topology: str, allow_bfloat16: bool = False, log=p
   search stops there."""
   options = candidates(config, len(devices), allow_bfloat16)
 
-  def attempt(overrides):
-    plan = compile_plan(config, devices, topology, overrides)
+  def attempt(overrides, eval_step=False):
+    plan = compile_plan(config, devices, topology, overrides, eval_step)
     log(f'  {plan.flags() or "(as is)"}: ' + (
         f'fits, {plan.total_gib:.2f} of {plan.hbm_gib:.2f} GiB' if plan.fits else
         f'does not fit ({plan.error})' if plan.fits is False else
@@ -319,9 +334,11 @@ def auto_fit(config, devices, topology: str, allow_bfloat16: bool = False, log=p
       raise PlanError(f'Not even {leanest.flags()} fits on {topology} ({leanest.error}): a '
                       f'larger slice or a smaller batch'
                       f'{"" if allow_bfloat16 else " (or --allow_bfloat16)"}.')
+  from vit_jax import sharding
   for overrides in options:
     plan = attempt(overrides)
     if plan.fits is not False:
+      _add_eval_step(plan, with_overrides(config, overrides), sharding.make_mesh(devices))
       return plan
   raise AssertionError('unreachable: the leanest setting fits')
 
