@@ -39,7 +39,7 @@ def main():
 
   import jax
   from throughput import step_config
-  from vit_jax import config_lib, objectives, optim, sharding, train
+  from vit_jax import config_lib, objectives, optim, sharding, steps
 
   config = step_config(args.model, args.res, args.batch, accum_steps=args.accum_steps,
                        sharding='fsdp' if args.fsdp else 'replicate',
@@ -53,10 +53,10 @@ def main():
 
   def lowered_step(config):
     objective = objectives.from_config(config, 21_843)  # ImageNet-21k's classes.
-    model = train.create_model(config, objective.num_outputs)
+    model = steps.create_model(config, objective.num_outputs)
     tx, schedule = optim.make_optimizer(config), optim.make_schedule(config)
-    abstract, _ = train.abstract_state(config, model, tx, mesh, (args.res, args.res), objective)
-    step = train.make_train_step(config, model, tx, schedule, train.shardings_of(abstract), mesh,
+    abstract, _ = steps.abstract_state(config, model, tx, mesh, (args.res, args.res), objective)
+    step = steps.make_train_step(config, model, tx, schedule, steps.shardings_of(abstract), mesh,
                                  objective)
     return step.lower(abstract, batch), abstract
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import (config_lib, cpu_tuning, mfu, models, models_vit, objectives, optim, sharding,
-                     train)
+                     steps)
 from vit_jax.inference_time import median_seconds
 
 
@@ -54,11 +54,11 @@ def main():
 
   mesh = sharding.make_mesh()
   objective = objectives.from_config(config, 1000)
-  model = train.create_model(config, objective.num_outputs)
+  model = steps.create_model(config, objective.num_outputs)
   tx, schedule = optim.make_optimizer(config), optim.make_schedule(config)
-  state, shardings = train.init_state(config, model, tx, mesh, (args.res, args.res),
+  state, shardings = steps.init_state(config, model, tx, mesh, (args.res, args.res),
                                      objective)
-  train_step = train.make_train_step(config, model, tx, schedule, shardings, mesh, objective)
+  train_step = steps.make_train_step(config, model, tx, schedule, shardings, mesh, objective)
   rng = np.random.default_rng(0)
   batch = sharding.to_global({
       'image': rng.uniform(-1, 1, (args.batch, args.res, args.res, 3)).astype(np.float32),

@@ -17,7 +17,7 @@ import pytest
 
 from helpers import (TINY, assert_unchanged, load_npz, parse_config, scalars, snapshot,
                      tiny_config, write_class_folders)
-from vit_jax import checkpoint, fewshot, predict, report, resume, train
+from vit_jax import checkpoint, fewshot, predict, report, resume, sharding, steps, train
 
 HISTORY = resume.HISTORY_FILE
 
@@ -118,10 +118,10 @@ def test_non_finite_parameters_are_refused_by_every_reader(finished, tmp_path):
 def test_a_checkpoint_saved_with_non_finite_parameters_is_refused_naming_its_step(run_copy):
   workdir, _ = run_copy
   config = tiny_config()
-  model = train.create_model(config, 10)
+  model = steps.create_model(config, 10)
   tx = train.optim.make_optimizer(config)
   objective = train.objectives.from_config(config, 10)
-  abstract, _ = train.abstract_state(config, model, tx, train.sharding.make_mesh(), (8, 8),
+  abstract, _ = steps.abstract_state(config, model, tx, sharding.make_mesh(), (8, 8),
                                      objective)
   checkpoints = resume.Checkpoints(str(workdir), keep=3)
   state = checkpoints.restore_latest(abstract)

@@ -14,7 +14,7 @@ import pytest
 
 from helpers import (COUNTED, TINY, assert_same_params, built_once, load_npz, run_main, scalars,
                      tiny_config, write_class_folders)
-from vit_jax import evaluators, input_pipeline, objectives, optim, sharding, train
+from vit_jax import evaluators, input_pipeline, objectives, optim, sharding, steps, train
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
@@ -104,14 +104,14 @@ def test_accumulation_equals_full_batch():
   config = tiny_config('--config.accum_steps=4')
   mesh = sharding.make_mesh()
   objective = objectives.from_config(config, 10)
-  model = train.create_model(config, objective.num_outputs)
+  model = steps.create_model(config, objective.num_outputs)
   tx, schedule = optim.make_optimizer(config), optim.make_schedule(config)
-  state, shardings = train.init_state(config, model, tx, mesh, (8, 8), objective)
+  state, shardings = steps.init_state(config, model, tx, mesh, (8, 8), objective)
   source = input_pipeline.get_source(config, 'train')
   batch = sharding.to_global(next(input_pipeline.train_batches(config, source, batch_size=32)),
                              mesh)
   copy = jax.tree.map(jnp.copy, state)
-  step_fn = lambda: train.make_train_step(config, model, tx, schedule, shardings, mesh, objective)
+  step_fn = lambda: steps.make_train_step(config, model, tx, schedule, shardings, mesh, objective)
   accumulated, m4 = step_fn()(state, batch)
   config.accum_steps = 1
   full, m1 = step_fn()(copy, batch)

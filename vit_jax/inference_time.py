@@ -10,7 +10,8 @@ import time
 import jax
 import numpy as np
 
-from vit_jax import config_lib, models, objectives, sharding, train
+from vit_jax import config_lib, models, objectives, sharding, steps, train
+from vit_jax.results import append_results
 
 REPETITIONS = 10
 
@@ -37,12 +38,12 @@ def inference_time(config, workdir: str) -> dict:
     num_classes = config.num_classes or config_lib.dataset_info(config.dataset).get(
         'num_classes', 1000)
     objective = objectives.from_config(config, num_classes)
-    model = train.create_model(config, objective.num_outputs)
+    model = steps.create_model(config, objective.num_outputs)
     height, width = config_lib.image_size(config)
     images = jax.device_put(
         jax.random.uniform(jax.random.PRNGKey(0), (config.batch_eval, height, width, 3),
                            minval=-1), sharding.batch_sharding(mesh))
-    _, create_params = train.abstract_params(config, model, mesh, (height, width), objective)
+    _, create_params = steps.abstract_params(config, model, mesh, (height, width), objective)
     params = create_params()
     forward = jax.jit(sharding.under_mesh(
         lambda p, x: model.apply({'params': p}, x, train=False), mesh))
@@ -62,9 +63,9 @@ def inference_time(config, workdir: str) -> dict:
                  '%.4f s each).', config.model.model_name, height, width, config.batch_eval,
                  jax.device_count(), results['inference_img_sec_core'], repetitions,
                  batch_seconds)
-    train.append_results(workdir, 'inference_time.json',
-                         dict(results, model=config.model.model_name, batch=config.batch_eval,
-                              image_size=[height, width], devices=jax.device_count()))
+    append_results(workdir, 'inference_time.json',
+                   dict(results, model=config.model.model_name, batch=config.batch_eval,
+                        image_size=[height, width], devices=jax.device_count()))
     return results
 
 

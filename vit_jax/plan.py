@@ -3,7 +3,7 @@ r"""Will a run fit the devices it is sent to? The compiler says, before the slic
 python -m vit_jax.plan --config=configs/pretrain.py:B_16,imagenet21k --topology=v3:4x4 \
     [--config.<key>=<value> ...] [--auto_fit [--allow_bfloat16]] [--json]
 
-Compiles the run's own train step and eval step (train.make_train_step / make_eval_step, the
+Compiles the run's own train step and eval step (steps.make_train_step / make_eval_step, the
 functions vit_jax.main runs) for the devices of `--topology`, with abstract parameters and
 batches (nothing is allocated), and prints per device what the compiler's memory analysis says:
 arguments, outputs, temporaries, code, and their total against the chip's HBM.
@@ -175,20 +175,20 @@ def _abstract_batch(config, objective, image_size, batch_size, train: bool):
 def _steps(config, mesh, train_step: bool = True, eval_step: bool = True):
   """The lowered train and eval steps of `config` on `mesh` (None where not asked for), as
   vit_jax.main builds them."""
-  from vit_jax import config_lib, objectives, optim, train
+  from vit_jax import config_lib, objectives, optim, steps
   objective = objectives.from_config(config, _num_classes(config))
-  model = train.create_model(config, objective.num_outputs)
+  model = steps.create_model(config, objective.num_outputs)
   tx, schedule = optim.make_optimizer(config), optim.make_schedule(config)
   image_size = config_lib.image_size(config)
-  abstract, _ = train.abstract_state(config, model, tx, mesh, image_size, objective)
-  shardings = train.shardings_of(abstract)
+  abstract, _ = steps.abstract_state(config, model, tx, mesh, image_size, objective)
+  shardings = steps.shardings_of(abstract)
   lowered_train = lowered_eval = None
   if train_step:
-    step = train.make_train_step(config, model, tx, schedule, shardings, mesh, objective)
+    step = steps.make_train_step(config, model, tx, schedule, shardings, mesh, objective)
     lowered_train = step.lower(abstract, _abstract_batch(config, objective, image_size,
                                                          config.batch, True))
   if eval_step:
-    step = train.make_eval_step(objective, model, shardings['params'], mesh)
+    step = steps.make_eval_step(objective, model, shardings['params'], mesh)
     lowered_eval = step.lower(abstract['params'], _abstract_batch(config, objective, image_size,
                                                                   config.batch_eval, False))
   return lowered_train, lowered_eval

@@ -1,12 +1,14 @@
-"""The training loop, `train_and_evaluate(config, workdir)`, and `evaluate(config, workdir)`.
+"""The trainers: the training loop, `train_and_evaluate(config, workdir)`, and
+`evaluate(config, workdir)`.
 
-Flat and in sections: model, steps, parameters I/O, loop. One jitted train
-step runs over a mesh of every device of every process; each process feeds its share of the
-global batch; only process 0 writes logs, results and the exported model.
+Flat and in sections: parameters I/O, loop, evaluation. The model, its state and the jitted
+steps are steps.py's; one train step runs over a mesh of every device of every process, each
+process feeds its share of the global batch; only process 0 writes logs, results (results.py)
+and the exported model. `make_update_fn` is the official repository's pmap step, for its
+notebook.
 
-The model, state and step sections need JAX, Flax, optax and orbax only: TensorFlow (the input
-pipeline) and clu are imported by the functions that read data and write logs, so that the
-benchmarks run on a bare accelerator install.
+TensorFlow (the input pipeline) and clu are imported by the functions that read data and write
+logs, so that the benchmarks run on a bare accelerator install.
 """
 
 import contextlib
@@ -21,104 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vit_jax import (checkpoint, config_lib, evaluators, files, mfu, models, multihost, objectives,
-                     optim, resume, sharding)
-from vit_jax.models_vit import VisionTransformer
+from vit_jax import (checkpoint, config_lib, evaluators, mfu, models, multihost, objectives, optim,
+                     resume, sharding)
+from vit_jax.results import (accumulated_results, append_results, read_results, run_evaluator,
+                             write_results)
+from vit_jax.steps import (abstract_params, abstract_state, accumulate_gradient, create_model,
+                           make_eval_step, make_train_step, shardings_of)
 
 
-# --------------------------------------------------------------------------------------- model
-
-def create_model(config, num_outputs: int) -> VisionTransformer:
-  return models.build(config.model, num_outputs, dtype=jnp.dtype(config.dtype))
-
-
-def state_initializer(config, model, tx, image_size, objective):
-  """rng -> the train state {params, opt_state, step, rng}; jax.eval_shape of it is free."""
-  def init(rng):
-    init_rng, dropout_rng = jax.random.split(rng)
-    images = jnp.zeros((1,) + image_size + (3,))
-    extra = objective.init_inputs(init_rng, config.model, image_size)
-    params = model.init(init_rng, images, train=False, **extra)['params']
-    return {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0),
-            'rng': dropout_rng}
-
-  return init
-
-
-def sharded(init, mesh, strategy: str, rng):
-  """What init(rng) gives, without computing it: (ShapeDtypeStructs with their shardings, a
-  function that creates it directly in those shardings). Restoring needs only the first."""
-  shapes = jax.eval_shape(init, rng)
-  shardings = sharding.state_shardings(mesh, shapes, strategy)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          shapes, shardings)
-  return abstract, lambda: jax.jit(init, out_shardings=shardings)(rng)
-
-
-def abstract_state(config, model, tx, mesh, image_size, objective):
-  init = state_initializer(config, model, tx, image_size, objective)
-  return sharded(init, mesh, config.sharding, jax.random.PRNGKey(config.seed))
-
-
-def init_state(config, model, tx, mesh, image_size, objective):
-  """The train state, created directly in its shardings, and the shardings."""
-  abstract, create = abstract_state(config, model, tx, mesh, image_size, objective)
-  return create(), shardings_of(abstract)
-
-
-def shardings_of(abstract):
-  return jax.tree.map(lambda x: x.sharding, abstract)
-
-
-# --------------------------------------------------------------------------------------- steps
-
-def accumulate_gradient(grad_fn, params, images, labels, rng, accum_steps: int):
-  """grad_fn(params, images, labels, rng) -> (loss, grads), averaged over `accum_steps`
-  micro-batches of the batch, computed one after the other to save memory (0 or 1: at once)."""
-  if accum_steps <= 1:
-    return grad_fn(params, images, labels, rng)
-  # Micro-batch i takes examples i, i + accum, ...: every device keeps its own examples.
-  micro = lambda tree: jax.tree.map(
-      lambda x: x.reshape((-1, accum_steps) + x.shape[1:]).swapaxes(0, 1), tree)
-
-  def add_micro_batch(carry, xs):
-    images, labels, i = xs
-    loss, grads = grad_fn(params, images, labels, jax.random.fold_in(rng, i))
-    return jax.tree.map(jnp.add, carry, (loss, grads)), None
-
-  zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-  xs = (micro(images), micro(labels), jnp.arange(accum_steps))
-  total, _ = jax.lax.scan(add_micro_batch, zero, xs)
-  return jax.tree.map(lambda x: x / accum_steps, total)
-
-
-def make_train_step(config, model, tx, schedule, shardings, mesh, objective):
-  def loss_fn(params, images, labels, rng):
-    return objective.loss(model, params, {'image': images, 'labels': labels}, rng)
-
-  grad_fn = jax.value_and_grad(loss_fn)
-
-  def train_step(state, batch):
-    params, rng = state['params'], jax.random.fold_in(state['rng'], state['step'])
-    loss, grads = accumulate_gradient(grad_fn, params, batch['image'], batch['labels'], rng,
-                                      config.accum_steps)
-    updates, opt_state = tx.update(grads, state['opt_state'], params)
-    grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
-    # A non-finite loss, gradient or update (whatever made it: the optimizer's state, its
-    # hyper-parameters) leaves the state as it was; the loop then stops the run.
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
-    keep_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = {'params': keep_finite(optax.apply_updates(params, updates), params),
-                 'opt_state': keep_finite(opt_state, state['opt_state']),
-                 'step': state['step'] + 1, 'rng': state['rng']}
-    metrics = {'train_loss': loss, 'lr': schedule(state['step']), 'grad_norm': grad_norm,
-               'update_norm': update_norm}
-    return new_state, metrics
-
-  batch_sharding = sharding.batch_sharding(mesh)
-  return jax.jit(sharding.under_mesh(train_step, mesh), in_shardings=(shardings, batch_sharding),
-                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-
+# ---------------------------------------------------------------- the official repository's step
 
 def make_update_fn(*, apply_fn, accum_steps: int, tx):
   """The official repository's data-parallel step, for its notebook: jax.pmap over axis 'batch'
@@ -139,15 +52,6 @@ def make_update_fn(*, apply_fn, accum_steps: int, tx):
     return optax.apply_updates(params, updates), opt_state, loss, next_rng
 
   return jax.pmap(update_fn, axis_name='batch', donate_argnums=(0,))
-
-
-def make_eval_step(objective, model, params_shardings, mesh):
-  def eval_step(params, batch):
-    return objective.eval_sums(model, params, batch)
-
-  return jax.jit(sharding.under_mesh(eval_step, mesh),
-                 in_shardings=(params_shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.replicated(mesh))
 
 
 # ------------------------------------------------------------------------------ parameters I/O
@@ -452,23 +356,6 @@ def _train_and_evaluate(config, workdir, mesh, writer, lock) -> dict:
   return results
 
 
-def run_evaluator(name, evaluator, params, step, writer) -> dict:
-  metrics = evaluator.run(params)  # Scalars, and lists (a reliability diagram's bins).
-  scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-  writer.write_scalars(step, {f'{name}/{k}': v for k, v in scalars.items()})
-  logging.info('step %d: %s: %s', step, name,
-               ', '.join(f'{k} {v:.4f}' for k, v in scalars.items()))
-  return metrics
-
-
-def abstract_params(config, model, mesh, image_size, objective):
-  """The parameters alone (no optimizer state): see `sharded`."""
-  def init(rng):
-    extra = objective.init_inputs(rng, config.model, image_size)
-    return model.init(rng, jnp.zeros((1,) + image_size + (3,)), train=False, **extra)['params']
-  return sharded(init, mesh, config.sharding, jax.random.PRNGKey(config.seed))
-
-
 def with_exported_model(config):
   """The config with the model an export describes (the recipe's config.model may be another
   one: a model trained with posemb='sincos2d' has no parameter that says so) and the input
@@ -542,45 +429,6 @@ def evaluate(config, workdir: str) -> dict:
         results, evaluated=evaluated, dataset=config.dataset, step=step))
     writer.flush()
     return results
-
-
-def read_results(workdir) -> dict:
-  """The results.json of the workdir's earlier starts ({} if none)."""
-  earlier = resume.read_json(os.path.join(workdir, 'results.json'))
-  return earlier if isinstance(earlier, dict) else {}
-
-
-def accumulated_results(earlier: dict, results: dict, *, start_step, start_time) -> dict:
-  """This start's results on top of the earlier starts' (a resumed or restarted run): what
-  this start did not measure (the train loss of a finished run started again, an evaluator
-  that did not run) is kept, the wall time is summed over `segments` (one per start)."""
-  segments = list(earlier.get('segments') or [])
-  if not segments and 'wall_time_sec' in earlier:  # Written before segments were recorded.
-    segments = [{'end_step': earlier.get('step'), 'wall_time_sec': earlier['wall_time_sec']}]
-  segments.append({'start_step': start_step, 'end_step': results['step'],
-                   'wall_time_sec': round(time.time() - start_time, 3)})
-  kept = {k: v for k, v in earlier.items() if isinstance(v, dict)}  # Evaluators' metrics.
-  merged = dict(kept, **{k: v for k, v in results.items() if v is not None})
-  merged.setdefault('train_loss', earlier.get('train_loss'))
-  merged['wall_time_sec'] = round(sum(s['wall_time_sec'] for s in segments), 3)
-  merged['segments'] = segments
-  return merged
-
-
-def write_results(workdir, name, results):
-  """<workdir>/<name> as JSON, from process 0, never half-written."""
-  if jax.process_index() == 0:
-    path = os.path.join(workdir, name)
-    files.write_bytes(path, json.dumps(results, indent=2).encode())
-    logging.info('Wrote %s: %s', path, results)
-
-
-def append_results(workdir, name, results):
-  """Adds `results` to the list in <workdir>/<name>: earlier entries are kept."""
-  if jax.process_index() == 0:
-    path = os.path.join(workdir, name)
-    resume.append_json(path, dict(results, time=time.strftime('%Y-%m-%d %H:%M:%S')))
-    logging.info('Added to %s: %s', path, results)
 
 
 if __name__ == '__main__':  # The official repository's habit; the trainer runs through main.py.

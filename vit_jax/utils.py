@@ -1,5 +1,5 @@
 """The official repository's `vit_jax.utils`, for its notebook (vit_jax.ipynb): the learning-rate
-schedule under its official name. Its other helpers live here as train.accumulate_gradient and
+schedule under its official name. Its other helpers live here as steps.accumulate_gradient and
 train.make_update_fn."""
 
 import optax
