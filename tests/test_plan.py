@@ -44,8 +44,10 @@ def test_auto_fit_finds_flags_that_fit_when_applied():
   assert found.fits and found.overrides
   flags = found.flags().split()
   assert all(f.startswith('--config.') for f in flags)
-  applied = plan.compile_plan(tiny_config(*big, *flags), devices, name)  # As main takes them.
-  assert applied.fits and applied.total_gib == pytest.approx(found.total_gib)
+  applied = tiny_config(*big, *flags)  # As vit_jax.main parses them: the setting found.
+  assert applied.to_dict() == plan.with_overrides(tiny_config(*big), found.overrides).to_dict()
+  compiled = plan.compile_plan(applied, devices, name, eval_step=False)
+  assert compiled.fits and compiled.total_gib == pytest.approx(found.total_gib)
 
 
 def test_a_tpu_program_has_none_of_the_cpu_only_reshapes():
