@@ -1,6 +1,6 @@
-"""What dense_pipeline's checks of seg:/det: folders cost (issue 36), against building the Source
-without them: dense_pipeline.py at --revision, loaded from git (default HEAD, while the checks
-are uncommitted; once they are committed, name the commit before them).
+"""What the checks of seg:/det: folders (dense_folders.py) cost (issue 36), against building the
+Source without them: dense_pipeline.py at --revision, loaded from git (default 426eb03, the
+commit before the checks landed).
 
   .venv/bin/python benchmarks/dense_validation.py [--images 20000 --annotations 100000]
 
@@ -126,7 +126,7 @@ def main():
   parser.add_argument('--annotations', type=int, default=100_000)
   parser.add_argument('--seg', type=int, default=4_000, help='seg: image/mask pairs')
   parser.add_argument('--repeats', type=int, default=5)
-  parser.add_argument('--revision', default='HEAD', help='the code without the checks')
+  parser.add_argument('--revision', default='426eb03', help='the code without the checks')
   args = parser.parse_args()
   before = module_at(args.revision)
   work = tempfile.mkdtemp(prefix='dense_validation_')
@@ -138,7 +138,7 @@ def main():
 
 def measure(args, before, work):
   from helpers import parse_config
-  from vit_jax import dense_pipeline
+  from vit_jax import dense_folders, dense_pipeline
 
   # ------------------------------------------------------------------------------------ det
   coco_root = os.path.join(work, 'coco')
@@ -163,9 +163,9 @@ def measure(args, before, work):
   times = interleaved(parts, args.repeats)
 
   # The checks' own parts, on the loaded JSON.
-  categories = dense_pipeline._coco_categories(path, coco)
+  categories = dense_folders._coco_categories(path, coco)
   class_of = {c['id']: i for i, c in enumerate(categories)}
-  by_id = dense_pipeline._coco_images(path, coco)
+  by_id = dense_folders._coco_images(path, coco)
 
   def group_only():  # What the code before did per annotation: group by image, one dict each.
     by_image = {}
@@ -179,11 +179,11 @@ def measure(args, before, work):
   names = [image['file_name'] for image in coco['images']]
   parts = {
       'annotation pass before (no checks)': group_only,
-      'annotation pass now (with the checks)': lambda: dense_pipeline._coco_objects(
+      'annotation pass now (with the checks)': lambda: dense_folders._coco_objects(
           path, coco, class_of, by_id),
-      'image entries: ids, duplicates, file_name paths': lambda: dense_pipeline._coco_images(
+      'image entries: ids, duplicates, file_name paths': lambda: dense_folders._coco_images(
           path, coco),
-      'image files exist: one listing': lambda: dense_pipeline._missing_files(folder, names),
+      'image files exist: one listing': lambda: dense_folders._missing_files(folder, names),
       'image files exist: os.path.exists each (not used)': lambda: [
           os.path.exists(os.path.join(folder, n)) for n in names],
   }
@@ -211,7 +211,7 @@ def measure(args, before, work):
 
   # Reading every image's header (a refusal of JSON sizes that disagree would need it).
   sample = [os.path.join(folder, n) for n in names[:2000]]
-  header = best(lambda: [dense_pipeline._header(p) for p in sample], args.repeats) / len(sample)
+  header = best(lambda: [dense_folders._header(p) for p in sample], args.repeats) / len(sample)
   print(f'  PIL header of a JPEG: {header * 1e6:.0f} us per file: {args.images} images '
         f'{header * args.images * 1e3:.0f} ms = {100 * header * args.images / listing:.0f}% of '
         'building the Source (not done: boxes use the decoded image\'s size)')
@@ -225,9 +225,9 @@ def measure(args, before, work):
   seg_now = best(lambda: dense_pipeline.get_source(config, 'train'), args.repeats)
   masks = [os.path.join(seg_root, 'masks', 'train', f'{i:06d}.png') for i in range(args.seg)]
   images = [os.path.join(seg_root, 'images', 'train', f'{i:06d}.jpg') for i in range(args.seg)]
-  png = best(lambda: [dense_pipeline._header(p) for p in masks], args.repeats) / args.seg
-  jpeg = best(lambda: [dense_pipeline._header(p) for p in images], args.repeats) / args.seg
-  threads = best(lambda: dense_pipeline._headers(masks + images, slow=0), args.repeats) / (
+  png = best(lambda: [dense_folders._header(p) for p in masks], args.repeats) / args.seg
+  jpeg = best(lambda: [dense_folders._header(p) for p in images], args.repeats) / args.seg
+  threads = best(lambda: dense_folders._headers(masks + images, slow=0), args.repeats) / (
       2 * args.seg)  # Forced onto threads, as on a slow file system.
   decode = best(lambda: [dense_pipeline.preprocess.decode(
       dense_pipeline.tf.io.read_file(p)) for p in images[:500]], 1) / 500
