@@ -19,8 +19,9 @@ from PIL import Image
 from helpers import (ROOT, TINY, assert_unchanged, load_npz, main_command, parse_config,
                      run_main, scalars, snapshot, tiny_config)
 from vit_jax import checkpoint, config_lib, resume, train
+from vit_jax.workdir import CLASSES_FILE, HISTORY_FILE, LOCK_FILE, Workdir, WorkdirMismatchError
 
-HISTORY = resume.HISTORY_FILE
+HISTORY = HISTORY_FILE
 
 
 # ------------------------------------------------------------------- 1. evaluate on a workdir
@@ -34,7 +35,7 @@ HISTORY = resume.HISTORY_FILE
 def test_evaluate_with_another_model_is_refused_and_changes_nothing(run_copy, overrides,
                                                                    message):
   workdir, before = run_copy
-  with pytest.raises(resume.WorkdirMismatchError, match=message):
+  with pytest.raises(WorkdirMismatchError, match=message):
     train.evaluate(tiny_config('--config.trainer=evaluate', *overrides), str(workdir))
   assert_unchanged(before, workdir)
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['3', '6']
@@ -44,7 +45,7 @@ def test_evaluate_with_the_finetune_recipe_names_what_differs(run_copy):
   workdir, before = run_copy
   config = parse_config('--config=configs/digits.py:finetune', '--config.trainer=evaluate',
                         *[a for a in TINY[1:] if 'representation_size' not in a])
-  with pytest.raises(resume.WorkdirMismatchError, match=r'model.representation_size'):
+  with pytest.raises(WorkdirMismatchError, match=r'model.representation_size'):
     train.evaluate(config, str(workdir))
   assert_unchanged(before, workdir)
 
@@ -93,14 +94,14 @@ def test_a_class_added_to_a_folder_dataset_is_refused(tmp_path, records):
   folder_args = [f'--config.dataset=folder:{images}', '--config.batch=8', '--config.batch_eval=8']
   train.train_and_evaluate(tiny_config(*folder_args), str(workdir))
   if records == 'deleted':  # Then the checkpoint's own metadata catches it.
-    for name in ('config.json', HISTORY, resume.CLASSES_FILE):
+    for name in ('config.json', HISTORY, CLASSES_FILE):
       os.remove(workdir / name)
   image_folder(images, ['c'])
   before = snapshot(workdir)
   message = (r'number of outputs: 2 in the checkpoints, 3 now' if records == 'kept' else
              r'holds another train state than this run builds: .*head/kernel: \(16, 2\) in the '
              r'checkpoint, \(16, 3\) in this run')
-  with pytest.raises(resume.WorkdirMismatchError, match=message):
+  with pytest.raises(WorkdirMismatchError, match=message):
     train.train_and_evaluate(tiny_config(*folder_args, '--config.total_steps=9'), str(workdir))
   assert_unchanged(before, workdir)
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['3', '6']
@@ -148,7 +149,7 @@ def test_a_second_run_on_a_busy_workdir_is_refused_naming_the_first(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   first = subprocess.Popen(main_command(*TINY, f'--workdir={workdir}'), cwd=ROOT, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  lock = workdir / resume.LOCK_FILE
+  lock = workdir / LOCK_FILE
   start = time.time()
   while not (lock.exists() and lock.read_text()):  # Taken before it compiles: seconds ahead.
     assert first.poll() is None and time.time() - start < 300, 'the first run ended early'
@@ -165,7 +166,7 @@ def test_a_second_run_on_a_busy_workdir_is_refused_naming_the_first(tmp_path):
 
 def test_a_stale_lock_is_taken_over(run_copy, caplog):
   workdir, _ = run_copy
-  (workdir / resume.LOCK_FILE).write_text('pid 999999 on a-host, since 2026-01-01 00:00:00\n')
+  (workdir / LOCK_FILE).write_text('pid 999999 on a-host, since 2026-01-01 00:00:00\n')
   caplog.set_level('INFO')
   train.train_and_evaluate(tiny_config('--config.total_steps=9'), str(workdir))
   assert 'Taking over the lock of an ended run (pid 999999 on a-host' in caplog.text
@@ -308,7 +309,7 @@ def test_the_same_crop_in_another_spelling_resumes(run_copy):
   workdir, _ = run_copy
   config = tiny_config()
   config.pp.crop = (8, 8)
-  resume.Workdir(str(workdir)).check_compatible(config, num_outputs=10,
+  Workdir(str(workdir)).check_compatible(config, num_outputs=10,
                                                 image_size=config_lib.image_size(config))
 
 

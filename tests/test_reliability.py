@@ -18,8 +18,10 @@ import pytest
 from helpers import (TINY, assert_unchanged, load_npz, parse_config, scalars, snapshot,
                      tiny_config, write_class_folders)
 from vit_jax import checkpoint, fewshot, predict, report, resume, sharding, steps, train
+from vit_jax.workdir import (CLASSES_FILE, HISTORY_FILE, LOCK_FILE, WorkdirLockLost,
+                             WorkdirMismatchError)
 
-HISTORY = resume.HISTORY_FILE
+HISTORY = HISTORY_FILE
 
 
 # ------------------------------------------------------------------ 1. the lock deleted
@@ -27,7 +29,7 @@ HISTORY = resume.HISTORY_FILE
 @pytest.mark.parametrize('how', ['deleted', 'replaced'])
 def test_a_run_whose_lock_is_deleted_stops_and_writes_nothing_more(tmp_path, monkeypatch, how):
   workdir = tmp_path / 'run'
-  lock = workdir / resume.LOCK_FILE
+  lock = workdir / LOCK_FILE
   reached = resume.Preemption.reached
 
   def at_step_4_someone_deletes_the_lock(self, step):
@@ -38,7 +40,7 @@ def test_a_run_whose_lock_is_deleted_stops_and_writes_nothing_more(tmp_path, mon
     return reached(self, step)
 
   monkeypatch.setattr(resume.Preemption, 'reached', at_step_4_someone_deletes_the_lock)
-  with pytest.raises(resume.WorkdirLockLost, match=r'lock (was deleted|was replaced by another '
+  with pytest.raises(WorkdirLockLost, match=r'lock (was deleted|was replaced by another '
                                                    r'file).* \(at step 4\)'):
     train.train_and_evaluate(tiny_config('--config.total_steps=9'), str(workdir))
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['3']
@@ -147,13 +149,13 @@ def folder_args(root):
 def test_a_renamed_class_folder_is_refused_on_resume_and_evaluate(tmp_path):
   images, workdir = write_class_folders(tmp_path / 'images', per_class=4), tmp_path / 'run'
   train.train_and_evaluate(tiny_config(*folder_args(images)), str(workdir))
-  assert json.loads((workdir / resume.CLASSES_FILE).read_text()) == ['cat', 'dog', 'owl']
+  assert json.loads((workdir / CLASSES_FILE).read_text()) == ['cat', 'dog', 'owl']
   os.rename(images / 'dog', images / 'emu')  # Same count: every label after 'cat' shifts.
   before = snapshot(workdir)
   message = (r"trained on other classes .*added \['emu'\], removed \['dog'\]; label 1: 'dog' "
              r"then, 'emu' now")
   for trainer in ('train', 'evaluate'):
-    with pytest.raises(resume.WorkdirMismatchError, match=message):
+    with pytest.raises(WorkdirMismatchError, match=message):
       (train.evaluate if trainer == 'evaluate' else train.train_and_evaluate)(
           tiny_config(*folder_args(images), f'--config.trainer={trainer}',
                       '--config.total_steps=9'), str(workdir))
@@ -190,7 +192,7 @@ def test_resuming_with_another_pretrained_path_is_refused_naming_both(finished, 
   other = tmp_path / 'other.npz'
   shutil.copy(finished / 'model.npz', other)
   before = snapshot(workdir)
-  with pytest.raises(resume.WorkdirMismatchError,
+  with pytest.raises(WorkdirMismatchError,
                      match=rf"started from pretrained_path='{source}'; this run names "
                            rf"pretrained_path='{other}'"):
     train.train_and_evaluate(parse_config(*finetune, f'--config.pretrained_path={other}',

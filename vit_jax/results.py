@@ -9,7 +9,8 @@ import time
 
 import jax
 
-from vit_jax import files, resume
+from vit_jax import files
+from vit_jax.workdir import append_json, read_json
 
 
 def run_evaluator(name, evaluator, params, step, writer) -> dict:
@@ -23,7 +24,7 @@ def run_evaluator(name, evaluator, params, step, writer) -> dict:
 
 def read_results(workdir) -> dict:
   """The results.json of the workdir's earlier starts ({} if none)."""
-  earlier = resume.read_json(os.path.join(workdir, 'results.json'))
+  earlier = read_json(os.path.join(workdir, 'results.json'))
   return earlier if isinstance(earlier, dict) else {}
 
 
@@ -56,5 +57,5 @@ def append_results(workdir, name, results):
   """Adds `results` to the list in <workdir>/<name>: earlier entries are kept."""
   if jax.process_index() == 0:
     path = os.path.join(workdir, name)
-    resume.append_json(path, dict(results, time=time.strftime('%Y-%m-%d %H:%M:%S')))
+    append_json(path, dict(results, time=time.strftime('%Y-%m-%d %H:%M:%S')))
     logging.info('Added to %s: %s', path, results)

@@ -29,6 +29,8 @@ from vit_jax.results import (accumulated_results, append_results, read_results, 
                              write_results)
 from vit_jax.steps import (abstract_params, abstract_state, accumulate_gradient, create_model,
                            make_eval_step, make_train_step, shardings_of)
+from vit_jax.workdir import (CHECKPOINT_DIR, EXPORT_FILE, PARAMS_DEFINING_KEYS, Workdir,
+                             WorkdirLock, make_writable_directory, remove_temporaries)
 
 
 # ---------------------------------------------------------------- the official repository's step
@@ -181,12 +183,12 @@ def opened_workdir(config, workdir):
                       os.path.expanduser(config.compilation_cache_dir))
   if jax.process_index() == 0:
     try:
-      resume.make_writable_directory(workdir)
+      make_writable_directory(workdir)
     except OSError as e:
       raise ValueError(f'workdir {workdir} is not writable ({e.strerror}).') from None
-  with resume.WorkdirLock(workdir) as lock:
+  with WorkdirLock(workdir) as lock:
     if jax.process_index() == 0:
-      resume.remove_temporaries(workdir)
+      remove_temporaries(workdir)
     from clu import metric_writers
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     mesh = sharding.make_mesh()
@@ -218,11 +220,11 @@ def _source(config, split):
 
 
 def _refuse_to_overwrite_the_source(config, workdir):
-  export = os.path.join(workdir, resume.EXPORT_FILE)
+  export = os.path.join(workdir, EXPORT_FILE)
   source = config.pretrained_path
   if (source and '://' not in source and os.path.exists(source) and os.path.exists(export) and
       os.path.samefile(source, export)):
-    raise ValueError(f'pretrained_path={source!r} is the {resume.EXPORT_FILE} this run would '
+    raise ValueError(f'pretrained_path={source!r} is the {EXPORT_FILE} this run would '
                      f'write in workdir {workdir}: fine-tune into another workdir (the source is '
                      'kept).')
 
@@ -241,7 +243,7 @@ def _train_and_evaluate(config, workdir, mesh, writer, lock) -> dict:
   train_source = _source(config, config.train_split)
   objective = objectives.from_config(config, train_source.num_classes)
   image_size = config_lib.image_size(config)
-  record = resume.Workdir(workdir)
+  record = Workdir(workdir)
   record.check_compatible(config, num_outputs=objective.num_outputs, image_size=image_size)
   class_names = train_source.class_names if objective.uses_labels else None
   record.check_classes(class_names)
@@ -346,7 +348,7 @@ def _train_and_evaluate(config, workdir, mesh, writer, lock) -> dict:
     if name not in evaluated:
       evaluated[name] = run_evaluator(name, evaluator, state['params'], step, writer)
   lock.check(step)
-  export_params(state['params'], os.path.join(workdir, resume.EXPORT_FILE), mesh, config,
+  export_params(state['params'], os.path.join(workdir, EXPORT_FILE), mesh, config,
                 class_names, num_classes=objective.num_outputs)
   results = accumulated_results(
       earlier_results, dict(step=step, train_loss=summary.get('train_loss'), **evaluated),
@@ -397,10 +399,10 @@ def evaluate(config, workdir: str) -> dict:
     objective = objectives.from_config(config, source.num_classes)
     image_size = config_lib.image_size(config)
     model = create_model(config, objective.num_outputs)
-    record = resume.Workdir(workdir)
+    record = Workdir(workdir)
     if not config.pretrained_path:  # Before anything is built: the workdir's run must match.
       record.check_compatible(config, num_outputs=objective.num_outputs, image_size=image_size,
-                              keys=resume.PARAMS_DEFINING_KEYS)
+                              keys=PARAMS_DEFINING_KEYS)
       record.check_classes(source.class_names if objective.uses_labels else None)
     abstract, create_params = abstract_params(config, model, mesh, image_size, objective)
     params_shardings = shardings_of(abstract)
@@ -418,7 +420,7 @@ def evaluate(config, workdir: str) -> dict:
       if restored is None:
         raise ValueError(f'Nothing to evaluate: no pretrained_path and no checkpoint in {workdir}.')
       params, step = restored['params'], int(restored['step'])
-      evaluated = os.path.join(workdir, resume.CHECKPOINT_DIR, str(step))
+      evaluated = os.path.join(workdir, CHECKPOINT_DIR, str(step))
     record.record_start(config, num_outputs=objective.num_outputs, image_size=image_size,
                         start_step=step,
                         class_names=source.class_names if objective.uses_labels else None)

@@ -24,11 +24,12 @@ import sys
 import flax
 from absl import app, flags, logging
 
-from vit_jax import cpu_tuning, files, resume
+from vit_jax import cpu_tuning, files
 from vit_jax import main as cli
 from vit_jax import published
 from vit_jax import vtab_tasks
 from vit_jax.configs import common
+from vit_jax.workdir import NEWER_KEYS, SAME_STATE_EITHER_WAY, Workdir
 
 _TASKS = flags.DEFINE_list('tasks', list(vtab_tasks.VTAB_1K), 'VTAB tasks to run (default: all '
                            '19; the offline digits, digits_parity also exist).')
@@ -40,7 +41,7 @@ _LRS = flags.DEFINE_list('lrs', ['0.001', '0.003', '0.01', '0.03'],
 SAME_RUN_EITHER_WAY = ('eval_every', 'progress_every', 'checkpoint_every', 'keep_checkpoints',
                        'compilation_cache_dir', 'folder_index_dir', 'tfds_data_dir',
                        'tfds_download', 'tfds_manual_dir', 'evals.test.every', 'trainer',
-                       *resume.SAME_STATE_EITHER_WAY)
+                       *SAME_STATE_EITHER_WAY)
 
 
 class SweepMismatchError(ValueError):
@@ -48,7 +49,7 @@ class SweepMismatchError(ValueError):
 
 
 def _setting(config_dict: dict) -> dict:
-  flat = {**resume.NEWER_KEYS,
+  flat = {**NEWER_KEYS,
           **flax.traverse_util.flatten_dict(json.loads(json.dumps(config_dict)), sep='.')}
   return {k: v for k, v in flat.items() if k not in SAME_RUN_EITHER_WAY}
 
@@ -56,7 +57,7 @@ def _setting(config_dict: dict) -> dict:
 def check_same_run(config, workdir: str, ignore=()):
   """Refuses `workdir` if a run of another setting than `config` trained there (`ignore`: keys
   not known yet, e.g. the final run's learning rate before the val200 runs have finished)."""
-  last = resume.Workdir(workdir).last_training()
+  last = Workdir(workdir).last_training()
   if last is None:
     return
   then, now = _setting(last[0]), _setting(json.loads(config.to_json_best_effort()))
