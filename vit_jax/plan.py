@@ -215,7 +215,8 @@ def compile_plan(config, devices, topology: str, overrides=None, eval_step: bool
   gradients or optimizer state, is the smaller one)."""
   from vit_jax import config_lib, sharding
   config = with_overrides(config, overrides or {})
-  config_lib.check(config, device_count=len(devices))
+  # The steps take abstract parameters: the plan reads no checkpoint (nor reaches its gs://).
+  config_lib.check(with_overrides(config, {'pretrained_path': ''}), device_count=len(devices))
   mesh = sharding.make_mesh(devices)
   plan = Plan(topology=topology, device_kind=devices[0].device_kind, devices=len(devices),
               fits=None, hbm_gib=hbm_gib(devices[0]), overrides=dict(overrides or {}))
