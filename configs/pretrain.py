@@ -3,8 +3,11 @@ r"""Pre-training from scratch, the paper's recipe (Sec. 4.1, App. B.1, Table 3).
 python -m vit_jax.main --config=configs/pretrain.py:B_16,imagenet21k --workdir=...
 python -m vit_jax.main --config=configs/pretrain.py:R50+ViT-B_16,imagenet21k --workdir=...  (hybrid)
 
-On a pod, ViT-L and ViT-H fit with --config.sharding=fsdp --config.model.transformer.scan=True
---config.model.transformer.remat=full (ViT-H_14: 1.9 GiB per device of 256; benchmarks/plan.py).
+Whether it fits a slice, and the cheapest memory-only flags that make it fit, the TPU compiler
+says before the slice is paid for: python -m vit_jax.plan --config=configs/pretrain.py:<args>
+--topology=v3:4x4 [--auto_fit] (docs/plan.md, docs/hardware.md). B/16 and L/16 fit v3-32, v4-32,
+v5e-16 and v4-128 as they stand; scan=True alone does not fit B/16 on a v3-32 (36 GiB of
+temporaries): with scan, also remat=full.
 
 Adam (0.9, 0.999), batch 4096, decoupled weight decay on kernels, 10k steps linear warm-up then
 linear decay (cosine for ImageNet-1k), gradient clipping at global norm 1, a representation layer
