@@ -27,7 +27,7 @@ test: $(INSTALLED)
 
 # Every unit and numerics test: no training run, no subprocess (pytest.ini's `slow` marker).
 test-fast: $(INSTALLED)
-	$(VENV)/bin/python -m pytest -q -n 2 -m 'not slow' tests
+	$(VENV)/bin/python -m pytest -q -n 2 -m 'not slow' --durations=10 tests
 
 # vit_jax against PyTorch timm and transformers on this machine (installs the `bench` extra).
 bench: $(INSTALLED)

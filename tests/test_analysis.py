@@ -165,6 +165,7 @@ def export_variant(tmp_path, posemb, classifier):
   return model, params, config, images, path
 
 
+@pytest.mark.slow  # Seconds each, many of them: the full tier.
 @pytest.mark.parametrize('posemb, classifier', VARIANTS)
 def test_exports_of_every_variant_describe_themselves(tmp_path, posemb, classifier):
   model, params, config, images, path = export_variant(tmp_path, posemb, classifier)

@@ -78,6 +78,7 @@ def hybrid_layout_arrays(gn_shape):
   return arrays
 
 
+@pytest.mark.slow  # Seconds each, many of them: the full tier.
 @pytest.mark.parametrize('gn_shape', [lambda c: (c,), lambda c: (1, 1, 1, c)],
                          ids=['gn (C,)', 'gn (1, 1, 1, C), AugReg'])
 def test_hybrid_official_layout_gives_reference_logits(tmp_path, images, gn_shape):

@@ -94,6 +94,7 @@ def pod(tmp_path, port, args_of_process, startup_timeout_s=60):
 MISMATCH_BOUND_S, MISSING_PEER_BOUND_S = 150, 90
 
 
+@pytest.mark.slow
 def test_two_processes_with_different_configs_stop_within_seconds_naming_it(tmp_path):
   began = time.time()
   processes = pod(tmp_path, free_port(), [[*TINY, '--config.total_steps=20'],
@@ -120,6 +121,7 @@ def test_a_missing_peer_is_named_with_the_coordinator_after_the_start_up_timeout
           'within 10 s') in stderr, stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_sigterm_during_start_up_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   process = start(tmp_path)
   lock = tmp_path / 'lock'

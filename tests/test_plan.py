@@ -16,6 +16,7 @@ pytest.importorskip('libtpu', reason='the TPU compiler comes with the tpu / test
 LARGE_IMAGES = ['--config.pp.crop=224']
 
 
+@pytest.mark.slow
 def test_a_small_run_fits_a_v5e_and_the_compiler_states_its_hbm():
   devices, name = plan.topology_devices('v5e:2x2')
   assert (len(devices), devices[0].platform) == (4, 'tpu')

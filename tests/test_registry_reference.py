@@ -12,6 +12,7 @@ from vit_jax import models
 REGISTRY = [name for name in models.MODEL_CONFIGS if not name.startswith('testing')]
 
 
+@pytest.mark.slow  # Seconds each, many of them: the full tier.
 @pytest.mark.parametrize('name', REGISTRY)
 def test_registry_model_gives_the_official_logits(tmp_path, name):
   size = tuple(2 * side for side in models.token_stride(models.get_config(name)))

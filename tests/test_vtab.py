@@ -323,6 +323,7 @@ def expected_label(task_name: str, example: dict) -> int:
   return example['label']
 
 
+@pytest.mark.slow
 def test_every_task_reads_a_stand_in_of_its_dataset(tmp_path):
   """Each of the 19 tasks through get_source on a stand-in with its dataset's real TFDS name,
   version, config and features: every VTAB split opens with its 800 / 200 / 1000 examples, and
