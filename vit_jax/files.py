@@ -15,6 +15,7 @@ Paths with a scheme (`gs://...`) go through tf.io.gfile, which has no atomic cre
 existence is checked before the work starts and again just before the upload.
 """
 
+import collections
 import hashlib
 import json
 import os
@@ -197,7 +198,7 @@ class OutputFolder:
   def check(self, names: Iterable[str]):
     """Refuses, before any work, names that something else holds (and names asked twice)."""
     names = list(names)
-    twice = sorted({n for n in names if names.count(n) > 1})
+    twice = sorted(n for n, count in collections.Counter(names).items() if count > 1)
     if twice:
       raise ValueError(f'Two inputs would both be written to {os.path.join(self.path, twice[0])}'
                        f'{f" (and {len(twice) - 1} more names)" if len(twice) > 1 else ""}: '
